@@ -1,0 +1,1 @@
+"""Recipes, the driver loop, and the RL algorithms as pure torch functions."""

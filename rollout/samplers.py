@@ -1,0 +1,167 @@
+"""Stateless flow-matching samplers: seeded noise, the timestep schedule, and Euler / DPM++2M / SDE steps.
+
+Notation (DESIGN.md section 4):
+  t, t_next   sigma of this step and the next (1 = noise, 0 = data); dt = t_next - t < 0
+  v           model velocity, v = eps - x0
+  x0_hat      x0 prediction, x_t - t v
+  lambda_t    log((1 - t) / t), the log signal-to-noise ratio DPM-Solver steps in
+
+Every update runs in fp32 whatever the policy's dtype (as diffusers' schedulers do), and the
+latents stay fp32 between steps so that both Sol-RL stages walk the same trajectory.
+Initial noise for seed s is drawn on CPU from torch.Generator().manual_seed(s), one sample at a
+time, so a seed gives the same image alone or inside any batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from tqdm.auto import tqdm
+
+from rollout.policy import Conditioning, Policy
+
+SOLVERS = ("euler", "dpm2", "sde")
+
+
+@dataclass
+class SampleOutput:
+    x0: torch.Tensor  # final latents [B, C, H, W], fp32
+    images: np.ndarray  # uint8 [B, H, W, 3]
+    timesteps: torch.Tensor  # [steps + 1], from 1 towards 0
+    # SDE only: latents at every step [steps + 1, B, C, H, W] and the per-step log-probs [steps, B].
+    trajectory: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+    step_noise: list[torch.Tensor] = field(default_factory=list)
+
+
+def initial_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """eps [B, *shape] on CPU in fp32; row i depends on seeds[i] only."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def step_noise(seeds: Sequence[int], step: int, shape: Sequence[int]) -> torch.Tensor:
+    """Per-step SDE noise [B, *shape]: a stream per (seed, step), disjoint from the initial noise."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(_mix(int(s), step))) for s in seeds])
+
+
+def _mix(seed: int, step: int) -> int:
+    # SplitMix64-style mixing keeps per-step streams unrelated to the initial-noise stream.
+    z = (seed * 0x9E3779B97F4A7C15 + (step + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+@functools.lru_cache(maxsize=64)
+def _schedule(steps: int, shift: float) -> tuple[float, ...]:
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(steps)
+    return tuple(scheduler.sigmas.tolist())
+
+
+def timesteps(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """Sigmas [steps + 1] from 1 to 0, exactly as FlowMatchEulerDiscreteScheduler(shift).set_timesteps(steps)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return torch.tensor(_schedule(steps, float(shift)), dtype=torch.float32)
+
+
+def euler_step(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
+    """x_next = x + (t_next - t) v."""
+    return x.float() + (t_next - t) * v.float()
+
+
+def _log_snr(t: float) -> float:
+    return float(np.log1p(-t) - np.log(t)) if 0.0 < t < 1.0 else (-np.inf if t >= 1.0 else np.inf)
+
+
+def dpm2_step(x: torch.Tensor, x0_hat: torch.Tensor, prev_x0_hat: torch.Tensor | None, t_prev: float | None, t: float, t_next: float) -> torch.Tensor:
+    """DPM-Solver++(2M) on the x0 prediction: x_next = (t_next/t) x - a_next (e^-h - 1) D, D = x0 + (x0 - x0_prev)/(2r).
+
+    a = 1 - t is the signal coefficient, h = lambda_next - lambda_t, r = h_prev / h. First order (DDIM,
+    which equals Euler for flow matching) on the first step, whenever h_prev is infinite (t_prev = 1)
+    and on the last step (t_next = 0), as diffusers' lower_order_final does.
+    """
+    x, x0_hat = x.float(), x0_hat.float()
+    if t_next == 0.0:
+        return x0_hat
+    lam, lam_next = _log_snr(t), _log_snr(t_next)
+    h = lam_next - lam
+    derivative = x0_hat
+    if prev_x0_hat is not None and t_prev is not None and np.isfinite(lam - _log_snr(t_prev)):
+        r = (lam - _log_snr(t_prev)) / h
+        derivative = x0_hat + (x0_hat - prev_x0_hat.float()) / (2 * r)
+    return (t_next / t) * x - (1 - t_next) * float(np.expm1(-h)) * derivative
+
+
+def sample(
+    policy: Policy,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    steps: int,
+    solver: str = "euler",
+    shift: float | None = None,
+    noise_level: float = 0.7,
+    cond: Conditioning | None = None,
+    adapter: str | None = "current",
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> SampleOutput:
+    """Generate one image per (prompt, seed) pair with `steps` solver steps (CFG 1.0: no guidance).
+
+    adapter: "current" keeps the policy's active LoRA adapter; a name ("old", "policy") or None
+    (the reference model, adapters off) runs under that adapter. batch_size splits the forward
+    passes to bound memory; results do not depend on it.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if len(prompts) != len(seeds):
+        raise ValueError(f"sample needs one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
+    sigmas = timesteps(steps, policy.shift if shift is None else shift)
+    cond = policy.encode_prompts(prompts) if cond is None else cond
+    x = initial_noise(seeds, policy.latent_shape).to(policy.device)
+    chunk = batch_size or len(seeds)
+    trajectory, log_probs, noises = [x], [], []
+    prev_x0_hat: torch.Tensor | None = None
+
+    def velocity(x_t: torch.Tensor, t: float) -> torch.Tensor:
+        parts = []
+        for start in range(0, len(x_t), chunk):
+            part = slice(start, start + chunk)
+            t_batch = torch.full((len(x_t[part]),), t, device=x_t.device)
+            parts.append(policy.velocity(x_t[part], t_batch, cond.index(part)).float())
+        return torch.cat(parts)
+
+    from rl.grpo import sde_step, sde_log_prob
+
+    context = policy.adapter(adapter) if adapter != "current" else contextlib.nullcontext()
+    with torch.no_grad(), context:
+        for i in tqdm(range(steps), desc=f"sampling ({solver})", disable=not progress, leave=False):
+            t, t_next = float(sigmas[i]), float(sigmas[i + 1])
+            v = velocity(x, t)
+            if solver == "euler":
+                x = euler_step(x, v, t, t_next)
+            elif solver == "dpm2":
+                x0_hat = x - t * v
+                x = dpm2_step(x, x0_hat, prev_x0_hat, float(sigmas[i - 1]) if i > 0 else None, t, t_next)
+                prev_x0_hat = x0_hat
+            else:
+                noise = step_noise(seeds, i, policy.latent_shape).to(x.device)
+                x_next, mean, std = sde_step(x, v, t, t_next, noise_level, noise)
+                log_probs.append(sde_log_prob(x_next, mean, std))
+                noises.append(noise)
+                x = x_next
+                trajectory.append(x)
+    return SampleOutput(
+        x0=x,
+        images=policy.decode(x),
+        timesteps=sigmas,
+        trajectory=torch.stack(trajectory) if solver == "sde" else None,
+        log_probs=torch.stack(log_probs) if solver == "sde" else None,
+        step_noise=noises,
+    )

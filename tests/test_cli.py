@@ -1,0 +1,35 @@
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from rl.cli import build_parser, main
+
+
+def test_help_lists_every_command_with_a_description():
+    result = subprocess.run([sys.executable, "-m", "rl.cli", "--help"], capture_output=True, text=True, check=True)
+    text = " ".join(result.stdout.split())
+    for command, description in [("sample", "write PNGs and one grid image"), ("eval", "strict verifier accuracy"), ("pretrain-tiny", "pretrain the tiny")]:
+        assert f" {command} {description}" in text
+    assert set(build_parser()._subparsers._group_actions[0].choices) == {"sample", "eval", "pretrain-tiny"}
+
+
+def test_sample_writes_pngs_grid_and_verifier_scores(tmp_path, capsys):
+    main(["sample", "--prompt", "a red circle", "--prompt", "two squares", "--seed", "0-2", "--steps", "3", "--out", str(tmp_path), "--scale", "2"])
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert len(pngs) == 7 and "grid.png" in pngs and "000_a-red-circle_seed0.png" in pngs
+    image = np.asarray(Image.open(tmp_path / "005_two-squares_seed2.png"))
+    assert image.shape == (32, 32, 3)
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (2 * (64 + 1) + 1, 3 * (64 + 1) + 1, 3)
+    out = capsys.readouterr().out
+    assert "wrote 6 images" in out and "'two squares': verifier reward" in out
+
+
+def test_bad_seed_list_is_a_usage_error(capsys):
+    try:
+        main(["sample", "--prompt", "a circle", "--seed", "three", "--out", "x"])
+    except SystemExit as exit_:
+        assert exit_.code == 2
+    assert "bad seed list 'three'" in capsys.readouterr().err

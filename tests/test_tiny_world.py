@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+
+from rollout.tiny import ALL_PROMPTS, TASKS, detect_objects, parse_prompt, prompt_set, render, strict_pass, verify
+from rollout.tiny.world import COLORS, SHAPES, shape_mask
+
+
+def test_world_has_the_required_vocabulary():
+    assert len(SHAPES) >= 3 and len(COLORS) >= 4
+    counts = {spec.count for parsed in ALL_PROMPTS.values() for spec in parsed.objects}
+    assert counts == {1, 2, 3}
+    relations = {parsed.relation for parsed in ALL_PROMPTS.values() if parsed.relation}
+    assert relations == {"left of", "right of", "above", "below"}
+    assert {parsed.task for parsed in ALL_PROMPTS.values()} == set(TASKS)
+
+
+def test_prompt_sets_are_disjoint_fixed_and_cover_every_task():
+    train, eval_ = prompt_set("train"), prompt_set("eval")
+    assert not set(train) & set(eval_)
+    assert len(train) + len(eval_) == len(ALL_PROMPTS)
+    assert eval_ == prompt_set("eval")
+    assert eval_[:3] == ["a circle", "a red circle", "a red cross"]
+    assert {parse_prompt(p).task for p in eval_} == set(TASKS)
+    with pytest.raises(ValueError, match="'train' or 'eval'"):
+        prompt_set("test")
+
+
+def test_render_is_deterministic_and_seed_dependent():
+    a, b, c = render("two circles", 3), render("two circles", 3), render("two circles", 4)
+    assert a.dtype == np.uint8 and a.shape == (32, 32, 3)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_unknown_prompt_is_a_clear_error():
+    with pytest.raises(ValueError, match="not a prompt of the tiny world"):
+        render("a purple hexagon", 0)
+
+
+def test_detection_on_a_hand_drawn_image():
+    image = np.full((32, 32, 3), 240, dtype=np.uint8)
+    image[2:12, 2:12] = COLORS["red"]
+    image[4:13, 20:29][shape_mask("circle", 9, 9)] = COLORS["blue"]
+    objects = sorted(detect_objects(image), key=lambda o: o.cx)
+    assert [(o.shape, o.color) for o in objects] == [("square", "red"), ("circle", "blue")]
+    assert objects[0].area == 100 and objects[0].cx == pytest.approx(6.5)
+    assert verify(image, "a red square and a blue circle") == 1.0
+    assert verify(image, "a square left of a circle") == 1.0
+    # relation fails on the dominant axis: square (1), circle (1), relation (0), two objects (1)
+    assert verify(image, "a square above a circle") == pytest.approx(3 / 4)
+    assert verify(image, "a circle left of a square") == pytest.approx(3 / 4)
+    # partial credit: present square (1), wrong colour (0), present circle (1), right colour (1), 2 objects (1)
+    assert verify(image, "a green square and a blue circle") == pytest.approx(4 / 5)
+    # counting: one square found of three asked: 1 - 2/3; extra objects -> count check 0
+    assert verify(image, "three squares") == pytest.approx((1 + 1 / 3 + 0) / 3)
+
+
+def test_ground_truth_passes_and_wrong_prompts_fail_on_every_eval_prompt():
+    eval_prompts = prompt_set("eval")
+    by_task = {task: [p for p in ALL_PROMPTS if parse_prompt(p).task == task] for task in TASKS}
+    right, wrong = [], []
+    for prompt in eval_prompts:
+        same_task = by_task[parse_prompt(prompt).task]
+        wrong_prompt = same_task[(same_task.index(prompt) + 1) % len(same_task)]
+        for seed in range(8):
+            image = render(prompt, seed)
+            right.append(strict_pass(image, prompt))
+            wrong.append(strict_pass(image, wrong_prompt))
+    assert np.mean(right) >= 0.98
+    assert np.mean(wrong) <= 0.2
+
+
+def test_partial_credit_is_in_unit_interval_and_blank_image_scores_low():
+    blank = np.full((32, 32, 3), 240, dtype=np.uint8)
+    scores = [verify(blank, p) for p in ALL_PROMPTS]
+    assert all(0.0 <= s < 1.0 for s in scores)
+    assert max(scores) <= 0.5
