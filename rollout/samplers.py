@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
+from rl.grpo import Trajectory, sample_trajectory
 from rollout.policy import Conditioning, Policy
 
-SOLVERS = ("euler", "dpm2", "sde")
+SOLVERS = ("euler", "dpm2", "sde", "cps")
 
 
 @dataclass
@@ -34,10 +35,7 @@ class SampleOutput:
     x0: torch.Tensor  # final latents [B, C, H, W], fp32
     images: np.ndarray  # uint8 [B, H, W, 3]
     timesteps: torch.Tensor  # [steps + 1], from 1 towards 0
-    # SDE only: latents at every step [steps + 1, B, C, H, W] and the per-step log-probs [steps, B].
-    trajectory: torch.Tensor | None = None
-    log_probs: torch.Tensor | None = None
-    step_noise: list[torch.Tensor] = field(default_factory=list)
+    trajectory: Trajectory | None = None  # stochastic solvers ("sde", "cps") only: what GRPO trains on
 
 
 def initial_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
@@ -126,42 +124,38 @@ def sample(
     cond = policy.encode_prompts(prompts) if cond is None else cond
     x = initial_noise(seeds, policy.latent_shape).to(policy.device)
     chunk = batch_size or len(seeds)
-    trajectory, log_probs, noises = [x], [], []
-    prev_x0_hat: torch.Tensor | None = None
+    trajectory: Trajectory | None = None
 
-    def velocity(x_t: torch.Tensor, t: float) -> torch.Tensor:
+    def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         parts = []
         for start in range(0, len(x_t), chunk):
             part = slice(start, start + chunk)
-            t_batch = torch.full((len(x_t[part]),), t, device=x_t.device)
-            parts.append(policy.velocity(x_t[part], t_batch, cond.index(part)).float())
+            parts.append(policy.velocity(x_t[part], t[part], cond.index(part)).float())
         return torch.cat(parts)
-
-    from rl.grpo import sde_step, sde_log_prob
 
     context = policy.adapter(adapter) if adapter != "current" else contextlib.nullcontext()
     with torch.no_grad(), context:
-        for i in tqdm(range(steps), desc=f"sampling ({solver})", disable=not progress, leave=False):
-            t, t_next = float(sigmas[i]), float(sigmas[i + 1])
-            v = velocity(x, t)
-            if solver == "euler":
-                x = euler_step(x, v, t, t_next)
-            elif solver == "dpm2":
-                x0_hat = x - t * v
-                x = dpm2_step(x, x0_hat, prev_x0_hat, float(sigmas[i - 1]) if i > 0 else None, t, t_next)
-                prev_x0_hat = x0_hat
-            else:
-                noise = step_noise(seeds, i, policy.latent_shape).to(x.device)
-                x_next, mean, std = sde_step(x, v, t, t_next, noise_level, noise)
-                log_probs.append(sde_log_prob(x_next, mean, std))
-                noises.append(noise)
-                x = x_next
-                trajectory.append(x)
-    return SampleOutput(
-        x0=x,
-        images=policy.decode(x),
-        timesteps=sigmas,
-        trajectory=torch.stack(trajectory) if solver == "sde" else None,
-        log_probs=torch.stack(log_probs) if solver == "sde" else None,
-        step_noise=noises,
-    )
+        if solver in ("sde", "cps"):
+            noise = torch.stack([step_noise(seeds, i, policy.latent_shape) for i in range(steps)]).to(x.device)
+            trajectory = sample_trajectory(velocity, x, sigmas, noise, noise_level, method=solver)
+            x = trajectory.latents[-1]
+        else:
+            x = ode_solve(velocity, x, sigmas, solver, progress)
+    return SampleOutput(x0=x, images=policy.decode(x), timesteps=sigmas, trajectory=trajectory)
+
+
+def ode_solve(
+    velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor, solver: str, progress: bool = False
+) -> torch.Tensor:
+    """Integrate the probability-flow ODE from x at sigmas[0] to sigmas[-1] with "euler" or "dpm2"."""
+    prev_x0_hat: torch.Tensor | None = None
+    for i in tqdm(range(len(sigmas) - 1), desc=f"sampling ({solver})", disable=not progress, leave=False):
+        t, t_next = float(sigmas[i]), float(sigmas[i + 1])
+        v = velocity(x, torch.full((len(x),), t, device=x.device))
+        if solver == "euler":
+            x = euler_step(x, v, t, t_next)
+        else:
+            x0_hat = x - t * v
+            x = dpm2_step(x, x0_hat, prev_x0_hat, float(sigmas[i - 1]) if i > 0 else None, t, t_next)
+            prev_x0_hat = x0_hat
+    return x

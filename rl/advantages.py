@@ -1,0 +1,93 @@
+"""Group-relative advantages (Flow-GRPO, DiffusionNFT; DESIGN.md section 4).
+
+Notation
+  code                 paper
+  rewards [B] / [B,R]  R, one row per sample, one column per reward
+  group_ids [B]        the prompt a sample was generated from (its group)
+  group mean           mean_prompt(R)
+  std                  std of R over the batch (global_std=True) or over the sample's group
+  adv                  A = (R - mean_prompt(R)) / (std + eps)
+
+NaN rewards mean "not applicable": they stay NaN in A and are left out of every mean and std.
+std is the population std (ddof 0), as Flow-GRPO's np.std.
+
+A group is zero-variance when all of its finite rewards are equal (a lone finite reward included).
+Its advantages are exactly 0, or NaN with drop_zero_variance=True. NaN is the "no training signal"
+flag the trainers already honour, so a dropped group leaves the loss. Keeping A = 0 is not the same
+thing for DiffusionNFT: r = optimality(0) = 0.5 still trains both implicit policies towards x0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    global_std: bool = True,
+    eps: float = 1e-4,
+    drop_zero_variance: bool = False,
+) -> torch.Tensor:
+    """A = (R - mean_prompt(R)) / (std + eps), per reward column; NaN in -> NaN out."""
+    rewards = _as_float(rewards)
+    columns = rewards if rewards.ndim == 2 else rewards[:, None]
+    group_index = _group_index(group_ids, columns.shape[0])
+    adv = torch.stack(
+        [_column_advantages(column, group_index, global_std, eps, drop_zero_variance) for column in columns.T], dim=1
+    )
+    return adv if rewards.ndim == 2 else adv[:, 0]
+
+
+def zero_variance_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Number of groups whose finite rewards are all equal: a 0-dim tensor for [B] rewards, [R] for [B, R]."""
+    rewards = _as_float(rewards)
+    columns = rewards if rewards.ndim == 2 else rewards[:, None]
+    group_index = _group_index(group_ids, columns.shape[0])
+    counts = torch.stack([_group_stats(column, group_index)[2].sum() for column in columns.T])
+    return counts if rewards.ndim == 2 else counts[0]
+
+
+def _as_float(rewards: torch.Tensor) -> torch.Tensor:
+    rewards = torch.as_tensor(rewards)
+    if rewards.ndim not in (1, 2):
+        raise ValueError(f"rewards must be [B] or [B, R], got shape {tuple(rewards.shape)}")
+    return rewards if rewards.is_floating_point() else rewards.float()
+
+
+def _group_index(group_ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """Group ids (any integers) -> dense indices 0..G-1."""
+    group_ids = torch.as_tensor(group_ids)
+    if group_ids.shape != (batch,):
+        raise ValueError(f"group_ids must have shape [{batch}], got {tuple(group_ids.shape)}")
+    return torch.unique(group_ids, return_inverse=True)[1]
+
+
+def _group_stats(values: torch.Tensor, group_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per group: NaN-skipping mean [G], population variance [G], zero-variance flag [G]."""
+    num_groups = int(group_index.max()) + 1 if group_index.numel() else 0
+    finite = ~torch.isnan(values)
+    zeros = torch.zeros(num_groups, dtype=values.dtype, device=values.device)
+    count = zeros.index_add(0, group_index, finite.to(values.dtype))
+    mean = zeros.index_add(0, group_index, torch.where(finite, values, 0.0)) / count  # 0/0 = NaN for all-NaN groups
+    squared_dev = torch.where(finite, (values - mean[group_index]) ** 2, 0.0)
+    var = zeros.index_add(0, group_index, squared_dev) / count
+    # Exact max == min, not var == 0: the mean of equal floats can differ from them in the last bit.
+    high = torch.full_like(zeros, -torch.inf).scatter_reduce(0, group_index, torch.where(finite, values, -torch.inf), "amax")
+    low = torch.full_like(zeros, torch.inf).scatter_reduce(0, group_index, torch.where(finite, values, torch.inf), "amin")
+    constant = (count > 0) & (high == low)
+    return mean, var, constant
+
+
+def _column_advantages(
+    values: torch.Tensor, group_index: torch.Tensor, global_std: bool, eps: float, drop_zero_variance: bool
+) -> torch.Tensor:
+    mean, var, constant = _group_stats(values, group_index)
+    finite = ~torch.isnan(values)
+    if global_std:
+        std = values[finite].std(correction=0) if finite.any() else values.new_tensor(torch.nan)
+    else:
+        std = var.sqrt()[group_index]
+    adv = (values - mean[group_index]) / (std + eps)
+    flat = constant[group_index] & finite
+    return torch.where(flat, torch.nan if drop_zero_variance else 0.0, adv)

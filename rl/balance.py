@@ -1,0 +1,180 @@
+"""MARBLE multi-reward balancing: a min-norm QP over normalised per-reward gradients (MGDA);
+DESIGN.md section 4.
+
+Notation
+  code        paper
+  grads       G [K, D]; row k is g_k, the gradient of reward k's NFT loss (flattened LoRA parameters)
+  usable      g_k finite and non-zero; the others get weight 0 and stay out of every sum
+  unit        gh_k = g_k / ||g_k||
+  gram        Gh Gh^T [K, K]
+  weights     a, solving min_a 1/2 a^T (Gh Gh^T) a  s.t. sum a = 1, a >= floor (over usable rewards)
+  direction   (sum_k a_k gh_k) * mean_k ||g_k||, the balanced update (the KL gradient is added by the trainer)
+  ema         a <- ema a + (1 - ema) a_solved between amortised solves (0.7)
+  cosines     cos(g_k, applied update), MARBLE's conflict diagnostic
+"""
+
+from __future__ import annotations
+
+import torch
+
+METHODS = ("qp", "weighted_sum")
+_MAX_ITERATIONS = 2000
+_TOLERANCE = 1e-12
+
+
+def min_norm_weights(grads: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
+    """a = argmin_{sum a = 1, a >= floor} ||sum_k a_k g_k / ||g_k||||^2; weight 0 for zero or non-finite g_k.
+
+    Falls back to uniform weights over the usable rewards if the solver returns non-finite values;
+    returns all zeros when no gradient is usable (there is nothing to balance).
+    """
+    usable = usable_gradients(grads)
+    weights = torch.zeros(grads.shape[0], dtype=torch.float64)
+    if not usable.any():
+        return weights.float()
+    g = grads[usable].double().cpu()
+    unit = g / torch.linalg.vector_norm(g, dim=1, keepdim=True)
+    solved = min_norm_on_simplex(unit @ unit.T, floor)
+    if not torch.isfinite(solved).all():
+        solved = torch.full_like(solved, 1.0 / solved.numel())
+    weights[usable.cpu()] = solved.double()
+    return weights.float()
+
+
+def min_norm_on_simplex(gram: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
+    """argmin_a 1/2 a^T M a on {sum a = 1, a >= floor}, by projected gradient descent (step 1 / lambda_max(M))."""
+    k = gram.shape[0]
+    slack = 1.0 - k * floor  # mass left to distribute once every weight has its floor
+    if slack < -1e-12:
+        raise ValueError(f"floor {floor} is infeasible for {k} rewards (needs floor <= 1/{k})")
+    gram = gram.double()
+    weights = torch.full((k,), 1.0 / k, dtype=torch.float64)
+    lipschitz = torch.linalg.eigvalsh(gram).max()
+    if slack <= 0 or not lipschitz > 0:
+        return weights  # the floor pins every weight, or M = 0 and every point is optimal
+    for _ in range(_MAX_ITERATIONS):
+        stepped = weights - gram @ weights / lipschitz
+        updated = floor + slack * project_to_simplex((stepped - floor) / slack)
+        if (updated - weights).abs().max() < _TOLERANCE:
+            return updated
+        weights = updated
+    return weights
+
+
+def project_to_simplex(v: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection onto {a >= 0, sum a = 1} (sort-based, Duchi et al. 2008)."""
+    u = torch.sort(v, descending=True).values
+    cumulative = torch.cumsum(u, 0) - 1
+    ranks = torch.arange(1, v.numel() + 1, dtype=v.dtype)
+    support = torch.nonzero(u - cumulative / ranks > 0).flatten()[-1]
+    theta = cumulative[support] / (support + 1)
+    return (v - theta).clamp_min(0)
+
+
+def usable_gradients(grads: torch.Tensor) -> torch.Tensor:
+    """Mask [K] of gradients that are finite and not all zero."""
+    return torch.isfinite(grads).all(dim=1) & (grads != 0).any(dim=1)
+
+
+def balanced_direction(grads: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """d = (sum_k a_k g_k / ||g_k||) * mean_k ||g_k||, over usable gradients [D]."""
+    usable = usable_gradients(grads)
+    if not usable.any():
+        return torch.zeros_like(grads[0])
+    g = grads[usable]
+    norms = torch.linalg.vector_norm(g, dim=1)
+    return (weights[usable].to(g.dtype) @ (g / norms[:, None])) * norms.mean()
+
+
+def weighted_sum_direction(grads: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """d = sum_k w_k g_k over usable gradients [D] (the weighted-sum baseline)."""
+    usable = usable_gradients(grads)
+    return weights[usable].to(grads.dtype) @ grads[usable] if usable.any() else torch.zeros_like(grads[0])
+
+
+def gradient_cosines(grads: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """cos(g_k, update) [K]; NaN where g_k is unusable or the update is zero."""
+    g, u = grads.double(), update.double()
+    cosines = (g @ u) / (torch.linalg.vector_norm(g, dim=1) * torch.linalg.vector_norm(u))
+    return torch.where(usable_gradients(grads) & (u != 0).any(), cosines, torch.nan)
+
+
+def combine_advantages(adv: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A_c = sum_k a_k nan_to_num(A_k) [B]; NaN where every A_k is NaN (no reward applies)."""
+    combined = torch.nan_to_num(adv, nan=0.0) @ weights.to(adv.dtype)
+    return torch.where(torch.isnan(adv).all(dim=1), torch.nan, combined)
+
+
+class RewardBalancer:
+    """Per-reward weights for multi-reward NFT, plus MARBLE's conflict diagnostics.
+
+    method "qp": a full solve of min_norm_weights every `full_every` steps, EMA-smoothed weights
+    used in between (amortised: one backward on combine_advantages). method "weighted_sum": fixed
+    weights (the baseline); its full steps only measure the diagnostics. Weights are normalised to
+    sum to 1, because the NFT loss is affine in A only along the simplex (the constant r = 0.5 term
+    must keep total weight 1 for the amortised backward to equal the weighted per-reward sum).
+    """
+
+    def __init__(
+        self,
+        num_rewards: int,
+        method: str = "qp",
+        full_every: int = 10,
+        ema: float = 0.7,
+        floor: float = 0.0,
+        weights: list[float] | None = None,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"unknown balancing method {method!r}; valid: {', '.join(METHODS)}")
+        if full_every < 1:
+            raise ValueError(f"full_every must be >= 1, got {full_every}")
+        initial = torch.full((num_rewards,), 1.0) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+        if initial.shape != (num_rewards,) or (initial < 0).any() or initial.sum() <= 0:
+            raise ValueError(f"weights must be {num_rewards} non-negative numbers with a positive sum, got {weights}")
+        self.method = method
+        self.full_every = full_every
+        self.ema = ema
+        self.floor = floor
+        self.weights = initial / initial.sum()
+        self.solves = 0
+        self.measured = 0  # batches with per-reward gradients (full steps)
+        self.conflicts = 0  # of those, batches whose worst cosine was negative
+
+    def full_gradients_due(self, step: int) -> bool:
+        """Whether this step computes one gradient per reward (a QP solve, or a diagnostic for the baseline)."""
+        return step % self.full_every == 0
+
+    def update(self, grads: torch.Tensor) -> torch.Tensor:
+        """Solve the QP on G [K, D] and fold it into the EMA (qp); the baseline keeps its weights."""
+        if self.method == "qp":
+            solved = min_norm_weights(grads, self.floor).float().cpu()
+            self.weights = solved if self.solves == 0 else self.ema * self.weights + (1 - self.ema) * solved
+            self.solves += 1
+        return self.weights
+
+    def direction(self, grads: torch.Tensor) -> torch.Tensor:
+        """The update direction [D] for per-reward gradients G [K, D] under the current weights."""
+        weights = self.weights.to(grads.device)
+        return balanced_direction(grads, weights) if self.method == "qp" else weighted_sum_direction(grads, weights)
+
+    def combine_advantages(self, adv: torch.Tensor) -> torch.Tensor:
+        """A_c [B] for the amortised single backward."""
+        return combine_advantages(adv, self.weights.to(adv.device))
+
+    def record(self, cosines: torch.Tensor) -> None:
+        """Count one measured batch, and a conflict if the worst finite cosine is negative."""
+        finite = cosines[torch.isfinite(cosines)]
+        self.measured += 1
+        self.conflicts += int(finite.numel() > 0 and bool(finite.min() < 0))
+
+    @property
+    def conflict_fraction(self) -> float:
+        """Running fraction of measured batches in which some reward's gradient opposed the update."""
+        return self.conflicts / self.measured if self.measured else 0.0
+
+    def state_dict(self) -> dict:
+        return {"weights": self.weights.clone(), "solves": self.solves, "measured": self.measured, "conflicts": self.conflicts}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weights = state["weights"].clone()
+        self.solves, self.measured, self.conflicts = state["solves"], state["measured"], state["conflicts"]

@@ -1,0 +1,307 @@
+"""Single-process learner step: DiffusionNFT or Flow-GRPO on the policy's LoRA adapter (no Ray here;
+the LearnerWorker calls it). One call = one optimizer step on one regenerated batch.
+
+NFT   x0 [B, C, H, W] + prompts + advantages [B] (or [B, K] with a RewardBalancer)
+      -> a random `timestep_fraction` of the sampler's timesteps, fresh noise eps for each:
+         x_t = (1 - t) x0 + t eps
+      -> nft_loss of "policy" against "old" (+ KL against the reference, adapters off)
+      -> clip the gradient norm -> AdamW -> soft update "old" <- eta old + (1 - eta) policy
+GRPO  Trajectory + prompts + advantages [B]
+      -> recompute log-probs of a random `timestep_fraction` of the recorded stochastic steps
+         under "policy" -> PPO-clip + KL -> clip -> AdamW -> "old" <- policy
+         (the ratio divides by the sampler's log-probs, so the sampler must be the current policy)
+
+Multi-reward NFT (MARBLE): on a full step (balancer.full_gradients_due) one backward per reward
+gives G [K, D]; the balancer solves its QP and the applied gradient is its direction plus the KL
+gradient. Between full steps a single backward on A_c = sum_k a_k nan_to_num(A_k) gives exactly
+sum_k a_k g_k plus the KL gradient, because the NFT loss is affine in r and r is affine in A inside
+the advantage clip.
+
+Samples whose advantages are all NaN (no applicable reward, or a dropped zero-variance group) are
+left out of the batch before anything is drawn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from rl.balance import RewardBalancer, gradient_cosines
+from rl.grpo import Trajectory, grpo_kl, grpo_loss, step_log_prob
+from rl.nft import nft_loss, old_policy_decay, optimality, soft_update_, velocity_kl
+from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER, Conditioning, Policy
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """Optimizer and loss settings; defaults are the reference values of DESIGN.md section 4."""
+
+    lr: float = 3e-4  # AdamW learning rate
+    weight_decay: float = 1e-4  # AdamW weight decay
+    grad_clip: float = 1.0  # max global gradient norm
+    microbatch_size: int = 8  # samples per forward pass; bounds memory, not the result
+    timestep_fraction: float = 0.6  # share of the sampler's steps trained on per batch
+    adv_clip: float = 5.0  # advantage clip (optimality() and the PPO loss)
+    nft_beta: float = 1.0  # DiffusionNFT beta (0.1 for multi-reward)
+    loss_scale: float = 5.0  # DiffusionNFT multiplier of mean(L)
+    kl_weight: float = 1e-4  # DiffusionNFT weight of mean((v_theta - v_ref)^2)
+    old_decay_flat: int = 0  # steps before the old policy starts to lag
+    old_decay_rate: float = 0.001  # eta grows by this per step ...
+    old_decay_cap: float = 0.5  # ... up to this cap
+    clip_range: float = 1e-4  # Flow-GRPO PPO clip epsilon
+    grpo_kl_weight: float = 0.04  # Flow-GRPO beta_kl
+
+
+@dataclass
+class NFTBatch:
+    """Regenerated samples and their advantages ([B], or [B, K] for K rewards)."""
+
+    x0: torch.Tensor
+    prompts: Sequence[str]
+    advantages: torch.Tensor
+
+
+@dataclass
+class GRPOBatch:
+    """Sampled chains (under the current policy) and their advantages [B]."""
+
+    trajectory: Trajectory
+    prompts: Sequence[str]
+    advantages: torch.Tensor
+
+
+class Trainer:
+    """Owns the optimizer over the "policy" LoRA adapter and the sampling-noise generator of training."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        settings: TrainerSettings = TrainerSettings(),
+        sampler_timesteps: torch.Tensor | None = None,
+        balancer: RewardBalancer | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.policy = policy
+        self.settings = settings
+        # rollout.samplers.timesteps(steps, shift): NFT trains on the timesteps the sampler visits.
+        self.sampler_timesteps = sampler_timesteps
+        self.balancer = balancer
+        self.params = policy.adapter_parameters(TRAINABLE_ADAPTER)
+        if not self.params:
+            raise ValueError("the policy has no trainable LoRA adapter: call policy.add_lora(rank, alpha) first")
+        self.old_params = {
+            name.replace(f".{OLD_ADAPTER}.", f".{TRAINABLE_ADAPTER}."): param
+            for name, param in policy.adapter_parameters(OLD_ADAPTER).items()
+        }
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=settings.lr, weight_decay=settings.weight_decay)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.step = 0
+
+    # --- DiffusionNFT ---------------------------------------------------------------------------
+
+    def nft_step(self, batch: NFTBatch) -> dict[str, float]:
+        """One DiffusionNFT optimizer step; multi-reward when batch.advantages is [B, K]."""
+        adv = _as_matrix(batch.advantages)
+        num_rewards = adv.shape[1]
+        if num_rewards > 1 and self.balancer is None:
+            raise ValueError(f"advantages for {num_rewards} rewards need a RewardBalancer")
+        keep = torch.isfinite(adv).any(dim=1)
+        if not keep.any():
+            return {"train/skipped": 1.0}
+        adv = adv[keep]
+        x0 = batch.x0[keep.to(batch.x0.device)].to(self.policy.device, torch.float32)
+        cond = self.policy.encode_prompts([p for p, k in zip(batch.prompts, keep.tolist()) if k])
+        full = num_rewards > 1 and self.balancer.full_gradients_due(self.step)
+        train_adv = torch.nan_to_num(adv, nan=0.0) if num_rewards == 1 or full else self.balancer.combine_advantages(adv)[:, None]
+        t_values, noise = self.nft_plan(x0.shape)
+        grads, kl_grad, metrics = self.nft_gradients(x0, cond, train_adv, t_values, noise)
+        if full:
+            self.balancer.update(grads)
+            update = self.balancer.direction(grads) + kl_grad
+            cosines = gradient_cosines(grads, update)
+            self.balancer.record(cosines)
+            metrics |= {f"balance/cos_{k}": float(c) for k, c in enumerate(cosines)}
+            metrics["balance/conflict_fraction"] = self.balancer.conflict_fraction
+        else:
+            update = grads[0]
+        if num_rewards > 1:
+            metrics |= {f"balance/weight_{k}": float(w) for k, w in enumerate(self.balancer.weights)}
+            metrics["balance/full_step"] = float(full)
+        decay = old_policy_decay(self.step, self.settings.old_decay_flat, self.settings.old_decay_rate, self.settings.old_decay_cap)
+        self._set_gradient(update)
+        metrics |= self._optimizer_step()
+        soft_update_(self.old_params, self.params, decay)
+        return metrics | {"train/old_decay": decay, "train/samples": float(len(x0))}
+
+    def nft_plan(self, x0_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random subset of the sampler's timesteps (t = 0 carries no signal: x_t = x0) and noise [n, B, ...]."""
+        if self.sampler_timesteps is None:
+            raise ValueError("NFT needs the sampler's timesteps: Trainer(..., sampler_timesteps=timesteps(steps, shift))")
+        pool = self.sampler_timesteps[self.sampler_timesteps > 0].float()
+        count = max(1, int(len(pool) * self.settings.timestep_fraction))
+        chosen = pool[torch.randperm(len(pool), generator=self.generator)[:count]]
+        return chosen, torch.randn((count, *x0_shape), generator=self.generator)
+
+    def nft_gradients(
+        self, x0: torch.Tensor, cond: Conditioning, adv: torch.Tensor, t_values: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+        """Gradients [K, D] of each reward's batch loss loss_scale * mean(L), and the KL gradient [D].
+
+        With K = 1 the KL term is folded into the single gradient (one backward pass) and None is
+        returned for it. The batch mean runs over samples and the chosen timesteps.
+        """
+        settings, params = self.settings, list(self.params.values())
+        adv = adv.to(x0.device)
+        num_rewards = adv.shape[1]
+        share = 1.0 / (len(x0) * len(t_values))  # weight of one (sample, timestep) in the batch mean
+        per_reward = torch.zeros(num_rewards, sum(p.numel() for p in params), device=x0.device)
+        kl_grad = None if num_rewards == 1 else torch.zeros_like(per_reward[0])
+        losses = torch.zeros(num_rewards + 1)  # per reward, then KL
+        for t, eps in zip(t_values.tolist(), noise):
+            for part in _microbatches(len(x0), settings.microbatch_size):
+                x_t, t_batch, v_theta, v_old, v_ref = self._nft_forward(x0[part], cond.index(part), t, eps[part])
+                reward_losses = [
+                    settings.loss_scale * share
+                    * nft_loss(v_theta, v_old, x_t, x0[part], t_batch, optimality(adv[part, k], settings.adv_clip), settings.nft_beta).sum()
+                    for k in range(num_rewards)
+                ]
+                targets = list(reward_losses)
+                if v_ref is not None:
+                    kl_loss = settings.kl_weight * share * velocity_kl(v_theta, v_ref).sum()
+                    # Nothing to balance with one reward: fold KL in and save a backward pass.
+                    if num_rewards == 1:
+                        targets[0] = targets[0] + kl_loss
+                    else:
+                        targets.append(kl_loss)
+                    losses[-1] += kl_loss.item()
+                losses[:num_rewards] += torch.tensor([loss.item() for loss in reward_losses])
+                for j, target in enumerate(targets):
+                    flat = _flat_gradient(target, params, retain_graph=j < len(targets) - 1)
+                    if j < num_rewards:
+                        per_reward[j] += flat
+                    else:
+                        kl_grad += flat
+        metrics = {"loss/kl": float(losses[-1])}
+        if num_rewards == 1:
+            metrics["loss/nft"] = float(losses[0])
+        else:
+            metrics |= {f"loss/nft_{k}": float(loss) for k, loss in enumerate(losses[:-1])}
+        return per_reward, kl_grad, metrics
+
+    def _nft_forward(
+        self, x0: torch.Tensor, cond: Conditioning, t: float, eps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x_t = (1 - t) x0 + t eps, then v_theta (with grad), v_old and v_ref (None when kl_weight = 0)."""
+        x_t = (1 - t) * x0 + t * eps.to(x0.device)
+        t_batch = torch.full((len(x0),), t, device=x0.device)
+        with torch.no_grad(), self.policy.adapter(OLD_ADAPTER):
+            v_old = self.policy.velocity(x_t, t_batch, cond)
+        v_ref = None
+        if self.settings.kl_weight > 0:
+            with torch.no_grad(), self.policy.adapter(None):
+                v_ref = self.policy.velocity(x_t, t_batch, cond)
+        with self.policy.adapter(TRAINABLE_ADAPTER):
+            v_theta = self.policy.velocity(x_t, t_batch, cond)
+        return x_t, t_batch, v_theta, v_old, v_ref
+
+    # --- Flow-GRPO ------------------------------------------------------------------------------
+
+    def grpo_step(self, batch: GRPOBatch) -> dict[str, float]:
+        """One Flow-GRPO optimizer step over a random subset of the recorded stochastic steps."""
+        settings = self.settings
+        adv = torch.as_tensor(batch.advantages, dtype=torch.float32)
+        if adv.ndim != 1:
+            raise ValueError(f"GRPO trains one reward (advantages [B]), got shape {tuple(adv.shape)}; multi-reward balancing is NFT's")
+        keep = torch.isfinite(adv)
+        if not keep.any():
+            return {"train/skipped": 1.0}
+        device = self.policy.device
+        adv = adv[keep].to(device)
+        trajectory = batch.trajectory.index(keep.to(batch.trajectory.latents.device)).to(device)
+        cond = self.policy.encode_prompts([p for p, k in zip(batch.prompts, keep.tolist()) if k])
+        steps = trajectory.stochastic_steps()
+        count = max(1, int(len(steps) * settings.timestep_fraction))
+        chosen = steps[torch.randperm(len(steps), generator=self.generator)[:count]]
+        share = 1.0 / (len(adv) * count)
+        totals = {"loss/grpo": 0.0, "grpo/kl": 0.0, "grpo/approx_kl": 0.0, "grpo/clipfrac": 0.0}
+        for i in chosen.tolist():
+            for part in _microbatches(len(adv), settings.microbatch_size):
+                loss, kl, log_ratio = self._grpo_losses(trajectory, i, part, cond.index(part), adv[part])
+                (loss.sum() * share).backward()
+                totals["loss/grpo"] += loss.detach().sum().item() * share
+                totals["grpo/kl"] += 0.0 if kl is None else kl.sum().item() * share
+                totals["grpo/approx_kl"] += 0.5 * (log_ratio**2).sum().item() * share
+                totals["grpo/clipfrac"] += ((log_ratio.exp() - 1).abs() > settings.clip_range).sum().item() * share
+        metrics = totals | self._optimizer_step()
+        self.policy.copy_adapter(TRAINABLE_ADAPTER, OLD_ADAPTER)
+        return metrics | {"train/samples": float(len(adv))}
+
+    def _grpo_losses(
+        self, trajectory: Trajectory, i: int, part: slice, cond: Conditioning, adv: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Per-sample loss of recorded step i under "policy", with its KL term and log-ratio (both detached)."""
+        x, x_next, logp_old = trajectory.latents[i, part], trajectory.latents[i + 1, part], trajectory.log_probs[i, part]
+        t, t_next = float(trajectory.timesteps[i]), float(trajectory.timesteps[i + 1])
+        t_batch = torch.full((len(x),), t, device=x.device)
+        with self.policy.adapter(TRAINABLE_ADAPTER):
+            v = self.policy.velocity(x, t_batch, cond)
+        logp, mean, std = step_log_prob(trajectory.method, x, v, x_next, t, t_next, trajectory.noise_level)
+        kl = None
+        if self.settings.grpo_kl_weight > 0:
+            with torch.no_grad(), self.policy.adapter(None):
+                v_ref = self.policy.velocity(x, t_batch, cond)
+            _, mean_ref, _ = step_log_prob(trajectory.method, x, v_ref, x_next, t, t_next, trajectory.noise_level)
+            kl = grpo_kl(trajectory.method, mean, mean_ref, std, t, t_next)
+        settings = self.settings
+        loss = grpo_loss(logp, logp_old, adv, kl, settings.clip_range, settings.adv_clip, settings.grpo_kl_weight)
+        return loss, None if kl is None else kl.detach(), logp.detach() - logp_old
+
+    # --- shared -----------------------------------------------------------------------------------
+
+    def _set_gradient(self, flat: torch.Tensor) -> None:
+        offset = 0
+        for param in self.params.values():
+            param.grad = flat[offset : offset + param.numel()].view_as(param).to(param.dtype).clone()
+            offset += param.numel()
+
+    def _optimizer_step(self) -> dict[str, float]:
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.settings.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"train/grad_norm": float(grad_norm), "train/step": float(self.step)}
+
+    def state_dict(self) -> dict:
+        """Everything beyond the adapter weights that a resumed run needs to continue identically."""
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "balancer": None if self.balancer is None else self.balancer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        if self.balancer is not None:
+            self.balancer.load_state_dict(state["balancer"])
+
+
+def _as_matrix(advantages: torch.Tensor) -> torch.Tensor:
+    adv = torch.as_tensor(advantages, dtype=torch.float32)
+    if adv.ndim not in (1, 2):
+        raise ValueError(f"advantages must be [B] or [B, K], got shape {tuple(adv.shape)}")
+    return adv[:, None] if adv.ndim == 1 else adv
+
+
+def _microbatches(size: int, chunk: int) -> Iterator[slice]:
+    for start in range(0, size, chunk):
+        yield slice(start, min(start + chunk, size))
+
+
+def _flat_gradient(loss: torch.Tensor, params: list[torch.nn.Parameter], retain_graph: bool) -> torch.Tensor:
+    grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float() for g, p in zip(grads, params)])

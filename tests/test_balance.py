@@ -1,0 +1,152 @@
+import math
+
+import pytest
+import torch
+
+import rl.balance
+from rl.balance import (
+    RewardBalancer,
+    balanced_direction,
+    combine_advantages,
+    gradient_cosines,
+    min_norm_on_simplex,
+    min_norm_weights,
+    project_to_simplex,
+    weighted_sum_direction,
+)
+
+NAN = float("nan")
+ROOT_HALF = math.sqrt(0.5)
+
+
+def closed_form_two(g1: torch.Tensor, g2: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
+    """MGDA's K = 2 solution: a1 = clamp((g2 - g1) . g2 / ||g1 - g2||^2, floor, 1 - floor)."""
+    a1 = ((g2 - g1) @ g2 / (g1 - g2).square().sum()).clamp(floor, 1 - floor)
+    return torch.stack([a1, 1 - a1])
+
+
+@pytest.mark.parametrize("g1, g2", [([1.0, 0.0], [0.0, 2.0]), ([3.0, 1.0], [-1.0, 2.0]), ([1.0, 0.2], [0.3, -5.0])])
+def test_two_rewards_match_closed_form(g1, g2):
+    g1, g2 = torch.tensor(g1), torch.tensor(g2)
+    u1, u2 = g1 / g1.norm(), g2 / g2.norm()
+    torch.testing.assert_close(min_norm_weights(torch.stack([g1, g2])), closed_form_two(u1, u2))
+    # Normalised gradients always split 1/2 - 1/2; the solver on raw gradients exercises the clamp-free formula.
+    gram = torch.stack([g1, g2]) @ torch.stack([g1, g2]).T
+    torch.testing.assert_close(min_norm_on_simplex(gram).float(), closed_form_two(g1, g2), atol=1e-6, rtol=0)
+
+
+def test_two_rewards_closed_form_with_clamp_and_floor():
+    g1, g2 = torch.tensor([1.0, 0.0]), torch.tensor([2.0, 0.1])  # unclamped a1 > 1
+    gram = torch.stack([g1, g2]) @ torch.stack([g1, g2]).T
+    torch.testing.assert_close(min_norm_on_simplex(gram).float(), torch.tensor([1.0, 0.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(min_norm_on_simplex(gram, floor=0.1).float(), closed_form_two(g1, g2, floor=0.1), atol=1e-6, rtol=0)
+
+
+def test_three_rewards_by_hand():
+    # Hull of (1,0), (0,1), (1,1)/sqrt2: the closest point to 0 is (1/2, 1/2) on the first edge.
+    grads = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])
+    torch.testing.assert_close(min_norm_weights(grads), torch.tensor([0.5, 0.5, 0.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(min_norm_weights(grads, floor=0.1), torch.tensor([0.45, 0.45, 0.1]), atol=1e-6, rtol=0)
+    # Origin inside the hull of (1,0), (0,1), -(1,1)/sqrt2: a1 = a2 = a3 / sqrt2, so a3 = 1 / (1 + sqrt2).
+    inside = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])
+    a3 = 1 / (1 + math.sqrt(2))
+    torch.testing.assert_close(min_norm_weights(inside), torch.tensor([a3 * ROOT_HALF, a3 * ROOT_HALF, a3]), atol=1e-6, rtol=0)
+
+
+def test_collinear_gradients_give_uniform_weights_and_their_shared_direction():
+    grads = torch.tensor([[1.0, 2.0], [2.0, 4.0]])
+    weights = min_norm_weights(grads)
+    torch.testing.assert_close(weights, torch.tensor([0.5, 0.5]))
+    unit = grads[0] / grads[0].norm()
+    torch.testing.assert_close(balanced_direction(grads, weights), unit * (grads.norm(dim=1).mean()))
+
+
+def test_opposite_gradients_cancel():
+    grads = torch.tensor([[1.0, 0.0], [-3.0, 0.0]])
+    weights = min_norm_weights(grads)
+    torch.testing.assert_close(weights, torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(balanced_direction(grads, weights), torch.zeros(2))
+
+
+def test_zero_and_non_finite_gradients_get_weight_zero():
+    grads = torch.tensor([[1.0, 0.0], [0.0, 0.0], [NAN, 1.0], [0.0, 1.0], [math.inf, 0.0]])
+    torch.testing.assert_close(min_norm_weights(grads), torch.tensor([0.5, 0.0, 0.0, 0.5, 0.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(min_norm_weights(torch.zeros(3, 4)), torch.zeros(3))
+    direction = balanced_direction(grads, torch.tensor([0.5, 0.0, 0.0, 0.5, 0.0]))
+    torch.testing.assert_close(direction, torch.tensor([0.5, 0.5]))  # mean norm 1 over the usable pair
+
+
+def test_solver_failure_falls_back_to_uniform(monkeypatch):
+    monkeypatch.setattr(rl.balance, "min_norm_on_simplex", lambda gram, floor: torch.full((gram.shape[0],), NAN))
+    grads = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    torch.testing.assert_close(min_norm_weights(grads), torch.tensor([1 / 3, 0.0, 1 / 3, 1 / 3]))
+
+
+def test_infeasible_floor_raises():
+    with pytest.raises(ValueError, match="floor"):
+        min_norm_weights(torch.eye(3), floor=0.5)
+
+
+def test_project_to_simplex_by_hand():
+    torch.testing.assert_close(project_to_simplex(torch.tensor([2.0, 0.0])), torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(project_to_simplex(torch.tensor([0.2, 0.2, 0.2])), torch.full((3,), 1 / 3))
+    torch.testing.assert_close(project_to_simplex(torch.tensor([1.0, 0.5, -1.0])), torch.tensor([0.75, 0.25, 0.0]))
+
+
+def test_weighted_sum_direction_and_cosines():
+    grads = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 0.0], [0.0, 0.0]])
+    torch.testing.assert_close(weighted_sum_direction(grads, torch.tensor([0.5, 0.25, 0.25, 0.0])), torch.tensor([0.25, 0.5]))
+    cosines = gradient_cosines(grads, torch.tensor([1.0, 1.0]))
+    torch.testing.assert_close(cosines[:3], torch.tensor([ROOT_HALF, ROOT_HALF, -ROOT_HALF], dtype=torch.float64))
+    assert torch.isnan(cosines[3])
+    assert torch.isnan(gradient_cosines(grads, torch.zeros(2))).all()
+
+
+def test_combine_advantages_skips_nan_per_reward():
+    adv = torch.tensor([[1.0, NAN], [NAN, NAN], [2.0, -2.0]])
+    combined = combine_advantages(adv, torch.tensor([0.25, 0.75]))
+    torch.testing.assert_close(combined, torch.tensor([0.25, NAN, -1.0]), equal_nan=True)
+
+
+def test_balancer_first_solve_then_ema():
+    balancer = RewardBalancer(3, full_every=10, ema=0.7)
+    torch.testing.assert_close(balancer.weights, torch.full((3,), 1 / 3))
+    first = balancer.update(torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]]))
+    torch.testing.assert_close(first, torch.tensor([0.5, 0.5, 0.0]), atol=1e-6, rtol=0)
+    second = balancer.update(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
+    a3 = 1 / (1 + math.sqrt(2))
+    solved = torch.tensor([a3 * ROOT_HALF, a3 * ROOT_HALF, a3])
+    torch.testing.assert_close(second, 0.7 * torch.tensor([0.5, 0.5, 0.0]) + 0.3 * solved, atol=1e-6, rtol=0)
+    assert [balancer.full_gradients_due(s) for s in (0, 1, 9, 10, 20)] == [True, False, False, True, True]
+
+
+def test_weighted_sum_baseline_keeps_normalised_weights():
+    balancer = RewardBalancer(2, method="weighted_sum", weights=[1.0, 3.0])
+    torch.testing.assert_close(balancer.weights, torch.tensor([0.25, 0.75]))
+    grads = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    balancer.update(grads)
+    torch.testing.assert_close(balancer.weights, torch.tensor([0.25, 0.75]))
+    torch.testing.assert_close(balancer.direction(grads), torch.tensor([0.25, 0.75]))
+
+
+def test_conflict_fraction_counts_batches_with_a_negative_worst_cosine():
+    balancer = RewardBalancer(2)
+    assert balancer.conflict_fraction == 0.0
+    balancer.record(torch.tensor([0.5, -0.1]))
+    balancer.record(torch.tensor([0.5, 0.2]))
+    balancer.record(torch.tensor([NAN, 0.3]))
+    balancer.record(torch.tensor([NAN, -0.3]))
+    assert balancer.conflict_fraction == pytest.approx(2 / 4)
+
+
+def test_balancer_state_round_trip_and_validation():
+    balancer = RewardBalancer(2)
+    balancer.update(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+    balancer.record(torch.tensor([-1.0, 1.0]))
+    restored = RewardBalancer(2)
+    restored.load_state_dict(balancer.state_dict())
+    assert torch.equal(restored.weights, balancer.weights) and restored.conflict_fraction == 1.0 and restored.solves == 1
+    with pytest.raises(ValueError, match="qp, weighted_sum"):
+        RewardBalancer(2, method="pareto")
+    with pytest.raises(ValueError, match="weights"):
+        RewardBalancer(2, weights=[1.0])

@@ -1,0 +1,363 @@
+import copy
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel
+
+from rl.balance import RewardBalancer, balanced_direction, combine_advantages, min_norm_weights
+from rl.grpo import grpo_kl, grpo_loss, sample_trajectory, step_log_prob
+from rl.nft import nft_loss, nft_objective, optimality, velocity_kl
+from rl.trainer import GRPOBatch, NFTBatch, Trainer, TrainerSettings
+from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER, Conditioning, Policy
+
+PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a red circle"]
+TIMESTEPS = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Matmuls this small lose more to thread hand-off than they gain (about 10x on a busy 2-core machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class MiniPolicy(Policy):
+    """A random one-block SD3 transformer on [4, 8, 8] latents with hashed prompt embeddings."""
+
+    family = "mini"
+    latent_shape = (4, 8, 8)
+    lora_target_modules = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
+    quant_keep_patterns = ()
+    shift = 1.0
+    precision = "fp32"
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.transformer = SD3Transformer2DModel(
+                sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+                num_attention_heads=2, joint_attention_dim=8, caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=4,
+            )
+        self.transformer.requires_grad_(False)
+
+    def _encode(self, prompts: list[str]) -> Conditioning:
+        embeds = torch.stack([torch.randn(3, 8, generator=torch.Generator().manual_seed(zlib.crc32(p.encode()))) for p in prompts])
+        return Conditioning({"prompt_embeds": embeds, "pooled_prompt_embeds": embeds.mean(1)})
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return self.transformer(
+            hidden_states=x_t,
+            encoder_hidden_states=cond.tensors["prompt_embeds"],
+            pooled_projections=cond.tensors["pooled_prompt_embeds"],
+            timestep=t * 1000,
+            return_dict=False,
+        )[0]
+
+    def decode(self, x0: torch.Tensor) -> np.ndarray:
+        return ((x0[:, :3].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def make_policy(policy_differs_from_old: bool = True) -> MiniPolicy:
+    """LoRA with non-zero B so that every adapter weight gets a gradient; optionally policy != old."""
+    policy = MiniPolicy()
+    policy.add_lora(rank=2, alpha=4)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in policy.adapter_parameters(TRAINABLE_ADAPTER).values():
+            param.add_(0.3 * torch.randn(param.shape, generator=g))
+        policy.copy_adapter(TRAINABLE_ADAPTER, OLD_ADAPTER)
+        if policy_differs_from_old:
+            for param in policy.adapter_parameters(TRAINABLE_ADAPTER).values():
+                param.add_(0.1 * torch.randn(param.shape, generator=g))
+    return policy
+
+
+def x0_batch(size: int = 4, seed: int = 2) -> torch.Tensor:
+    return torch.randn(size, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def snapshot(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in params.items()}
+
+
+def assert_params_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], **tol) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], **tol)
+
+
+def flow_matching_error(policy: Policy, x0: torch.Tensor) -> float:
+    """mean (v_policy(x_t) - (eps - x0))^2 at fixed (t, eps): how well the policy reproduces these samples."""
+    g = torch.Generator().manual_seed(9)
+    eps = torch.randn(x0.shape, generator=g)
+    t = torch.full((len(x0),), 0.5)
+    with torch.no_grad(), policy.adapter(TRAINABLE_ADAPTER):
+        v = policy.velocity(0.5 * x0 + 0.5 * eps, t, policy.encode_prompts(PROMPTS[: len(x0)]))
+    return float(((v - (eps - x0)) ** 2).mean())
+
+
+def test_trainer_requires_a_lora_adapter():
+    with pytest.raises(ValueError, match="add_lora"):
+        Trainer(MiniPolicy(), sampler_timesteps=TIMESTEPS)
+
+
+def test_nft_plan_draws_a_fraction_of_the_nonzero_timesteps():
+    trainer = Trainer(make_policy(), TrainerSettings(timestep_fraction=0.6), sampler_timesteps=torch.linspace(1, 0, 11))
+    t_values, noise = trainer.nft_plan(torch.Size([3, 4, 8, 8]))
+    assert len(t_values) == 6 and len(set(t_values.tolist())) == 6 and (t_values > 0).all()
+    assert noise.shape == (6, 3, 4, 8, 8)
+    again = Trainer(make_policy(), TrainerSettings(timestep_fraction=0.6), sampler_timesteps=torch.linspace(1, 0, 11))
+    assert torch.equal(again.nft_plan(torch.Size([3, 4, 8, 8]))[0], t_values)
+
+
+def test_nft_step_updates_policy_then_soft_updates_old():
+    policy = make_policy()
+    trainer = Trainer(policy, TrainerSettings(lr=1e-2), sampler_timesteps=TIMESTEPS)
+    policy_params, old_params = trainer.params, trainer.old_params
+    before = snapshot(policy_params)
+    metrics = trainer.nft_step(NFTBatch(x0_batch(), PROMPTS, torch.tensor([1.0, -1.0, 0.5, -0.5])))
+    assert all(not torch.equal(before[n], p) for n, p in policy_params.items())
+    assert_params_close(snapshot(old_params), snapshot(policy_params), rtol=0, atol=0)  # eta(0) = 0: a copy
+    assert metrics["train/old_decay"] == 0.0 and metrics["train/step"] == 1.0
+    assert {"loss/nft", "loss/kl", "train/grad_norm", "train/samples"} <= metrics.keys()
+
+    old_before = snapshot(old_params)
+    metrics = trainer.nft_step(NFTBatch(x0_batch(seed=3), PROMPTS, torch.tensor([-1.0, 1.0, 0.5, -0.5])))
+    assert metrics["train/old_decay"] == pytest.approx(0.001)
+    expected = {n: 0.001 * old_before[n] + 0.999 * policy_params[n].detach() for n in old_before}
+    assert_params_close(snapshot(old_params), expected)
+
+
+@pytest.mark.parametrize("sign, moves", [(1.0, "closer"), (-1.0, "away")])
+def test_nft_positive_samples_are_pulled_closer_and_negative_pushed_away(sign, moves):
+    # r = 1 makes the NFT loss a flow-matching loss on the batch; r = 0 trains v_theta towards 2 v_old - target.
+    policy = make_policy(policy_differs_from_old=False)
+    trainer = Trainer(policy, TrainerSettings(lr=3e-3, kl_weight=0.0), sampler_timesteps=TIMESTEPS)
+    x0 = x0_batch()
+    start = flow_matching_error(policy, x0)
+    for _ in range(4):
+        trainer.nft_step(NFTBatch(x0, PROMPTS, torch.full((4,), 5 * sign)))
+    end = flow_matching_error(policy, x0)
+    assert (end < start) if moves == "closer" else (end > start)
+
+
+def test_nft_gradient_is_the_gradient_of_the_batch_loss():
+    # DESIGN.md: mean over samples and trained timesteps of loss_scale * L + kl_weight * KL, x_t = (1 - t) x0 + t eps.
+    settings = TrainerSettings(microbatch_size=3, kl_weight=1e-2, nft_beta=0.5)
+    trainer = Trainer(make_policy(), settings, sampler_timesteps=TIMESTEPS)
+    policy, x0 = trainer.policy, x0_batch()
+    adv = torch.tensor([1.0, -1.0, 0.5, -7.0])
+    cond = policy.encode_prompts(PROMPTS)
+    t_values, noise = trainer.nft_plan(x0.shape)
+    grads, kl_grad, metrics = trainer.nft_gradients(x0, cond, adv[:, None], t_values, noise)
+    assert kl_grad is None and grads.shape[0] == 1
+    total = torch.zeros(())
+    for t, eps in zip(t_values.tolist(), noise):
+        t_batch, x_t = torch.full((4,), t), (1 - t) * x0 + t * eps
+        with torch.no_grad(), policy.adapter(OLD_ADAPTER):
+            v_old = policy.velocity(x_t, t_batch, cond)
+        with torch.no_grad(), policy.adapter(None):
+            v_ref = policy.velocity(x_t, t_batch, cond)
+        with policy.adapter(TRAINABLE_ADAPTER):
+            v_theta = policy.velocity(x_t, t_batch, cond)
+        loss = nft_loss(v_theta, v_old, x_t, x0, t_batch, optimality(adv), 0.5)
+        total = total + nft_objective(loss, velocity_kl(v_theta, v_ref), settings.loss_scale, settings.kl_weight) / len(t_values)
+    expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(total, list(trainer.params.values()))])
+    torch.testing.assert_close(grads[0], expected, rtol=1e-4, atol=1e-7)
+    assert metrics["loss/nft"] + metrics["loss/kl"] == pytest.approx(total.item(), rel=1e-5)
+
+
+def test_nan_advantages_leave_the_batch():
+    x0 = x0_batch()
+    with_nan = Trainer(make_policy(), sampler_timesteps=TIMESTEPS, seed=5)
+    with_nan.nft_step(NFTBatch(x0, PROMPTS, torch.tensor([1.0, float("nan"), -1.0, 0.5])))
+    kept = Trainer(make_policy(), sampler_timesteps=TIMESTEPS, seed=5)
+    kept.nft_step(NFTBatch(x0[[0, 2, 3]], [PROMPTS[i] for i in (0, 2, 3)], torch.tensor([1.0, -1.0, 0.5])))
+    assert_params_close(snapshot(with_nan.params), snapshot(kept.params))
+    skipped = Trainer(make_policy(), sampler_timesteps=TIMESTEPS)
+    assert skipped.nft_step(NFTBatch(x0, PROMPTS, torch.full((4,), float("nan")))) == {"train/skipped": 1.0}
+    assert skipped.step == 0
+
+
+def test_microbatch_size_does_not_change_the_step():
+    results = []
+    for microbatch in (1, 4):
+        trainer = Trainer(make_policy(), TrainerSettings(microbatch_size=microbatch), sampler_timesteps=TIMESTEPS)
+        trainer.nft_step(NFTBatch(x0_batch(), PROMPTS, torch.tensor([1.0, -1.0, 0.5, -0.5])))
+        results.append(snapshot(trainer.params))
+    assert_params_close(*results, rtol=1e-4, atol=1e-6)
+
+
+def _per_reward_and_amortised(adv: torch.Tensor, weights: torch.Tensor):
+    trainer = Trainer(make_policy(), TrainerSettings(microbatch_size=2, kl_weight=1e-2), sampler_timesteps=TIMESTEPS)
+    x0 = x0_batch()
+    cond = trainer.policy.encode_prompts(PROMPTS)
+    t_values, noise = trainer.nft_plan(x0.shape)
+    per_reward, kl_grad, _ = trainer.nft_gradients(x0, cond, torch.nan_to_num(adv), t_values, noise)
+    amortised, no_separate_kl, _ = trainer.nft_gradients(x0, cond, combine_advantages(adv, weights)[:, None], t_values, noise)
+    assert per_reward.shape[0] == 3 and no_separate_kl is None
+    return weights @ per_reward + kl_grad, amortised[0]
+
+
+def test_amortised_multi_reward_gradient_equals_weighted_per_reward_gradients():
+    adv = torch.tensor([[1.0, -0.5, 2.0], [-1.5, float("nan"), 0.3], [0.2, 1.2, -2.0], [0.4, -0.8, 0.0]])
+    weights = torch.tensor([0.2, 0.5, 0.3])
+    full, amortised = _per_reward_and_amortised(adv, weights)
+    assert full.abs().max() > 0
+    torch.testing.assert_close(amortised, full, rtol=1e-4, atol=1e-7)
+
+
+def test_amortised_gradient_differs_once_the_advantage_clip_is_active():
+    # Control for the test above: outside [-5, 5] r is no longer affine in A.
+    adv = 4 * torch.tensor([[1.0, -0.5, 2.0], [-1.5, 1.0, 0.3], [0.2, 1.2, -2.0], [0.4, -0.8, 0.0]])
+    full, amortised = _per_reward_and_amortised(adv, torch.tensor([0.2, 0.5, 0.3]))
+    assert not torch.allclose(amortised, full, rtol=1e-3, atol=1e-6)
+
+
+def test_amortised_step_is_a_single_reward_step_on_combined_advantages():
+    adv = torch.tensor([[1.0, -0.5, 2.0], [-1.5, float("nan"), 0.3], [0.2, 1.2, -2.0], [0.4, -0.8, 0.0]])
+    balancer = RewardBalancer(3, full_every=10, weights=[0.2, 0.5, 0.3])
+    multi = Trainer(make_policy(), sampler_timesteps=TIMESTEPS, balancer=balancer, seed=7)
+    single = Trainer(make_policy(), sampler_timesteps=TIMESTEPS, seed=7)
+    multi.step = single.step = 1  # past the full solve of step 0
+    metrics = multi.nft_step(NFTBatch(x0_batch(), PROMPTS, adv))
+    single.nft_step(NFTBatch(x0_batch(), PROMPTS, combine_advantages(adv, balancer.weights)))
+    assert metrics["balance/full_step"] == 0.0
+    assert_params_close(snapshot(multi.params), snapshot(single.params), rtol=1e-6, atol=1e-8)
+
+
+def test_multi_reward_full_steps_solve_and_amortised_steps_reuse_weights():
+    balancer = RewardBalancer(3, full_every=2)
+    trainer = Trainer(make_policy(), TrainerSettings(nft_beta=0.1), sampler_timesteps=TIMESTEPS, balancer=balancer)
+    adv = torch.tensor([[1.0, -0.5, 2.0], [-1.5, float("nan"), 0.3], [0.2, 1.2, -2.0], [0.4, -0.8, 0.0]])
+    first = trainer.nft_step(NFTBatch(x0_batch(), PROMPTS, adv))
+    assert first["balance/full_step"] == 1.0 and balancer.solves == 1 and balancer.measured == 1
+    assert {"balance/cos_0", "balance/cos_1", "balance/cos_2", "balance/conflict_fraction", "loss/nft_0"} <= first.keys()
+    solved = balancer.weights.clone()
+    assert torch.isclose(solved.sum(), torch.tensor(1.0)) and not torch.allclose(solved, torch.full((3,), 1 / 3))
+    second = trainer.nft_step(NFTBatch(x0_batch(seed=4), PROMPTS, adv))
+    assert second["balance/full_step"] == 0.0 and "balance/cos_0" not in second and "loss/nft" in second
+    assert torch.equal(balancer.weights, solved) and balancer.solves == 1
+    trainer.nft_step(NFTBatch(x0_batch(seed=5), PROMPTS, adv))
+    assert balancer.solves == 2 and balancer.measured == 2
+
+
+def test_full_step_applies_the_balanced_direction_plus_kl(monkeypatch):
+    balancer = RewardBalancer(3, full_every=10)
+    settings = TrainerSettings(kl_weight=1e-2, grad_clip=1e9, nft_beta=0.1)
+    trainer = Trainer(make_policy(), settings, sampler_timesteps=TIMESTEPS, balancer=balancer, seed=2)
+    x0, adv = x0_batch(), torch.tensor([[1.0, -0.5, 2.0], [-1.5, float("nan"), 0.3], [0.2, 1.2, -2.0], [0.4, -0.8, 0.0]])
+    before = trainer.generator.get_state()
+    t_values, noise = trainer.nft_plan(x0.shape)
+    grads, kl_grad, _ = trainer.nft_gradients(x0, trainer.policy.encode_prompts(PROMPTS), torch.nan_to_num(adv), t_values, noise)
+    trainer.generator.set_state(before)  # the step draws the same timesteps and noise
+    params = list(trainer.params.values())
+    applied = []
+    monkeypatch.setattr(trainer.optimizer, "step", lambda: applied.append(torch.cat([p.grad.reshape(-1) for p in params])))
+    trainer.nft_step(NFTBatch(x0, PROMPTS, adv))
+    expected = balanced_direction(grads, min_norm_weights(grads)) + kl_grad  # the first solve is taken as is
+    torch.testing.assert_close(applied[0], expected, rtol=1e-4, atol=1e-8)
+
+
+def test_multi_reward_needs_a_balancer():
+    trainer = Trainer(make_policy(), sampler_timesteps=TIMESTEPS)
+    with pytest.raises(ValueError, match="RewardBalancer"):
+        trainer.nft_step(NFTBatch(x0_batch(), PROMPTS, torch.zeros(4, 2)))
+
+
+def _grpo_batch(policy: Policy, method: str, adv: torch.Tensor) -> GRPOBatch:
+    cond = policy.encode_prompts(PROMPTS)
+    g = torch.Generator().manual_seed(6)
+    x1 = torch.randn(4, 4, 8, 8, generator=g)
+    noise = torch.randn(len(TIMESTEPS) - 1, 4, 4, 8, 8, generator=g)
+    with torch.no_grad(), policy.adapter(OLD_ADAPTER):
+        trajectory = sample_trajectory(lambda x, t: policy.velocity(x, t, cond), x1, TIMESTEPS, noise, 0.7, method)
+    return GRPOBatch(trajectory, PROMPTS, adv)
+
+
+@pytest.mark.parametrize("method", ["sde", "cps"])
+def test_grpo_step_starts_at_ratio_one_and_old_follows_policy(method):
+    policy = make_policy(policy_differs_from_old=False)
+    trainer = Trainer(policy, TrainerSettings(lr=1e-3, timestep_fraction=1.0))
+    before = snapshot(trainer.params)
+    metrics = trainer.grpo_step(_grpo_batch(policy, method, torch.tensor([1.0, -1.0, 0.5, -0.5])))
+    assert metrics["grpo/approx_kl"] < 1e-10 and metrics["grpo/clipfrac"] == 0.0
+    assert all(not torch.equal(before[n], p) for n, p in trainer.params.items())
+    assert_params_close(snapshot(trainer.old_params), snapshot(trainer.params), rtol=0, atol=0)
+
+
+def test_grpo_step_raises_the_advantage_weighted_log_prob():
+    # To first order an optimizer step along the policy gradient increases sum_i A_i log pi(x_i).
+    policy = make_policy(policy_differs_from_old=False)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    batch = _grpo_batch(policy, "sde", adv)
+    trainer = Trainer(policy, TrainerSettings(lr=1e-4, timestep_fraction=1.0, grpo_kl_weight=0.0))
+    trainer.grpo_step(batch)
+    traj, cond = batch.trajectory, policy.encode_prompts(PROMPTS)
+    gain = 0.0
+    with torch.no_grad(), policy.adapter(TRAINABLE_ADAPTER):
+        for i in range(traj.num_steps):
+            v = policy.velocity(traj.latents[i], traj.timesteps[i].expand(4), cond)
+            logp, _, _ = step_log_prob("sde", traj.latents[i], v, traj.latents[i + 1], traj.timesteps[i], traj.timesteps[i + 1], 0.7)
+            gain += float(adv @ (logp - traj.log_probs[i]))
+    assert gain > 0
+
+
+def test_grpo_gradient_is_the_gradient_of_the_batch_loss(monkeypatch):
+    # Mean over samples and trained steps of the per-sample PPO-clip + KL loss.
+    policy = make_policy(policy_differs_from_old=False)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    batch = _grpo_batch(policy, "sde", adv)
+    settings = TrainerSettings(timestep_fraction=1.0, microbatch_size=3, grpo_kl_weight=0.5, grad_clip=1e9)
+    trainer = Trainer(policy, settings)
+    params = list(trainer.params.values())
+    traj, cond = batch.trajectory, policy.encode_prompts(PROMPTS)
+    total = torch.zeros(())
+    for i in range(traj.num_steps):
+        x, x_next, t, t_next = traj.latents[i], traj.latents[i + 1], traj.timesteps[i], traj.timesteps[i + 1]
+        with policy.adapter(TRAINABLE_ADAPTER):
+            v = policy.velocity(x, t.expand(4), cond)
+        with torch.no_grad(), policy.adapter(None):
+            v_ref = policy.velocity(x, t.expand(4), cond)
+        logp, mean, std = step_log_prob("sde", x, v, x_next, t, t_next, 0.7)
+        _, mean_ref, _ = step_log_prob("sde", x, v_ref, x_next, t, t_next, 0.7)
+        kl = grpo_kl("sde", mean, mean_ref, std, t, t_next)
+        total = total + grpo_loss(logp, traj.log_probs[i], adv, kl, settings.clip_range, settings.adv_clip, 0.5).mean() / traj.num_steps
+    expected = torch.autograd.grad(total, params)
+    applied = []
+    monkeypatch.setattr(trainer.optimizer, "step", lambda: applied.extend(p.grad.clone() for p in params))
+    metrics = trainer.grpo_step(batch)
+    for got, want in zip(applied, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-8)
+    assert metrics["loss/grpo"] == pytest.approx(total.item(), rel=1e-5)
+
+
+def test_grpo_trains_one_reward():
+    policy = make_policy()
+    with pytest.raises(ValueError, match="one reward"):
+        Trainer(policy).grpo_step(_grpo_batch(policy, "sde", torch.zeros(4, 2)))
+
+
+def test_state_dict_resumes_identically():
+    balancer = RewardBalancer(2, full_every=2)
+    trainer = Trainer(make_policy(), sampler_timesteps=TIMESTEPS, balancer=balancer, seed=3)
+    adv = torch.tensor([[1.0, -0.5], [-1.5, 0.4], [0.2, 1.2], [0.4, -0.8]])
+    trainer.nft_step(NFTBatch(x0_batch(), PROMPTS, adv))
+    state = copy.deepcopy(trainer.state_dict())
+    adapters = snapshot(trainer.params), snapshot(trainer.old_params)
+    trainer.nft_step(NFTBatch(x0_batch(seed=4), PROMPTS, adv))
+
+    resumed = Trainer(make_policy(), sampler_timesteps=TIMESTEPS, balancer=RewardBalancer(2, full_every=2), seed=0)
+    with torch.no_grad():
+        for params, saved in zip((resumed.params, resumed.old_params), adapters):
+            for name, param in params.items():
+                param.copy_(saved[name])
+    resumed.load_state_dict(state)
+    resumed.nft_step(NFTBatch(x0_batch(seed=4), PROMPTS, adv))
+    assert_params_close(snapshot(resumed.params), snapshot(trainer.params), rtol=0, atol=0)
+    assert torch.equal(resumed.balancer.weights, trainer.balancer.weights)
