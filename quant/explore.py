@@ -1,0 +1,212 @@
+"""Explore copies of a policy: `quantize_policy` builds one, `requantize` refreshes it after a weight sync.
+
+An explore copy is the policy with its own transformer (a deep copy; LoRA merged in), cast to the
+explore precision. Frozen parts (text encoders, tokenizer) are shared with the source, read-only.
+
+Precisions
+  fp32, bf16  a dtype cast, nothing quantized
+  nvfp4       bf16 everywhere, with the linears `quant.selection` picks in NVFP4 W4A4
+
+NVFP4 backends
+  emulate   pure torch (`quant.layers.NVFP4Linear`), any device. Weights are fake-quantized once per
+            sync; activations per forward, with a per-tensor scale taken from each activation tensor.
+  modelopt  modelopt.torch.quantization (mtq) fake quant with NVFP4 weight and input quantizers on
+            the selected linears. Needs CUDA with compute capability >= 8.9: mtq's dynamic block
+            quantizer asserts CUDA tensors and its FP4 Triton kernel needs FP8 hardware. No
+            calibration pass runs, so activation scales are per tensor and per forward, as in emulate.
+            mtq fake-quantizes the weights in every forward.
+  auto      modelopt where it can run, emulate elsewhere; the choice is logged and recorded.
+Both backends compute NVFP4QTensor's numerics, with two exceptions read in modelopt 0.47's CUDA
+(Triton) kernel: it zeroes a 16-block whose scale underflows, i.e. whose amax is below 6e-5 (a 1e-5
+floor on the block scale) or below 2.2e-6 x the tensor's amax (no 2^-9 floor before its E4M3 cast),
+and negative values that round to zero keep their sign.
+The activation's per-tensor scale spans the whole batch in both backends, so a sample's explore
+output depends slightly on its batch-mates: re-issue a shard with the same seeds in the same order.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quant.layers import NVFP4Linear
+from quant.selection import MIN_FEATURES, LayerSelection, select_layers
+from rollout.policy import OLD_ADAPTER, PRECISIONS, Policy, torch_dtype
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "emulate", "modelopt")
+MODELOPT_MIN_CAPABILITY = (8, 9)
+_NVFP4_QUANTIZER = {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}}
+
+
+@dataclass
+class ExploreState:
+    """What an explore copy is: attached to it as `policy.explore_state`."""
+
+    precision: str
+    backend: str  # "emulate" | "modelopt" for nvfp4, "none" for a plain dtype cast
+    version: int  # version of the weights it holds; requantize only accepts newer ones
+    selection: LayerSelection | None  # the quantization report (nvfp4 only)
+
+    def to_dict(self) -> dict:
+        report = self.selection.to_dict() if self.selection is not None else {}
+        return {"precision": self.precision, "backend": self.backend, "version": self.version, **report}
+
+
+def quantize_policy(
+    policy: Policy,
+    precision: str = "nvfp4",
+    backend: str = "auto",
+    *,
+    adapter: str = OLD_ADAPTER,
+    min_features: int = MIN_FEATURES,
+    version: int = 0,
+) -> Policy:
+    """The explore copy of `policy` in `precision`; `policy` itself is left untouched.
+
+    adapter: when the transformer carries LoRA adapters, the one merged into the copy's weights
+    (by default "old", the adapter DiffusionNFT samples with). The copy has no adapters.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if precision == "nvfp4":
+        backend = _resolve_backend(backend, policy.device)
+    explore = copy.copy(policy)
+    explore._prompt_cache = {}  # cached embeddings are in the source's dtype
+    explore.transformer = _plain_copy(policy.transformer, adapter).to(dtype=torch_dtype(precision))
+    explore.precision = precision
+    if precision != "nvfp4":
+        explore.explore_state = ExploreState(precision, "none", version, None)
+        return explore
+    selection = select_layers(explore.transformer, policy.family, min_features, policy.quant_keep_patterns)
+    _QUANTIZERS[backend](explore.transformer, selection.quantized)
+    explore.explore_state = ExploreState(precision, backend, version, selection)
+    return explore
+
+
+def requantize(explore: Policy, weights: dict[str, torch.Tensor], version: int) -> float:
+    """Load new high-precision weights into an explore copy, in place, and re-quantize them.
+
+    weights: tensors keyed as in the plain transformer's state dict (full weights, or a subset such
+    as `lora_merged_weights`); keys not given keep their values. Returns the seconds it took.
+    """
+    state = getattr(explore, "explore_state", None)
+    if state is None:
+        raise ValueError("requantize needs an explore copy made by quant.quantize_policy")
+    if version <= state.version:
+        raise ValueError(f"refusing weights of version {version}: the explore copy already holds version {state.version}")
+    start = time.perf_counter()
+    _load_weights(explore.transformer, weights)
+    if state.backend == "modelopt":
+        _modelopt_recalibrate(explore.transformer)
+    if explore.device.type == "cuda":
+        torch.cuda.synchronize(explore.device)
+    state.version = version
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def lora_merged_weights(transformer: nn.Module, adapter: str = OLD_ADAPTER) -> dict[str, torch.Tensor]:
+    """W + delta_W(adapter) for every LoRA-wrapped linear, keyed as in the plain transformer."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = {
+        f"{name}.weight": module.get_base_layer().weight + module.get_delta_weight(adapter)
+        for name, module in transformer.named_modules()
+        if isinstance(module, LoraLayer) and adapter in module.lora_A
+    }
+    if not merged:
+        raise ValueError(f"the transformer has no LoRA layers of adapter {adapter!r}")
+    return merged
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    reason = _modelopt_unavailable(device)
+    if backend == "auto":
+        chosen = "emulate" if reason else "modelopt"
+        logger.info("NVFP4 backend auto -> %s on %s%s", chosen, device, f" ({reason})" if reason else "")
+        return chosen
+    if backend == "modelopt" and reason:
+        raise RuntimeError(f"NVFP4 backend 'modelopt' cannot run on device {device}: {reason}; use backend='emulate' (any device) or 'auto'")
+    return backend
+
+
+def _modelopt_unavailable(device: torch.device) -> str | None:
+    """Why the modelopt backend cannot run on `device`, or None when it can."""
+    if device.type != "cuda":
+        return "modelopt's dynamic NVFP4 block quantizer asserts CUDA tensors"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MODELOPT_MIN_CAPABILITY:
+        return f"modelopt's NVFP4 fake-quant kernel needs compute capability >= 8.9, this GPU has {capability[0]}.{capability[1]}"
+    if importlib.util.find_spec("modelopt") is None:
+        return "nvidia-modelopt is not installed"
+    return None
+
+
+def _plain_copy(transformer: nn.Module, adapter: str) -> nn.Module:
+    """Deep copy of the transformer without LoRA layers, `adapter` merged into the base weights."""
+    copied = copy.deepcopy(transformer)
+    adapters = getattr(copied, "peft_config", None)
+    if not adapters:
+        return copied
+    if adapter not in adapters:
+        raise ValueError(f"adapter {adapter!r} is not on the transformer (it has {', '.join(adapters)})")
+    merged = lora_merged_weights(copied, adapter)
+    copied.unload_lora()
+    _load_weights(copied, merged)
+    return copied
+
+
+@torch.no_grad()
+def _load_weights(transformer: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy `weights` into the transformer (cast to its dtypes); NVFP4Linear weights are re-fake-quantized."""
+    tensors = dict(transformer.named_parameters()) | dict(transformer.named_buffers())
+    unknown = sorted(set(weights) - set(tensors))
+    if unknown:
+        raise KeyError(f"{len(unknown)} weights are not in the explore transformer, e.g. {unknown[:3]}")
+    for key, value in weights.items():
+        target = tensors[key]
+        if value.shape != target.shape:
+            raise ValueError(f"{key}: new shape {tuple(value.shape)} != explore shape {tuple(target.shape)}")
+        module_name, _, attr = key.rpartition(".")
+        module = transformer.get_submodule(module_name)
+        if isinstance(module, NVFP4Linear) and attr == "weight":
+            module.set_weight(value)
+        else:
+            target.copy_(value)
+
+
+def _emulate_quantize(transformer: nn.Module, layer_names: list[str]) -> None:
+    for name in layer_names:
+        transformer.set_submodule(name, NVFP4Linear.from_linear(transformer.get_submodule(name)))
+
+
+def _modelopt_quantize(transformer: nn.Module, layer_names: list[str]) -> None:
+    """mtq NVFP4 W4A4 on exactly `layer_names`; every other quantizer mtq inserts stays disabled."""
+    import modelopt.torch.quantization as mtq
+
+    quant_cfg = [{"quantizer_name": "*", "enable": False}]
+    for name in layer_names:
+        quant_cfg += [{"quantizer_name": f"{name}.{q}", "cfg": _NVFP4_QUANTIZER} for q in ("weight_quantizer", "input_quantizer")]
+    # No forward_loop: "max" calibration then only sets the weight quantizers' amax from the
+    # weights, and input quantizers keep none, so activation scales are computed per forward.
+    mtq.quantize(transformer, {"quant_cfg": quant_cfg, "algorithm": "max"}, forward_loop=None)
+
+
+def _modelopt_recalibrate(transformer: nn.Module) -> None:
+    """Refresh the weight quantizers' amax (the per-tensor scale) from the weights just loaded."""
+    import modelopt.torch.quantization as mtq
+
+    mtq.calibrate(transformer, algorithm="max", forward_loop=None)
+
+
+_QUANTIZERS = {"emulate": _emulate_quantize, "modelopt": _modelopt_quantize}

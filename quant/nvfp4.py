@@ -1,0 +1,95 @@
+"""NVFP4 fake quantization: round a tensor to NVFP4 and back, in pure torch on any device.
+
+NVFP4 stores 4-bit E2M1 values in blocks of 16 along the last dim (a linear layer's input dim),
+with one E4M3 scale per block and one FP32 scale per tensor. The numerics are those of
+nvidia-modelopt's `NVFP4QTensor` quantize -> dequantize, bit for bit (tests use it as the oracle).
+
+Formats
+  E2M1  1 sign, 2 exponent, 1 mantissa bit: magnitudes {0, 0.5, 1, 1.5, 2, 3, 4, 6}; no inf/NaN
+  E4M3  torch.float8_e4m3fn: largest 448, smallest subnormal 2^-9; overflow is NaN, not inf
+
+Notation (B = block size, 16)
+  code name      symbol  dtype      meaning
+  x              x       fp32/bf16  input; blocks are B consecutive values of the last dim
+  tensor_amax    a       fp32       max |x| over the whole tensor
+  tensor_scale   s       fp32       a / (6 * 448): maps a onto the largest E2M1 x E4M3 product, so
+                                    block scales use E4M3's whole range
+  block_amax     a_b     fp32       max |x| over one block
+  block_scale    d_b     E4M3       E4M3(clamp(a_b / (6 s), 2^-9, 448))
+  scaled         x / (d_b s)        computed in fp32
+  codes          q       E2M1       round to nearest E2M1 value, ties to even, saturating at +-6
+  result         x_hat   x.dtype    q * (d_b s), computed in fp32, then cast to x.dtype
+
+Decisions
+  * A last dim that is not a multiple of B is padded with zeros to whole blocks, and the padding is
+    dropped from the result. Zeros change no amax, so the values kept are exactly those of the padded
+    tensor (modelopt pads the same way in `quantize`; its `dequantize` then fails to reshape the
+    padded data back to the original shape, so tests pad before calling it).
+  * An all-zero tensor returns zeros. modelopt returns NaN there (its per-tensor scale is 0, so the
+    block scale is 0 / 0); that is the only input on which the two differ.
+  * Both zero codes decode to +0, as in modelopt: small negative values round to +0.0, not -0.0.
+  * Inputs must be finite. There is no straight-through gradient: explore copies only run inference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NVFP4_BLOCK_SIZE = 16
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+E4M3_MIN_SUBNORMAL = 2.0**-9
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def nvfp4_fake_quantize(x: torch.Tensor, block_size: int = NVFP4_BLOCK_SIZE) -> torch.Tensor:
+    """x rounded to NVFP4 along the last dim and dequantized back to x.dtype (see the module notation)."""
+    _check_input(x, block_size)
+    length = x.shape[-1]
+    blocks = _pad_last_dim(x.float(), block_size).unflatten(-1, (-1, block_size))
+    tensor_scale = nvfp4_tensor_scale(x)
+    scale = (nvfp4_block_scales(blocks, tensor_scale) * tensor_scale).unsqueeze(-1)
+    x_hat = round_to_e2m1(blocks / scale) * scale
+    # contiguous: a strided result (padding sliced off) would send matmuls to slower kernels
+    return x_hat.flatten(-2)[..., :length].to(x.dtype).contiguous()
+
+
+def nvfp4_tensor_scale(x: torch.Tensor) -> torch.Tensor:
+    """s = max|x| / (6 * 448) as an fp32 scalar; 1 for an all-zero tensor (any positive s gives zeros)."""
+    tensor_amax = x.abs().amax().float()
+    return torch.where(tensor_amax == 0, 1.0, tensor_amax / (E2M1_MAX * E4M3_MAX))
+
+
+def nvfp4_block_scales(blocks: torch.Tensor, tensor_scale: torch.Tensor) -> torch.Tensor:
+    """d_b for blocks [..., n_blocks, B]: the E4M3 per-block scales [..., n_blocks], as fp32 values."""
+    ratio = blocks.abs().amax(dim=-1) / (E2M1_MAX * tensor_scale)
+    # Clamp before the cast: below 2^-9 E4M3 flushes to 0 (a division by zero later), above 448 it
+    # becomes NaN. An all-zero block gets 2^-9 where modelopt substitutes 1; either way its values
+    # stay zeros, and the same holds for a block whose ratio underflows fp32.
+    return ratio.clamp(E4M3_MIN_SUBNORMAL, E4M3_MAX).to(torch.float8_e4m3fn).float()
+
+
+def round_to_e2m1(v: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest E2M1 value, ties to even, saturating at +-6; the result is an fp32 tensor."""
+    magnitude = v.abs()
+    # E2M1 values are spaced 0.5 on [0, 2), 1 on [2, 4) and 2 on [4, 6]. Rounding to a multiple of
+    # the local spacing with torch.round (half to even) is round-to-nearest-even on the E2M1 grid:
+    # the even multiples are exactly the values whose mantissa bit is 0.
+    spacing = torch.where(magnitude < 2, 0.5, torch.where(magnitude < 4, 1.0, 2.0))
+    magnitude = (torch.round(magnitude / spacing) * spacing).clamp(max=E2M1_MAX)
+    # Adding +0.0 turns -0.0 into +0.0, matching modelopt's decoding of both zero codes.
+    return torch.where(v < 0, -magnitude, magnitude) + 0.0
+
+
+def _pad_last_dim(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    missing = -x.shape[-1] % block_size
+    return torch.nn.functional.pad(x, (0, missing)) if missing else x
+
+
+def _check_input(x: torch.Tensor, block_size: int) -> None:
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"nvfp4_fake_quantize takes {', '.join(map(str, SUPPORTED_DTYPES))}; got {x.dtype}")
+    if x.ndim == 0 or x.numel() == 0:
+        raise ValueError(f"nvfp4_fake_quantize needs a non-empty tensor with a last dim, got shape {tuple(x.shape)}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")

@@ -1,0 +1,287 @@
+"""Explore copies: quantize_policy backends and precisions, requantize after weight syncs, LoRA merging."""
+
+import json
+import logging
+
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel
+
+from quant import ExploreState, NVFP4Linear, lora_merged_weights, nvfp4_fake_quantize, quantize_policy, requantize
+from quant.selection import FAMILY_KEEP_PATTERNS, select_layers
+from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER, Conditioning, Policy
+
+MIN_FEATURES = 16  # the stub's block linears are 32 wide
+
+
+class StubPolicy(Policy):
+    """The smallest Policy around a random tiny SD3 transformer (hidden 32, 2 blocks)."""
+
+    family = "sd3"
+    latent_shape = (4, 8, 8)
+    lora_target_modules = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
+    quant_keep_patterns = FAMILY_KEEP_PATTERNS["sd3"]
+    shift = 1.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.transformer = SD3Transformer2DModel(
+            sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+            num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64,
+        ).eval().requires_grad_(False)  # fmt: skip
+        self.precision = "fp32"
+
+    def _encode(self, prompts: list[str]) -> Conditioning:
+        raise NotImplementedError("the tests pass conditioning directly")
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return self.transformer(
+            hidden_states=x_t.to(self.dtype),
+            encoder_hidden_states=cond.tensors["prompt_embeds"].to(self.dtype),
+            pooled_projections=cond.tensors["pooled_prompt_embeds"].to(self.dtype),
+            timestep=(t * 1000).to(self.dtype),
+            return_dict=False,
+        )[0]
+
+    def decode(self, x0: torch.Tensor):
+        raise NotImplementedError("the tests compare velocities")
+
+
+def inputs(batch: int = 3):
+    g = torch.Generator().manual_seed(1)
+    cond = Conditioning({"prompt_embeds": torch.randn(batch, 5, 32, generator=g), "pooled_prompt_embeds": torch.randn(batch, 64, generator=g)})
+    return torch.randn(batch, 4, 8, 8, generator=g), torch.rand(batch, generator=g), cond
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+def perturbed_weights(policy: Policy, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in policy.transformer.state_dict().items() if v.is_floating_point()}
+
+
+# --- quantize_policy -----------------------------------------------------------------------------
+
+
+def test_emulate_copy_quantizes_the_selected_linears_and_leaves_the_source_untouched():
+    policy = StubPolicy()
+    before = snapshot(policy.transformer)
+
+    explore = quantize_policy(policy, "nvfp4", "emulate", min_features=MIN_FEATURES)
+
+    assert_same_state(snapshot(policy.transformer), before)
+    assert policy.precision == "fp32" and not any(isinstance(m, NVFP4Linear) for m in policy.transformer.modules())
+    state = explore.explore_state
+    assert (explore.precision, state.precision, state.backend, state.version) == ("nvfp4", "nvfp4", "emulate", 0)
+    quantized = {name for name, m in explore.transformer.named_modules() if isinstance(m, NVFP4Linear)}
+    assert quantized == set(state.selection.quantized) and len(quantized) == 21
+    for name, param in explore.transformer.named_parameters():
+        assert param.dtype == torch.bfloat16, name
+        source = before[name].to(torch.bfloat16)
+        is_quantized_weight = name.removesuffix(".weight") in quantized
+        assert torch.equal(param, nvfp4_fake_quantize(source) if is_quantized_weight else source), name
+
+
+def test_auto_picks_emulate_on_cpu_and_logs_it(caplog):
+    with caplog.at_level(logging.INFO, logger="quant.explore"):
+        explore = quantize_policy(StubPolicy(), "nvfp4", "auto", min_features=MIN_FEATURES)
+    assert explore.explore_state.backend == "emulate"
+    assert "auto -> emulate on cpu" in caplog.text
+
+
+def test_modelopt_backend_on_cpu_is_refused_with_the_reason():
+    with pytest.raises(RuntimeError, match=r"backend 'modelopt' cannot run on device cpu: .*asserts CUDA"):
+        quantize_policy(StubPolicy(), "nvfp4", "modelopt")
+
+
+def test_modelopt_backend_enables_exactly_the_selected_quantizers_and_needs_cuda_to_run():
+    """On CPU mtq can insert and calibrate quantizers, but its NVFP4 forward asserts CUDA: why the backend is CUDA-only."""
+    pytest.importorskip("modelopt.torch.quantization")
+    from quant.explore import _modelopt_quantize
+
+    explore = quantize_policy(StubPolicy(), "bf16")
+    selection = select_layers(explore.transformer, "sd3", min_features=MIN_FEATURES)
+    _modelopt_quantize(explore.transformer, selection.quantized)
+
+    enabled = {name for name, m in explore.transformer.named_modules() if name.endswith("_quantizer") and m.is_enabled}
+    assert enabled == {f"{n}.{q}" for n in selection.quantized for q in ("weight_quantizer", "input_quantizer")}
+    to_q = explore.transformer.get_submodule("transformer_blocks.0.attn.to_q")
+    assert to_q.weight_quantizer.amax == to_q.weight.abs().amax().float()  # per-tensor scale from the weight
+    assert getattr(to_q.input_quantizer, "_amax", None) is None  # activations: scaled per forward
+    with pytest.raises(AssertionError, match="CUDA"):
+        to_q(torch.randn(2, 32, dtype=torch.bfloat16))
+
+    # requantize refreshes mtq's per-tensor weight scale from the new weights
+    explore.explore_state = ExploreState("nvfp4", "modelopt", 0, selection)
+    requantize(explore, {"transformer_blocks.0.attn.to_q.weight": 3 * to_q.weight.float()}, version=1)
+    assert to_q.weight_quantizer.amax == to_q.weight.abs().amax().float()
+    assert getattr(to_q.input_quantizer, "_amax", None) is None
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_other_precisions_are_plain_casts(precision, dtype):
+    policy = StubPolicy()
+    explore = quantize_policy(policy, precision)
+    assert (explore.precision, explore.explore_state.backend, explore.explore_state.selection) == (precision, "none", None)
+    assert not any(isinstance(m, NVFP4Linear) for m in explore.transformer.modules())
+    for name, param in explore.transformer.named_parameters():
+        assert torch.equal(param, policy.transformer.get_parameter(name).to(dtype)), name
+
+
+def test_invalid_precision_and_backend_are_refused():
+    with pytest.raises(ValueError, match="precision"):
+        quantize_policy(StubPolicy(), "int8")
+    with pytest.raises(ValueError, match="backend"):
+        quantize_policy(StubPolicy(), "nvfp4", "tensorrt")
+
+
+def test_nvfp4_velocity_stays_near_bf16():
+    policy = StubPolicy()
+    x, t, cond = inputs()
+    with torch.no_grad():
+        bf16 = quantize_policy(policy, "bf16").velocity(x, t, cond).float()
+        nvfp4 = quantize_policy(policy, "nvfp4", "emulate", min_features=MIN_FEATURES).velocity(x, t, cond).float()
+    relative_error = ((nvfp4 - bf16).norm() / bf16.norm()).item()
+    assert 0 < relative_error < 0.2
+
+
+def test_explore_state_to_dict_is_loggable():
+    explore = quantize_policy(StubPolicy(), "nvfp4", "emulate", min_features=MIN_FEATURES, version=7)
+    logged = json.loads(json.dumps(explore.explore_state.to_dict()))
+    assert (logged["precision"], logged["backend"], logged["version"], logged["num_quantized_layers"]) == ("nvfp4", "emulate", 7, 21)
+
+
+# --- requantize ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["nvfp4", "bf16"])
+def test_requantize_equals_a_fresh_copy_of_the_new_weights(precision):
+    policy = StubPolicy()
+    explore = quantize_policy(policy, precision, "emulate", min_features=MIN_FEATURES)
+    new_weights = perturbed_weights(policy, seed=2)
+
+    seconds = requantize(explore, new_weights, version=1)
+
+    policy.transformer.load_state_dict(new_weights, strict=False)
+    fresh = quantize_policy(policy, precision, "emulate", min_features=MIN_FEATURES)
+    assert_same_state(snapshot(explore.transformer), snapshot(fresh.transformer))
+    assert explore.explore_state.version == 1 and seconds > 0
+
+
+def test_requantize_takes_a_subset_of_weights():
+    policy = StubPolicy()
+    explore = quantize_policy(policy, "nvfp4", "emulate", min_features=MIN_FEATURES)
+    before = snapshot(explore.transformer)
+    key = "transformer_blocks.1.attn.to_k.weight"
+    new = torch.randn(32, 32, generator=torch.Generator().manual_seed(3))
+
+    requantize(explore, {key: new}, version=1)
+
+    after = snapshot(explore.transformer)
+    assert torch.equal(after.pop(key), nvfp4_fake_quantize(new.to(torch.bfloat16)))
+    before.pop(key)
+    assert_same_state(after, before)
+
+
+def test_requantize_refuses_older_or_equal_versions():
+    explore = quantize_policy(StubPolicy(), "nvfp4", "emulate", min_features=MIN_FEATURES, version=3)
+    weights = perturbed_weights(explore, seed=4)
+    for stale in (3, 2):
+        with pytest.raises(ValueError, match=f"version {stale}: the explore copy already holds version 3"):
+            requantize(explore, weights, stale)
+    requantize(explore, weights, 4)
+    with pytest.raises(ValueError, match="already holds version 4"):
+        requantize(explore, weights, 4)
+
+
+def test_requantize_rejects_foreign_weights_and_policies():
+    policy = StubPolicy()
+    explore = quantize_policy(policy, "nvfp4", "emulate", min_features=MIN_FEATURES)
+    with pytest.raises(KeyError, match="not in the explore transformer"):
+        requantize(explore, {"transformer_blocks.9.attn.to_q.weight": torch.zeros(32, 32)}, 1)
+    with pytest.raises(ValueError, match="shape"):
+        requantize(explore, {"proj_out.weight": torch.zeros(4, 31)}, 1)
+    with pytest.raises(ValueError, match="explore copy made by quant.quantize_policy"):
+        requantize(policy, {}, 1)
+
+
+# --- LoRA ----------------------------------------------------------------------------------------
+
+
+def lora_policy() -> StubPolicy:
+    policy = StubPolicy()
+    policy.add_lora(rank=4, alpha=8, init_seed=0)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # a non-zero "old" adapter that differs from "policy"
+        for param in policy.adapter_parameters(OLD_ADAPTER).values():
+            param.copy_(0.3 * torch.randn(param.shape, generator=g))
+    return policy
+
+
+def test_lora_adapter_is_merged_into_the_explore_copy():
+    policy = lora_policy()
+    x, t, cond = inputs()
+    with torch.no_grad(), policy.adapter(OLD_ADAPTER):
+        expected = policy.velocity(x, t, cond)
+    with torch.no_grad(), policy.adapter(TRAINABLE_ADAPTER):
+        other_adapter = policy.velocity(x, t, cond)
+
+    explore = quantize_policy(policy, "fp32")
+
+    assert not getattr(explore.transformer, "peft_config", None)
+    assert getattr(policy.transformer, "peft_config", None)  # the source keeps its adapters
+    with torch.no_grad():
+        merged = explore.velocity(x, t, cond)
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(merged, other_adapter, rtol=1e-4, atol=1e-5)
+
+
+def test_missing_adapter_is_refused():
+    with pytest.raises(ValueError, match="adapter 'ema' is not on the transformer"):
+        quantize_policy(lora_policy(), "nvfp4", "emulate", adapter="ema")
+
+
+def test_requantize_after_a_lora_update_equals_a_fresh_copy():
+    policy = lora_policy()
+    explore = quantize_policy(policy, "nvfp4", "emulate", min_features=MIN_FEATURES)
+    with torch.no_grad():  # a learner step moved the old adapter
+        for param in policy.adapter_parameters(OLD_ADAPTER).values():
+            param.mul_(1.5)
+
+    requantize(explore, lora_merged_weights(policy.transformer, OLD_ADAPTER), version=1)
+
+    fresh = quantize_policy(policy, "nvfp4", "emulate", min_features=MIN_FEATURES)
+    assert_same_state(snapshot(explore.transformer), snapshot(fresh.transformer))
+
+
+def test_lora_merged_weights_needs_the_adapter():
+    with pytest.raises(ValueError, match="no LoRA layers of adapter 'old'"):
+        lora_merged_weights(StubPolicy().transformer)
+
+
+# --- the tiny testbed ----------------------------------------------------------------------------
+
+
+def test_tiny_policy_nvfp4_explore_copy():
+    from rollout import load_policy
+
+    bf16 = load_policy("tiny", precision="bf16")
+    explore = quantize_policy(bf16, "nvfp4", "emulate")
+    assert len(explore.explore_state.selection.quantized) == 45
+    x = torch.randn(2, *bf16.latent_shape, generator=torch.Generator().manual_seed(6))
+    t = torch.tensor([0.3, 0.8])
+    cond = bf16.encode_prompts(["a red circle", "two blue squares"])
+    with torch.no_grad():
+        reference = bf16.velocity(x, t, cond).float()
+        quantized = explore.velocity(x, t, cond).float()
+    relative_error = ((quantized - reference).norm() / reference.norm()).item()
+    assert 0 < relative_error < 0.2
