@@ -1,0 +1,211 @@
+"""Recipes: typed, validated once, derived sizes computed once.
+
+A recipe is a YAML file whose top-level sections are the fields of `Recipe`. Every key is
+validated; an unknown key or a wrong type is an error naming the key and the file. Overrides on
+the command line use dotted keys: `sol.pool_size=48`, `run.steps=3`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rollout.loading import ModelConfig
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunConfig(Section):
+    name: str = Field("run", description="run name; also the W&B run name")
+    seed: int = Field(0, description="run seed: prompts, seeds and LoRA init derive from it")
+    steps: int = Field(10, ge=1, description="RL iterations")
+    output_dir: str = Field("outputs/run", description="metrics, grids and checkpoints go here")
+    prompts: str = Field("tiny:train", description='"tiny:train", "tiny:eval" or a text file with one prompt per line')
+    resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the newest checkpoint in output_dir")
+
+
+class NFTConfig(Section):
+    beta: float = Field(1.0, gt=0, description="DiffusionNFT guidance strength (0.1 for multi-reward)")
+    loss_scale: float = Field(5.0, gt=0, description="multiplies the mean NFT loss")
+    kl_weight: float = Field(1e-4, ge=0, description="weight of mean((v_theta - v_ref)^2)")
+    adv_clip: float = Field(5.0, gt=0, description="advantage clip inside optimality()")
+    timestep_fraction: float = Field(0.6, gt=0, le=1, description="fraction of the sampler's timesteps trained per sample")
+    old_eta_rate: float = Field(0.001, ge=0, description="eta = min(old_eta_rate * step, old_eta_max)")
+    old_eta_max: float = Field(0.5, ge=0, lt=1, description="cap of the old-policy soft-update coefficient")
+
+
+class GRPOConfig(Section):
+    noise_level: float = Field(0.7, gt=0, description="SDE noise level a")
+    clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip")
+    beta_kl: float = Field(0.04, ge=0, description="KL weight against the reference (adapters off)")
+    cps: bool = Field(False, description="coefficients-preserving SDE step instead of Flow-GRPO's")
+    timestep_fraction: float = Field(0.6, gt=0, le=1, description="fraction of the SDE steps trained per trajectory")
+
+
+class AlgorithmConfig(Section):
+    name: Literal["nft", "grpo"] = Field("nft", description="DiffusionNFT or Flow-GRPO")
+    prompts_per_step: int = Field(4, ge=1, description="P: prompts per iteration")
+    group_size: int = Field(8, ge=2, description="K: training samples per prompt (the contrastive subset in Sol-RL)")
+    lora_rank: int = Field(32, ge=1)
+    lora_alpha: float = Field(64.0, gt=0)
+    global_std: bool = Field(True, description="advantage std over the whole batch (else per prompt group)")
+    drop_zero_variance: bool = Field(False, description="drop groups whose rewards are all equal (Flow-GRPO)")
+    micro_batch: int = Field(8, ge=1, description="samples per forward/backward pass on a learner")
+    nft: NFTConfig = NFTConfig()
+    grpo: GRPOConfig = GRPOConfig()
+
+
+class SolConfig(Section):
+    enabled: bool = Field(True, description="two-stage explore/regenerate (Sol-RL); false = plain baseline")
+    pool_size: int = Field(96, ge=2, description="N: candidate seeds explored per prompt")
+    explore_precision: Literal["nvfp4", "bf16", "fp32"] = Field("nvfp4", description="precision of the rollout copies")
+    explore_steps: int = Field(6, ge=1, description="ODE steps of the exploration sampler")
+    selection: Literal["best_worst", "random", "extremes_random", "mean_deviation"] = "best_worst"
+    quant_backend: Literal["auto", "modelopt", "emulate"] = "auto"
+
+
+class SamplerConfig(Section):
+    solver: Literal["euler", "dpm2"] = Field("dpm2", description="deterministic solver of regeneration / NFT rollouts")
+    steps: int = Field(10, ge=1, description="steps of the training-label sampler (regeneration)")
+    shift: float | None = Field(None, gt=0, description="None: the model family's shift")
+
+
+class RewardSpec(Section):
+    name: str = Field(description="registry name, dotted path 'pkg.module:Class' or entry point")
+    weight: float = Field(1.0, description="weight in the weighted-sum baseline / reported score")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="constructor arguments")
+
+
+class RewardsConfig(Section):
+    models: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="tiny_verifier")], min_length=1)
+    on_reward_error: Literal["fail", "skip"] = Field("fail", description="skip: drop the affected groups and count them")
+    retries: int = Field(1, ge=0, description="retries of a failed reward call before on_reward_error applies")
+
+
+class BalanceConfig(Section):
+    mode: Literal["weighted_sum", "qp"] = Field("weighted_sum", description="multi-reward combination (qp = MARBLE)")
+    solve_every: int = Field(10, ge=1, description="full K-backward QP solve every n steps; amortised in between")
+    ema: float = Field(0.7, ge=0, lt=1, description="EMA on the QP weights")
+    floor: float = Field(0.0, ge=0, description="minimum weight per reward")
+
+
+class Resources(Section):
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class ClusterConfig(Section):
+    address: str | None = Field(None, description="Ray address; None starts a local Ray when none is running")
+    rollout_workers: int = Field(2, ge=0, description="0 = run rollouts in the driver process")
+    reward_workers: int = Field(1, ge=0)
+    learners: int = Field(1, ge=1)
+    remote_learners: bool = Field(True, description="false = the single learner runs in the driver process")
+    rollout_resources: Resources = Resources(num_cpus=0.5)
+    reward_resources: Resources = Resources(num_cpus=0.5)
+    learner_resources: Resources = Resources(num_cpus=1.0)
+    shards_per_prompt: int = Field(1, ge=1, description="explore work items per prompt (scoring overlaps generation)")
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage of the learner group")
+    max_restarts: int = Field(3, ge=0, description="restarts of a failed rollout / reward actor")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per actor")
+
+
+class OptimConfig(Section):
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class LoggingConfig(Section):
+    wandb: Literal["online", "offline", "disabled"] = "disabled"
+    project: str = "solray"
+    grid_every: int = Field(5, ge=0, description="log an image grid every n steps (0 = never)")
+    progress: bool = Field(True, description="progress bar with step, reward and ETA")
+
+
+class CheckpointConfig(Section):
+    every: int = Field(5, ge=0, description="checkpoint every n steps (0 = only at the end)")
+    keep: int = Field(2, ge=1, description="checkpoints kept on disk")
+
+
+class EvalConfig(Section):
+    every: int = Field(0, ge=0, description="evaluate every n steps (0 = only before and after training)")
+    prompts: str = Field("tiny:eval", description="eval prompt source")
+    seeds_per_prompt: int = Field(8, ge=1)
+    steps: int = Field(10, ge=1)
+    solver: Literal["euler", "dpm2"] = "euler"
+
+
+class Recipe(Section):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    sol: SolConfig = SolConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    rewards: RewardsConfig = RewardsConfig()
+    balance: BalanceConfig = BalanceConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    optim: OptimConfig = OptimConfig()
+    logging: LoggingConfig = LoggingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> Recipe:
+        if self.sol.enabled and self.algorithm.group_size > self.sol.pool_size:
+            raise ValueError(f"algorithm.group_size ({self.algorithm.group_size}) must be <= sol.pool_size ({self.sol.pool_size})")
+        if self.balance.mode == "qp" and len(self.rewards.models) < 2:
+            raise ValueError("balance.mode 'qp' needs at least 2 entries in rewards.models")
+        if self.sol.enabled and self.algorithm.name == "grpo":
+            raise ValueError("sol.enabled with algorithm.name 'grpo' is not supported: Sol-RL regenerates with the ODE sampler; use nft")
+        return self
+
+    # Derived sizes, computed once from the validated fields.
+    @property
+    def samples_per_step(self) -> int:
+        """Training samples per iteration, P * K."""
+        return self.algorithm.prompts_per_step * self.algorithm.group_size
+
+    @property
+    def explored_per_step(self) -> int:
+        """Explore-precision images per iteration, P * N (0 without Sol-RL)."""
+        return self.algorithm.prompts_per_step * self.sol.pool_size if self.sol.enabled else 0
+
+
+class RecipeError(ValueError):
+    """A recipe that does not validate; the message names the file and every bad key."""
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Parse and validate a recipe YAML; overrides are "dotted.key=value" with YAML-typed values."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {str(path)!r} does not exist")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(tree).__name__}")
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"override {override!r} must look like section.key=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(recipe)'}: {e['msg']}" for e in error.errors())
+        raise RecipeError(f"{path}: {problems}") from None

@@ -1,0 +1,45 @@
+import pytest
+
+from rl.config import Recipe, RecipeError, load_recipe
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_derived_sizes(tmp_path):
+    recipe = load_recipe(_write(tmp_path, "algorithm:\n  prompts_per_step: 3\n  group_size: 4\nsol:\n  pool_size: 12\n"))
+    assert recipe.samples_per_step == 12 and recipe.explored_per_step == 36
+    assert load_recipe(_write(tmp_path, "sol:\n  enabled: false\n")).explored_per_step == 0
+    assert Recipe().model.path == "tiny"
+
+
+def test_overrides_use_dotted_keys_and_yaml_types(tmp_path):
+    recipe = load_recipe(_write(tmp_path, "run:\n  steps: 5\n"), ["run.steps=7", "sol.enabled=false", "optim.lr=1e-3"])
+    assert recipe.run.steps == 7 and recipe.sol.enabled is False and recipe.optim.lr == 1e-3
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "message"),
+    [
+        ("run:\n  stepz: 3\n", [], r"recipe.yaml: run.stepz: Extra inputs are not permitted"),
+        ("run:\n  steps: many\n", [], r"run.steps: Input should be a valid integer"),
+        ("colour: red\n", [], r"colour: Extra inputs are not permitted"),
+        ("", ["sol.pool_size=0"], r"sol.pool_size: Input should be greater than or equal to 2"),
+        ("", ["algorithm.group_size=32", "sol.pool_size=16"], r"group_size \(32\) must be <= sol.pool_size \(16\)"),
+        ("", ["balance.mode=qp"], r"balance.mode 'qp' needs at least 2 entries in rewards.models"),
+        ("- a\n- b\n", [], r"a recipe is a mapping of sections, got list"),
+    ],
+)
+def test_bad_recipes_name_the_key_and_the_file(tmp_path, text, overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(_write(tmp_path, text), overrides)
+
+
+def test_missing_file_and_malformed_override(tmp_path):
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(RecipeError, match="must look like section.key=value"):
+        load_recipe(_write(tmp_path, ""), ["run.steps"])
