@@ -47,6 +47,18 @@ def cmd_sample(args: argparse.Namespace) -> None:
         for prompt in args.prompt:
             mine = np.array([score for score, (p, _) in zip(scores, pairs) if p == prompt])
             print(f"  {prompt!r}: verifier reward {mine.mean():.3f}, strict pass {int((mine == 1.0).sum())}/{len(mine)}")
+    if args.compare_precision:
+        # The same prompts x seeds in a second precision; compare.png puts the two grids side by side.
+        other_policy = load_policy(args.model, precision=args.compare_precision)
+        other = sample(other_policy, [p for p, _ in pairs], [s for _, s in pairs], args.steps, solver=args.solver, batch_size=96, progress=True)
+        grids = [image_grid(images, columns=len(args.seed), scale=args.scale) for images in (out.images, other.images)]
+        gap = np.full((grids[0].shape[0], 4 * args.scale, 3), 255, dtype=np.uint8)
+        compare = save_png(np.concatenate([grids[0], gap, grids[1]], axis=1), out_dir / "compare.png")
+        difference = np.abs(out.images.astype(np.int16) - other.images).mean()
+        print(f"wrote {compare}: left {args.precision}, right {args.compare_precision} (same seeds); mean |pixel difference| {difference:.2f}")
+        if all(p in ALL_PROMPTS for p in args.prompt):
+            other_scores = build_reward("tiny_verifier").score(other.images, [p for p, _ in pairs])
+            print(f"  verifier reward: {args.precision} {np.mean(scores):.3f}, {args.compare_precision} {np.mean(other_scores):.3f}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -67,6 +79,27 @@ def cmd_pretrain_tiny(args: argparse.Namespace) -> None:
     print(f"saved to {args.out}; loss {np.mean(losses[:50]):.4f} (first 50 steps) -> {np.mean(losses[-50:]):.4f} (last 50)")
 
 
+def _reward_kwarg(text: str) -> tuple[str, object]:
+    """'model=/ckpt' -> ('model', '/ckpt'); values that parse as JSON (numbers, true, null, lists) are typed."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"bad reward argument {text!r}: use key=value, e.g. model=/path/to/checkpoint")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def cmd_reward_server(args: argparse.Namespace) -> None:
+    from rewards import build_reward
+    from rewards.server import RewardServer
+
+    reward = build_reward(args.reward, **dict(args.arg))
+    server = RewardServer(reward, args.host, args.port, args.max_batch, int(args.max_request_mb * 2**20), args.batch_wait_ms / 1000)
+    print(f"serving reward {reward.name!r} on {server.url} (POST /score, GET /health)", flush=True)
+    server.serve_forever()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="solray", description="RL post-training of text-to-image flow models on Ray.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -83,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=_seeds, default=[0], help="seeds: 7, 0-3 or 1,5,9 (default 0)")
     sample.add_argument("--out", required=True, help="output directory")
     sample.add_argument("--scale", type=int, default=4, help="grid upscaling factor")
+    sample.add_argument("--compare-precision", choices=["fp32", "bf16", "nvfp4"], help="also sample in this precision and write compare.png (grids side by side)")
     sample.set_defaults(run=cmd_sample)
 
     evaluate = commands.add_parser("eval", help="strict verifier accuracy on the tiny eval prompts, per task type")
@@ -99,6 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--seed", type=int, default=0)
     pretrain.add_argument("--save-every", type=int, default=0, help="also save step-N snapshots every N steps")
     pretrain.set_defaults(run=cmd_pretrain_tiny)
+
+    reward_server = commands.add_parser("reward-server", help="serve a registered reward over HTTP for the `remote` reward")
+    reward_server.add_argument("reward", help="registry name or dotted path 'pkg.module:Class' of the reward to serve")
+    reward_server.add_argument("--arg", type=_reward_kwarg, action="append", default=[], help="reward constructor argument key=value; repeat")
+    reward_server.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for every interface)")
+    reward_server.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
+    reward_server.add_argument("--max-batch", type=int, default=64, help="most images scored in one reward call")
+    reward_server.add_argument("--max-request-mb", type=float, default=64.0, help="larger request bodies get 413")
+    reward_server.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    reward_server.set_defaults(run=cmd_reward_server)
     return parser
 
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """Pixels in [-1, 1], [B, 3, H, W] -> uint8 [B, H, W, 3] (rounded as diffusers' postprocess does)."""
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def image_grid(images: np.ndarray, columns: int, scale: int = 1, pad: int = 1) -> np.ndarray:

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from rollout.flux import FluxPolicy
+from rollout.pipeline_policy import PipelinePolicy
 from rollout.policy import PRECISIONS, Policy
+from rollout.sana import SanaPolicy
+from rollout.sd3 import SD3Policy
 from rollout.tiny.model import WEIGHTS_DIR, TinyPolicy
 
-FAMILIES = ("tiny",)
+PIPELINE_POLICIES: dict[str, type[PipelinePolicy]] = {"sd3": SD3Policy, "flux": FluxPolicy, "sana": SanaPolicy}
+FAMILIES = ("tiny", *PIPELINE_POLICIES)
+# model_index.json `_class_name` of a diffusers pipeline -> family
+PIPELINE_FAMILIES = {policy.pipeline_class.__name__: family for family, policy in PIPELINE_POLICIES.items()}
 
 
 class ModelConfig(BaseModel):
@@ -20,17 +28,41 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str = Field("tiny", description='"tiny" for the shipped testbed model, else a local directory or hub id')
-    family: Literal["auto", "tiny"] = Field("auto", description="model family; auto reads it from the checkpoint")
-    shift: float | None = Field(None, gt=0, description="timestep shift; None uses the family's default")
+    family: Literal["auto", "tiny", "sd3", "flux", "sana"] = Field("auto", description="model family; auto reads it from the checkpoint")
+    shift: float | None = Field(None, gt=0, description="timestep shift; None uses the checkpoint's scheduler config")
+    # Options of the diffusers families (sd3, flux, sana); the tiny model has none.
+    resolution: int | None = Field(None, gt=0, description="image height = width in pixels; None = the checkpoint's default")
+    cfg_scale: float = Field(1.0, ge=1.0, description="classifier-free guidance scale; 1.0 = off (one forward per step)")
+    distilled_guidance: float | None = Field(None, description="FLUX.1-dev guidance-embedding value; None = 3.5 (flux only)")
+    max_sequence_length: int | None = Field(None, gt=0, description="T5 / Gemma tokens per prompt; None = the pipeline's default")
+
+
+PIPELINE_OPTIONS = ("resolution", "cfg_scale", "distilled_guidance", "max_sequence_length")
 
 
 def _family(path: str) -> str:
     if path == "tiny" or (Path(path) / "policy.json").is_file():
         return "tiny"
+    class_name = _pipeline_class_name(path)
+    if class_name in PIPELINE_FAMILIES:
+        return PIPELINE_FAMILIES[class_name]
+    found = f"a diffusers {class_name}" if class_name else "neither 'tiny', a tiny policy (policy.json) nor a diffusers pipeline (model_index.json)"
     raise ValueError(
-        f"cannot tell the model family of {path!r}: it is neither 'tiny' nor a directory holding a tiny policy "
-        f"(policy.json); supported families: {', '.join(FAMILIES)}"
+        f"cannot tell the model family of {path!r}: it is {found}; supported families: {', '.join(FAMILIES)} "
+        f"(pipelines {', '.join(PIPELINE_FAMILIES)}); set model.family to override"
     )
+
+
+def _pipeline_class_name(path: str) -> str | None:
+    """`_class_name` of the pipeline's model_index.json: read locally, or fetched alone for a hub id."""
+    index = Path(path) / "model_index.json"
+    if index.is_file():
+        return json.loads(index.read_text()).get("_class_name")
+    if Path(path).exists():
+        return None
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.load_config(path).get("_class_name")
 
 
 def load_policy(model: str | ModelConfig = "tiny", precision: str = "fp32", device: str | torch.device = "cpu") -> Policy:
@@ -40,8 +72,15 @@ def load_policy(model: str | ModelConfig = "tiny", precision: str = "fp32", devi
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     family = _family(config.path) if config.family == "auto" else config.family
     base_precision = "bf16" if precision == "nvfp4" else precision
+    options = {name: getattr(config, name) for name in PIPELINE_OPTIONS if getattr(config, name) != ModelConfig.model_fields[name].default}
     if family == "tiny":
+        if options:
+            raise ValueError(f"model options {sorted(options)} apply to the diffusers families {', '.join(PIPELINE_POLICIES)}, not to the tiny model")
         policy: Policy = TinyPolicy.from_pretrained(WEIGHTS_DIR if config.path == "tiny" else config.path, base_precision, device)
+    else:
+        if "distilled_guidance" in options and family != "flux":
+            raise ValueError(f"distilled_guidance applies to FLUX.1's guidance embedding only, not to family {family!r}")
+        policy = PIPELINE_POLICIES[family].from_pretrained(config.path, base_precision, device, **options)
     if config.shift is not None:
         policy.shift = config.shift
     if precision == "nvfp4":

@@ -12,7 +12,7 @@ def test_help_lists_every_command_with_a_description():
     text = " ".join(result.stdout.split())
     for command, description in [("sample", "write PNGs and one grid image"), ("eval", "strict verifier accuracy"), ("pretrain-tiny", "pretrain the tiny")]:
         assert f" {command} {description}" in text
-    assert set(build_parser()._subparsers._group_actions[0].choices) == {"sample", "eval", "pretrain-tiny"}
+    assert set(build_parser()._subparsers._group_actions[0].choices) == {"sample", "eval", "pretrain-tiny", "reward-server"}
 
 
 def test_sample_writes_pngs_grid_and_verifier_scores(tmp_path, capsys):

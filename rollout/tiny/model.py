@@ -20,6 +20,7 @@ from diffusers import SD3Transformer2DModel
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
+from rollout.images import to_uint8
 from rollout.policy import Conditioning, Policy, torch_dtype
 from rollout.tiny.world import ALL_PROMPTS, IMAGE_SIZE
 
@@ -135,8 +136,7 @@ class TinyPolicy(Policy):
         )[0]
 
     def decode(self, x0: torch.Tensor) -> np.ndarray:
-        pixels = ((x0.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return pixels.permute(0, 2, 3, 1).cpu().numpy()
+        return to_uint8(x0)
 
     @staticmethod
     def encode_images(images: np.ndarray) -> torch.Tensor:

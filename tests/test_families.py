@@ -1,0 +1,370 @@
+"""SD3.5, FLUX.1 and SANA adapters on tiny random pipelines saved to disk and loaded through `load_policy`.
+
+Each builder makes a diffusers pipeline from tiny configs (as diffusers' own fast tests do, but with
+tokenizers built here instead of downloaded) and the test saves it with `save_pretrained`, so
+loading goes through the same `from_pretrained` calls as a real checkpoint directory.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    AutoencoderDC,
+    AutoencoderKL,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SanaPipeline,
+    SanaTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    Gemma2Config,
+    Gemma2Model,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+from quant import quantize_policy
+from rl.trainer import NFTBatch, Trainer, TrainerSettings
+from rollout.images import image_grid, save_png
+from rollout import ModelConfig, load_policy
+from rollout.flux import FluxPolicy
+from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER
+from rollout.samplers import initial_noise, sample, timesteps
+from rollout.sana import SanaPolicy
+from rollout.sd3 import SD3Policy
+from tiny_tokenizers import clip_tokenizer, gemma_tokenizer, t5_tokenizer
+
+PROMPTS = ["a red circle", "two blue squares", "a green cross left of a circle"]
+SEEDS = [11, 12, 13]
+STEPS = 3
+TEXT_TOKENS = 32  # CLIP context of the tiny tokenizers, and the T5 / Gemma tokens per prompt in tests
+RESOLUTION = 32  # pixels; latents are 16x16 (VAE scale factor 2); SanaPipeline needs a multiple of 32
+
+
+def clip_text_config(tokenizer: CLIPTokenizer, **sizes) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=TEXT_TOKENS, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **sizes,
+    )
+
+
+def t5_encoder(tokenizer: T5Tokenizer) -> T5EncoderModel:
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, relative_attention_num_buckets=8))
+
+
+def kl_vae(latent_channels: int, **factors) -> AutoencoderKL:
+    """Two blocks: an 8x8 latent decodes to 16x16 pixels (VAE scale factor 2)."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=latent_channels,
+        norm_num_groups=4, sample_size=16, **factors,
+    )
+
+
+def sd3_pipeline() -> StableDiffusion3Pipeline:
+    torch.manual_seed(0)
+    clip = clip_tokenizer(TEXT_TOKENS)
+    return StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
+            pos_embed_max_size=8,
+        ),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=kl_vae(4, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5035, shift_factor=0.0609),
+        text_encoder=CLIPTextModelWithProjection(clip_text_config(clip, projection_dim=16)),
+        tokenizer=clip,
+        text_encoder_2=CLIPTextModelWithProjection(clip_text_config(clip, projection_dim=16)),
+        tokenizer_2=clip_tokenizer(TEXT_TOKENS),
+        text_encoder_3=t5_encoder(t5_tokenizer()),
+        tokenizer_3=t5_tokenizer(),
+    )
+
+
+def flux_pipeline() -> FluxPipeline:
+    torch.manual_seed(0)
+    clip = clip_tokenizer(TEXT_TOKENS)
+    return FluxPipeline(
+        transformer=FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+        ),
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+        vae=kl_vae(4, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=CLIPTextModel(clip_text_config(clip)),
+        tokenizer=clip,
+        text_encoder_2=t5_encoder(t5_tokenizer()),
+        tokenizer_2=t5_tokenizer(),
+    )
+
+
+def sana_pipeline() -> SanaPipeline:
+    torch.manual_seed(0)
+    tokenizer = gemma_tokenizer()
+    gemma = Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+    )
+    return SanaPipeline(
+        transformer=SanaTransformer2DModel(
+            patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=16,
+            num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=32,
+            sample_size=8,
+        ),
+        scheduler=DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction"),
+        vae=AutoencoderDC(
+            in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
+            decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+            decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+            encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), downsample_block_type="conv",
+            upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407,
+        ),
+        text_encoder=Gemma2Model(gemma),
+        tokenizer=tokenizer,
+    )
+
+
+BUILDERS = {"sd3": (sd3_pipeline, SD3Policy), "flux": (flux_pipeline, FluxPolicy), "sana": (sana_pipeline, SanaPolicy)}
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def saved(request, tmp_path_factory):
+    """(family, directory of the saved tiny pipeline)."""
+    family = request.param
+    path = tmp_path_factory.mktemp(family)
+    BUILDERS[family][0]().save_pretrained(path)
+    return family, str(path)
+
+
+def load(path: str, precision: str = "fp32", **options):
+    return load_policy(ModelConfig(path=path, resolution=RESOLUTION, max_sequence_length=TEXT_TOKENS, **options), precision)
+
+
+@pytest.fixture(scope="module")
+def policy(saved):
+    """A loaded fp32 policy, shared read-only (tests that add LoRA load their own)."""
+    return load(saved[1])
+
+
+# Checkpoint defaults: SD3 and SANA read the resolution from the transformer's sample_size (8 latents
+# x VAE factor 2), FLUX from FluxPipeline's 128 latents; shifts come from each scheduler config, FLUX's
+# as exp(mu) of its dynamic shifting at the image token count (64 x 64 packed tokens at 256 px).
+# The resolution must be a multiple of the VAE factor (2) times the patch (SD3: 2, SANA: 1) or FLUX's 2x2 packing.
+DEFAULTS = {
+    "sd3": {"resolution": 16, "latent_shape": (4, 8, 8), "shift": 3.0, "multiple": 4, "conditioning": {"prompt_embeds", "pooled_prompt_embeds"}},
+    "flux": {"resolution": 256, "latent_shape": (4, 128, 128), "shift": math.exp(1.15), "multiple": 4, "conditioning": {"prompt_embeds", "pooled_prompt_embeds"}},
+    "sana": {"resolution": 16, "latent_shape": (4, 8, 8), "shift": 3.0, "multiple": 2, "conditioning": {"prompt_embeds", "prompt_attention_mask"}},
+}
+
+
+def test_load_policy_detects_the_family_and_reads_the_checkpoint_defaults(saved):
+    family, path = saved
+    policy = load_policy(path)
+    expected = DEFAULTS[family]
+    assert isinstance(policy, BUILDERS[family][1]) and policy.family == family
+    assert policy.resolution == expected["resolution"] and policy.latent_shape == expected["latent_shape"]
+    assert policy.shift == pytest.approx(expected["shift"])
+    assert policy.cfg_scale == 1.0 and policy.dtype == torch.float32
+    # the pipeline holds no transformer: an explore copy must not keep the original alive through it
+    assert policy.pipeline.transformer is None
+    assert not any(p.requires_grad for p in policy.transformer.parameters())
+    assert not any(p.requires_grad for p in policy.pipeline.vae.parameters())
+
+
+def test_prompt_embeddings_are_cached_batch_first(policy, saved):
+    cond = policy.encode_prompts([PROMPTS[0], PROMPTS[1], PROMPTS[0]])
+    assert set(cond.tensors) == DEFAULTS[saved[0]]["conditioning"] and len(cond) == 3
+    for tensor in cond.tensors.values():
+        assert torch.equal(tensor[0], tensor[2])
+    fresh = policy._encode([PROMPTS[1]])  # alone, so equal up to the batch-size rounding of CPU GEMMs
+    for key, tensor in fresh.tensors.items():
+        torch.testing.assert_close(tensor[0], cond.tensors[key][1], rtol=0, atol=1e-5)
+
+
+def test_sampling_is_deterministic_and_a_seed_gives_the_same_image_alone(policy):
+    first = sample(policy, PROMPTS, SEEDS, STEPS)
+    again = sample(policy, PROMPTS, SEEDS, STEPS)
+    assert first.images.dtype == np.uint8 and first.images.shape == (3, RESOLUTION, RESOLUTION, 3)
+    assert torch.equal(first.x0, again.x0) and np.array_equal(first.images, again.images)
+    assert first.images.std() > 0 and not torch.allclose(first.x0[0], first.x0[1])
+    alone = sample(policy, PROMPTS[1:2], SEEDS[1:2], STEPS)
+    # Equal up to float rounding, not bit for bit: CPU GEMM kernels block differently per batch size.
+    torch.testing.assert_close(alone.x0[0], first.x0[1], rtol=0, atol=1e-5)
+    assert np.abs(alone.images[0].astype(int) - first.images[1]).max() <= 1
+
+
+def test_euler_sampling_matches_the_diffusers_pipeline(saved, policy):
+    """Our sampler + adapter against the family's own pipeline __call__ on the same noise and sigmas.
+
+    The pipeline gets an Euler scheduler without shift and our sigmas (FLUX and SANA schedule
+    differently by default; the schedule is the sampler's business, the model call is the adapter's):
+    conditioning, latent packing, timestep scaling, guidance embedding and VAE decode must all agree.
+    """
+    family, path = saved
+    sigmas = timesteps(STEPS, policy.shift)
+    ours = sample(policy, PROMPTS, SEEDS, STEPS, solver="euler")
+    pipeline = type(policy.pipeline).from_pretrained(path)
+    pipeline.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)  # takes the given sigmas as they are
+    noise = initial_noise(SEEDS, policy.latent_shape)
+    options = {"use_resolution_binning": False} if family == "sana" else {}
+    if family == "flux":  # FluxPipeline takes packed latents and embeds its guidance_scale (distilled guidance)
+        noise = FluxPipeline._pack_latents(noise, *noise.shape)
+        options = {"guidance_scale": policy.distilled_guidance}
+    else:
+        options["guidance_scale"] = 1.0  # CFG off, as in the policy
+    reference = {
+        output: pipeline(
+            prompt=PROMPTS, height=RESOLUTION, width=RESOLUTION, latents=noise, sigmas=sigmas[:-1].tolist(), num_inference_steps=STEPS,
+            max_sequence_length=TEXT_TOKENS, output_type=output, **options,
+        ).images
+        for output in ("latent", "np")
+    }
+    latents = reference["latent"]
+    if family == "flux":
+        latents = FluxPipeline._unpack_latents(latents, RESOLUTION, RESOLUTION, pipeline.vae_scale_factor)
+    torch.testing.assert_close(ours.x0, latents.float(), rtol=1e-4, atol=1e-4)
+    assert np.abs(ours.images.astype(int) - (reference["np"] * 255).round()).max() <= 1
+
+
+def test_cfg_is_off_by_default_and_mixes_the_empty_prompt_when_on(saved, policy):
+    x_t = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.9, 0.4])
+    cond = policy.encode_prompts(PROMPTS[:2])
+    with torch.no_grad():
+        assert torch.equal(policy.velocity(x_t, t, cond), policy._predict(x_t, t, cond))
+        guided = load(saved[1], cfg_scale=3.0)
+        v_cond = guided._predict(x_t, t, cond)
+        v_uncond = guided._predict(x_t, t, guided.encode_prompts(["", ""]))
+        torch.testing.assert_close(guided.velocity(x_t, t, cond), v_uncond + 3.0 * (v_cond - v_uncond), rtol=1e-5, atol=1e-5)
+
+
+def test_lora_targets_match_and_one_nft_step_lowers_the_loss(saved):
+    policy = load(saved[1])
+    policy.add_lora(rank=4, alpha=8)
+    wrapped = {name for name, module in policy.transformer.named_modules() if hasattr(module, "lora_A")}
+    matched = {target for target in policy.lora_target_modules if any(name.endswith(target) for name in wrapped)}
+    assert matched == set(policy.lora_target_modules), f"targets matching no module: {set(policy.lora_target_modules) - matched}"
+
+    x0 = sample(policy, PROMPTS, SEEDS, STEPS).x0
+    # Every sample positive (r = 1): NFT is then flow matching on the policy's own samples, so one
+    # small step must lower the loss on the same timesteps and noise.
+    batch = NFTBatch(x0=x0, prompts=PROMPTS, advantages=torch.full((3,), 5.0))
+    trainer = Trainer(policy, TrainerSettings(lr=1e-3), sampler_timesteps=timesteps(STEPS, policy.shift))
+    rng_state = trainer.generator.get_state()
+    plan = trainer.nft_plan(x0.shape)
+    trainer.generator.set_state(rng_state)  # nft_step draws this same plan
+
+    def loss() -> float:
+        return trainer.nft_gradients(x0, policy.encode_prompts(PROMPTS), batch.advantages[:, None], *plan)[2]["loss/nft"]
+
+    before = {name: p.detach().clone() for name, p in policy.adapter_parameters(TRAINABLE_ADAPTER).items()}
+    loss_before = loss()
+    metrics = trainer.nft_step(batch)
+    assert metrics["train/grad_norm"] > 0
+    after = policy.adapter_parameters(TRAINABLE_ADAPTER)
+    assert any(not torch.equal(before[name], p) for name, p in after.items())
+    assert loss() < loss_before
+    # eta = 0 on the first step: the "old" sampling adapter now equals the trained one
+    old = policy.adapter_parameters(OLD_ADAPTER)
+    assert all(torch.equal(old[name.replace(f".{TRAINABLE_ADAPTER}.", f".{OLD_ADAPTER}.")], p) for name, p in after.items())
+
+
+def test_nvfp4_explore_copy_quantizes_block_linears_and_samples(saved):
+    source = load(saved[1], precision="bf16")
+    # min_features 16: the tiny blocks' linears are 32-128 wide (real models' are >= 1152)
+    explore = quantize_policy(source, "nvfp4", backend="auto", min_features=16)
+    state = explore.explore_state
+    assert state.backend == "emulate" and state.selection.quantized
+    assert all(name.startswith(("transformer_blocks.", "single_transformer_blocks.")) for name in state.selection.quantized)
+    assert not any("norm" in name for name in state.selection.quantized)
+    assert explore.pipeline is source.pipeline and explore.transformer is not source.transformer
+    reference = sample(source, PROMPTS, SEEDS, STEPS)
+    fp4 = sample(explore, PROMPTS, SEEDS, STEPS)
+    assert torch.equal(fp4.x0, sample(explore, PROMPTS, SEEDS, STEPS).x0)
+    assert fp4.images.shape == reference.images.shape and torch.isfinite(fp4.x0).all()
+    error = (fp4.x0 - reference.x0).norm() / reference.x0.norm()
+    assert 0 < error < 0.5, f"NVFP4 relative error {error:.3f}"
+    # load_policy's nvfp4 path builds the same kind of copy (default min_features keeps these tiny layers)
+    assert load(saved[1], precision="nvfp4").explore_state.precision == "nvfp4"
+
+
+def test_family_options_are_checked(saved):
+    family, path = saved
+    if family == "flux":
+        low, high = load(path, distilled_guidance=1.0), load(path, distilled_guidance=5.0)
+        x_t, t = torch.randn(1, *low.latent_shape), torch.tensor([0.5])
+        cond = low.encode_prompts(PROMPTS[:1])
+        with torch.no_grad():
+            assert not torch.allclose(low.velocity(x_t, t, cond), high.velocity(x_t, t, cond))
+    else:
+        with pytest.raises(ValueError, match="distilled_guidance applies to FLUX.1's guidance embedding only"):
+            load(path, distilled_guidance=3.5)
+    multiple = DEFAULTS[family]["multiple"]
+    with pytest.raises(ValueError, match=f"{family} needs a resolution divisible by {multiple}"):
+        load_policy(ModelConfig(path=path, resolution=RESOLUTION + multiple // 2))
+
+
+def test_unknown_pipelines_and_misplaced_options_are_rejected(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(ValueError, match=r"it is a diffusers KandinskyPipeline; supported families: tiny, sd3, flux, sana"):
+        load_policy(str(tmp_path))
+    with pytest.raises(ValueError, match=r"\['resolution'\] apply to the diffusers families"):
+        load_policy(ModelConfig(path="tiny", resolution=64))
+
+
+# --- real checkpoints: opt-in, on a CUDA machine with hub access ------------------------------------
+
+REAL_CHECKPOINTS = {  # family -> (hub id, resolution of the reference RL recipes)
+    "sd3": ("stabilityai/stable-diffusion-3.5-medium", 512),
+    "flux": ("black-forest-labs/FLUX.1-dev", 512),
+    "sana": ("Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers", 1024),
+}
+
+
+def smoothness(images: np.ndarray) -> float:
+    """Mean absolute difference of horizontally adjacent pixels: about 85 for uniform noise, < 20 for pictures."""
+    return float(np.abs(np.diff(images.astype(np.int16), axis=2)).mean())
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("family", list(REAL_CHECKPOINTS))
+def test_real_checkpoint_samples_explores_in_nvfp4_and_trains(family, tmp_path):
+    hub_id, resolution = REAL_CHECKPOINTS[family]
+    policy = load_policy(ModelConfig(path=hub_id, resolution=resolution), "bf16", "cuda")
+    prompts = ["a photo of a red apple on a wooden table", "two cats sleeping on a blue sofa"] * 2
+    seeds = [0, 1, 2, 3]
+    bf16 = sample(policy, prompts, seeds, 10, solver="dpm2")
+    assert bf16.images.shape == (4, resolution, resolution, 3) and smoothness(bf16.images) < 20
+    alone = sample(policy, prompts[:1], seeds[:1], 10, solver="dpm2")
+    assert np.abs(alone.images[0].astype(int) - bf16.images[0]).mean() < 2  # bf16 GPU kernels vary a little with batch size
+
+    explore = quantize_policy(policy, "nvfp4", backend="auto")
+    report = explore.explore_state.to_dict()
+    fp4 = sample(explore, prompts, seeds, 10, solver="dpm2")
+    save_png(image_grid(np.concatenate([bf16.images, fp4.images]), columns=4), tmp_path / f"{family}_bf16_top_nvfp4_bottom.png")
+    print(f"{family}: backend {report['backend']}, {report['num_quantized_layers']} NVFP4 layers, "
+          f"{report['quantized_fraction']:.2f} of the parameters; grid in {tmp_path}")
+    assert report["num_quantized_layers"] > 0 and smoothness(fp4.images) < 20
+    # Same seeds, same sampler: the NVFP4 copy draws the same compositions (what Sol-RL relies on).
+    assert np.abs(fp4.images.astype(int) - bf16.images).mean() < 40
+    del explore
+    torch.cuda.empty_cache()
+
+    policy.add_lora(rank=32, alpha=64)
+    policy.transformer.enable_gradient_checkpointing()
+    trainer = Trainer(policy, TrainerSettings(microbatch_size=1), sampler_timesteps=timesteps(10, policy.shift))
+    metrics = trainer.nft_step(NFTBatch(x0=bf16.x0, prompts=prompts, advantages=torch.tensor([1.0, -1.0, 1.0, -1.0])))
+    assert np.isfinite(metrics["loss/nft"]) and metrics["train/grad_norm"] > 0
