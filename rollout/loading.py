@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Literal
@@ -9,17 +10,15 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from rollout.flux import FluxPolicy
-from rollout.pipeline_policy import PipelinePolicy
 from rollout.policy import PRECISIONS, Policy
-from rollout.sana import SanaPolicy
-from rollout.sd3 import SD3Policy
 from rollout.tiny.model import WEIGHTS_DIR, TinyPolicy
 
-PIPELINE_POLICIES: dict[str, type[PipelinePolicy]] = {"sd3": SD3Policy, "flux": FluxPolicy, "sana": SanaPolicy}
+# Family -> module and Policy class, imported on first use: a family's diffusers pipeline code is
+# large (and transformers warns about torchvision when it loads), and most runs use one family.
+PIPELINE_POLICIES = {"sd3": "rollout.sd3:SD3Policy", "flux": "rollout.flux:FluxPolicy", "sana": "rollout.sana:SanaPolicy"}
 FAMILIES = ("tiny", *PIPELINE_POLICIES)
 # model_index.json `_class_name` of a diffusers pipeline -> family
-PIPELINE_FAMILIES = {policy.pipeline_class.__name__: family for family, policy in PIPELINE_POLICIES.items()}
+PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "SanaPipeline": "sana"}
 
 
 class ModelConfig(BaseModel):
@@ -80,7 +79,9 @@ def load_policy(model: str | ModelConfig = "tiny", precision: str = "fp32", devi
     else:
         if "distilled_guidance" in options and family != "flux":
             raise ValueError(f"distilled_guidance applies to FLUX.1's guidance embedding only, not to family {family!r}")
-        policy = PIPELINE_POLICIES[family].from_pretrained(config.path, base_precision, device, **options)
+        module_name, class_name = PIPELINE_POLICIES[family].split(":")
+        policy_class = getattr(importlib.import_module(module_name), class_name)
+        policy = policy_class.from_pretrained(config.path, base_precision, device, **options)
     if config.shift is not None:
         policy.shift = config.shift
     if precision == "nvfp4":

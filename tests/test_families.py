@@ -5,6 +5,7 @@ tokenizers built here instead of downloaded) and the test saves it with `save_pr
 loading goes through the same `from_pretrained` calls as a real checkpoint directory.
 """
 
+import importlib
 import json
 import math
 
@@ -39,6 +40,7 @@ from quant import quantize_policy
 from rl.trainer import NFTBatch, Trainer, TrainerSettings
 from rollout.images import image_grid, save_png
 from rollout import ModelConfig, load_policy
+from rollout.loading import PIPELINE_FAMILIES, PIPELINE_POLICIES
 from rollout.flux import FluxPolicy
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER
 from rollout.samplers import initial_noise, sample, timesteps
@@ -368,3 +370,10 @@ def test_real_checkpoint_samples_explores_in_nvfp4_and_trains(family, tmp_path):
     trainer = Trainer(policy, TrainerSettings(microbatch_size=1), sampler_timesteps=timesteps(10, policy.shift))
     metrics = trainer.nft_step(NFTBatch(x0=bf16.x0, prompts=prompts, advantages=torch.tensor([1.0, -1.0, 1.0, -1.0])))
     assert np.isfinite(metrics["loss/nft"]) and metrics["train/grad_norm"] > 0
+
+
+def test_family_table_matches_the_policy_classes():
+    for family, target in PIPELINE_POLICIES.items():
+        module_name, class_name = target.split(":")
+        policy_class = getattr(importlib.import_module(module_name), class_name)
+        assert PIPELINE_FAMILIES[policy_class.pipeline_class.__name__] == family
