@@ -75,7 +75,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_pretrain_tiny(args: argparse.Namespace) -> None:
     from rollout.tiny.pretrain import pretrain_tiny
 
-    losses = pretrain_tiny(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every)
+    losses = pretrain_tiny(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every, init=args.init)
     print(f"saved to {args.out}; loss {np.mean(losses[:50]):.4f} (first 50 steps) -> {np.mean(losses[-50:]):.4f} (last 50)")
 
 
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--model", default="tiny", help='"tiny" (the shipped testbed model), a local path or a hub id')
         sub.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "nvfp4"])
         sub.add_argument("--steps", type=int, default=10, help="sampler steps")
-        sub.add_argument("--solver", default="euler", choices=["euler", "dpm2", "sde"])
+        sub.add_argument("--solver", default="euler", choices=["euler", "dpm2", "sde", "cps"])
 
     sample = commands.add_parser("sample", help="write PNGs and one grid image for prompts x seeds")
     add_model_args(sample)
@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--lr", type=float, default=1e-3)
     pretrain.add_argument("--seed", type=int, default=0)
     pretrain.add_argument("--save-every", type=int, default=0, help="also save step-N snapshots every N steps")
+    pretrain.add_argument("--init", help="continue from a saved tiny policy instead of a random init")
     pretrain.set_defaults(run=cmd_pretrain_tiny)
 
     reward_server = commands.add_parser("reward-server", help="serve a registered reward over HTTP for the `remote` reward")

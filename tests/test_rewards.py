@@ -20,7 +20,7 @@ def test_tiny_verifier_scores_ground_truth_one_and_other_prompts_nan():
     images = np.stack([render("a red circle", 0), render("two squares", 0), render("a red circle", 1)])
     scores = build_reward("tiny_verifier").score(images, ["a red circle", "two squares", "a photo of a cat"])
     assert scores[0] == 1.0 and scores[1] == 1.0 and np.isnan(scores[2])
-    assert build_reward("tiny_verifier").score(images[:1], ["a blue circle"])[0] == pytest.approx(2 / 3)
+    assert build_reward("tiny_verifier").score(images[:1], ["a blue circle"])[0] == pytest.approx(1 / 2)
 
 
 def test_jpeg_compressibility_prefers_simple_images():

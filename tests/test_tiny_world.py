@@ -45,13 +45,15 @@ def test_detection_on_a_hand_drawn_image():
     assert objects[0].area == 100 and objects[0].cx == pytest.approx(6.5)
     assert verify(image, "a red square and a blue circle") == 1.0
     assert verify(image, "a square left of a circle") == 1.0
-    # relation fails on the dominant axis: square (1), circle (1), relation (0), two objects (1)
-    assert verify(image, "a square above a circle") == pytest.approx(3 / 4)
-    assert verify(image, "a circle left of a square") == pytest.approx(3 / 4)
-    # partial credit: present square (1), wrong colour (0), present circle (1), right colour (1), 2 objects (1)
-    assert verify(image, "a green square and a blue circle") == pytest.approx(4 / 5)
-    # counting: one square found of three asked: 1 - 2/3; extra objects -> count check 0
-    assert verify(image, "three squares") == pytest.approx((1 + 1 / 3 + 0) / 3)
+    # relation fails on the dominant axis: square (1), circle (1), relation (0); 2 of 2 objects
+    assert verify(image, "a square above a circle") == pytest.approx(2 / 3)
+    assert verify(image, "a circle left of a square") == pytest.approx(2 / 3)
+    # present square (1), wrong colour (0), present circle (1), right colour (1)
+    assert verify(image, "a green square and a blue circle") == pytest.approx(3 / 4)
+    # counting: square present (1), one of three (1 - 2/3); clutter factor 2 found / 3 asked
+    assert verify(image, "three squares") == pytest.approx((1 + 1 / 3) / 2 * 2 / 3)
+    # one object asked, two found: the clutter factor halves the score
+    assert verify(image, "a red square") == pytest.approx(1 / 2)
 
 
 def test_ground_truth_passes_and_wrong_prompts_fail_on_every_eval_prompt():
@@ -69,8 +71,9 @@ def test_ground_truth_passes_and_wrong_prompts_fail_on_every_eval_prompt():
     assert np.mean(wrong) <= 0.2
 
 
-def test_partial_credit_is_in_unit_interval_and_blank_image_scores_low():
+def test_blank_and_noise_images_score_near_zero():
     blank = np.full((32, 32, 3), 240, dtype=np.uint8)
-    scores = [verify(blank, p) for p in ALL_PROMPTS]
-    assert all(0.0 <= s < 1.0 for s in scores)
-    assert max(scores) <= 0.5
+    assert all(verify(blank, p) == 0.0 for p in ALL_PROMPTS)
+    noise = np.random.default_rng(0).integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8)
+    scores = [verify(image, p) for image in noise for p in prompt_set("eval")]
+    assert all(0.0 <= s < 1.0 for s in scores) and np.mean(scores) < 0.15  # measured 0.11

@@ -44,18 +44,22 @@ def pretrain_tiny(
     ema_decay: float = 0.999,
     seed: int = 0,
     save_every: int = 0,
+    init: str | Path | None = None,
     progress: bool = True,
 ) -> list[float]:
-    """Train from scratch and save the EMA weights to out_dir (and to out_dir/step-N every save_every steps).
+    """Train (from scratch, or on from the policy saved at `init`) and save the EMA weights to out_dir.
 
-    Returns the per-step training loss.
+    Also saves out_dir/step-N every save_every steps. Returns the per-step training loss.
     """
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     noise_generator = torch.Generator().manual_seed(seed)
-    tokenizer = build_tokenizer()
-    policy = TinyPolicy(build_transformer(), build_text_encoder(tokenizer), tokenizer, SHIFT)
+    if init is None:
+        tokenizer = build_tokenizer()
+        policy = TinyPolicy(build_transformer(), build_text_encoder(tokenizer), tokenizer, SHIFT)
+    else:
+        policy = TinyPolicy.from_pretrained(init)
     modules = [policy.transformer, policy.text_encoder]
     params = [p for m in modules for p in m.parameters()]
     for module in modules:
@@ -78,9 +82,11 @@ def pretrain_tiny(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup=min(200, steps // 10 + 1))
         optimizer.step()
+        # EMA warm-up (as diffusers' EMAModel): early snapshots are not dominated by the random init.
+        decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for shadow, param in zip(ema, params):
-                shadow.lerp_(param, 1 - ema_decay)
+                shadow.lerp_(param, 1 - decay)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if save_every and (step + 1) % save_every == 0:

@@ -4,12 +4,14 @@ Detection: each pixel takes the nearest of {background, palette colours}; the co
 of each colour (4-connectivity, at least MIN_AREA pixels) are the objects; an object's shape is the
 template (`shape_mask` at the component's bounding box) with the highest IoU, or None below MIN_IOU.
 
-Scoring: a list of checks, each in [0, 1]; the reward is their mean (partial credit) and a strict
-pass means every check is 1 (reward == 1.0), which is the eval metric.
+Scoring: a list of checks, each in [0, 1], whose mean is scaled by a clutter factor:
   every object spec:  the shape is present; its colour matches (when the prompt names one);
                       counting only: 1 - |found - n| / n, floored at 0
   position:           some (A, B) pair satisfies the relation on its dominant axis
-  always:             the image holds exactly as many objects as the prompt asks for
+  clutter factor:     min(asked, found) / max(asked, found) over all objects (0 for an empty image)
+The reward is mean(checks) x clutter factor (partial credit in [0, 1]); without the factor, noise
+full of coloured blobs would collect the "present" checks. A strict pass means every check is 1 and
+the object count is exact (reward == 1.0): the eval metric.
 """
 
 from __future__ import annotations
@@ -90,14 +92,18 @@ def prompt_checks(parsed: ParsedPrompt, objects: list[DetectedObject]) -> list[f
     if parsed.relation is not None:
         first, second = ([o for o in objects if o.shape == spec.shape] for spec in parsed.objects)
         checks.append(float(any(_relation_holds(a, b, parsed.relation) for a in first for b in second)))
-    checks.append(float(len(objects) == sum(spec.count for spec in parsed.objects)))
     return checks
+
+
+def clutter_factor(parsed: ParsedPrompt, objects: list[DetectedObject]) -> float:
+    asked = sum(spec.count for spec in parsed.objects)
+    return min(asked, len(objects)) / max(asked, len(objects))
 
 
 def verify(image: np.ndarray, prompt: str) -> float:
     """Partial-credit score in [0, 1] of a uint8 [H, W, 3] image against a tiny-world prompt."""
-    checks = prompt_checks(parse_prompt(prompt), detect_objects(image))
-    return float(np.mean(checks))
+    parsed, objects = parse_prompt(prompt), detect_objects(image)
+    return float(np.mean(prompt_checks(parsed, objects)) * clutter_factor(parsed, objects))
 
 
 def strict_pass(image: np.ndarray, prompt: str) -> bool:
