@@ -1,5 +1,6 @@
-"""Explore precision: NVFP4 numerics, layer selection, quantized explore copies, re-quantization, fidelity metrics."""
+"""Explore precision: NVFP4 numerics, layer selection, calibrated explore copies, re-quantization, fidelity metrics."""
 
+from quant.calibration import CalibrationSet, default_calibration_set
 from quant.explore import BACKENDS, ExploreState, lora_merged_weights, quantize_policy, requantize
 from quant.layers import NVFP4Linear
 from quant.nvfp4 import nvfp4_fake_quantize
@@ -9,9 +10,11 @@ __all__ = [
     "BACKENDS",
     "FAMILY_KEEP_PATTERNS",
     "MIN_FEATURES",
+    "CalibrationSet",
     "ExploreState",
     "LayerSelection",
     "NVFP4Linear",
+    "default_calibration_set",
     "lora_merged_weights",
     "nvfp4_fake_quantize",
     "quantize_policy",

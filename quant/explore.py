@@ -9,19 +9,21 @@ Precisions
 
 NVFP4 backends
   emulate   pure torch (`quant.layers.NVFP4Linear`), any device. Weights are fake-quantized once per
-            sync; activations per forward, with a per-tensor scale taken from each activation tensor.
+            sync and cached; activations in every forward, against their calibrated static amax.
   modelopt  modelopt.torch.quantization (mtq) fake quant with NVFP4 weight and input quantizers on
             the selected linears. Needs CUDA with compute capability >= 8.9: mtq's dynamic block
-            quantizer asserts CUDA tensors and its FP4 Triton kernel needs FP8 hardware. No
-            calibration pass runs, so activation scales are per tensor and per forward, as in emulate.
-            mtq fake-quantizes the weights in every forward.
+            quantizer asserts CUDA tensors and its FP4 Triton kernel needs FP8 hardware. mtq
+            fake-quantizes the weights in every forward; its input quantizers hold the calibrated amax.
   auto      modelopt where it can run, emulate elsewhere; the choice is logged and recorded.
+Activation scales are static in both: `quant.calibration` runs a fixed calibration forward loop
+(a few fixed prompts x seeds sampled at the explore timesteps, quantizers off) and keeps the max
+|input| of every quantized linear, in `quantize_policy` and again in `requantize` after every sync.
+So a seed's explore image does not depend on its batch-mates, and re-issuing a shard in another
+order or split gives the same images.
 Both backends compute NVFP4QTensor's numerics, with two exceptions read in modelopt 0.47's CUDA
 (Triton) kernel: it zeroes a 16-block whose scale underflows, i.e. whose amax is below 6e-5 (a 1e-5
 floor on the block scale) or below 2.2e-6 x the tensor's amax (no 2^-9 floor before its E4M3 cast),
 and negative values that round to zero keep their sign.
-The activation's per-tensor scale spans the whole batch in both backends, so a sample's explore
-output depends slightly on its batch-mates: re-issue a shard with the same seeds in the same order.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ import copy
 import importlib.util
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from quant.calibration import CalibrationSet, default_calibration_set
 from quant.layers import NVFP4Linear
 from quant.selection import MIN_FEATURES, LayerSelection, select_layers
 from rollout.policy import OLD_ADAPTER, PRECISIONS, Policy, torch_dtype
@@ -54,10 +57,13 @@ class ExploreState:
     backend: str  # "emulate" | "modelopt" for nvfp4, "none" for a plain dtype cast
     version: int  # version of the weights it holds; requantize only accepts newer ones
     selection: LayerSelection | None  # the quantization report (nvfp4 only)
+    calibration: CalibrationSet | None = None  # the activation-amax calibration loop (nvfp4 with quantized layers only)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds of the last quantize_policy / requantize, by phase
 
     def to_dict(self) -> dict:
         report = self.selection.to_dict() if self.selection is not None else {}
-        return {"precision": self.precision, "backend": self.backend, "version": self.version, **report}
+        calibration = {"calibration": self.calibration.to_dict()} if self.calibration is not None else {}
+        return {"precision": self.precision, "backend": self.backend, "version": self.version, **report, **calibration, "timings": dict(self.timings)}
 
 
 def quantize_policy(
@@ -68,11 +74,14 @@ def quantize_policy(
     adapter: str = OLD_ADAPTER,
     min_features: int = MIN_FEATURES,
     version: int = 0,
+    calibration: CalibrationSet | None = None,
 ) -> Policy:
     """The explore copy of `policy` in `precision`; `policy` itself is left untouched.
 
     adapter: when the transformer carries LoRA adapters, the one merged into the copy's weights
     (by default "old", the adapter DiffusionNFT samples with). The copy has no adapters.
+    calibration: the activation-amax calibration loop for nvfp4; None = the family's default
+    (`quant.calibration.default_calibration_set`), whose steps should be the explore steps.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -88,8 +97,14 @@ def quantize_policy(
         explore.explore_state = ExploreState(precision, "none", version, None)
         return explore
     selection = select_layers(explore.transformer, policy.family, min_features, policy.quant_keep_patterns)
-    _QUANTIZERS[backend](explore.transformer, selection.quantized)
-    explore.explore_state = ExploreState(precision, backend, version, selection)
+    if not selection.quantized:
+        explore.explore_state = ExploreState(precision, backend, version, selection)
+        return explore
+    calibration = calibration or default_calibration_set(policy.family)
+    explore.explore_state = state = ExploreState(precision, backend, version, selection, calibration)
+    start = time.perf_counter()
+    _QUANTIZERS[backend](explore, selection.quantized)
+    state.timings = {"quantize_calibrate_s": _elapsed(start, explore.device)}
     return explore
 
 
@@ -97,7 +112,9 @@ def requantize(explore: Policy, weights: dict[str, torch.Tensor], version: int) 
     """Load new high-precision weights into an explore copy, in place, and re-quantize them.
 
     weights: tensors keyed as in the plain transformer's state dict (full weights, or a subset such
-    as `lora_merged_weights`); keys not given keep their values. Returns the seconds it took.
+    as `lora_merged_weights`); keys not given keep their values. For nvfp4 the activation amax is
+    then recalibrated with the copy's calibration loop. Returns the seconds it all took; the split
+    (weights vs calibration) is in `explore.explore_state.timings`.
     """
     state = getattr(explore, "explore_state", None)
     if state is None:
@@ -106,12 +123,13 @@ def requantize(explore: Policy, weights: dict[str, torch.Tensor], version: int) 
         raise ValueError(f"refusing weights of version {version}: the explore copy already holds version {state.version}")
     start = time.perf_counter()
     _load_weights(explore.transformer, weights)
-    if state.backend == "modelopt":
-        _modelopt_recalibrate(explore.transformer)
-    if explore.device.type == "cuda":
-        torch.cuda.synchronize(explore.device)
+    load_s = _elapsed(start, explore.device)
+    if state.calibration is not None:
+        _RECALIBRATORS[state.backend](explore)
+    total_s = _elapsed(start, explore.device)
+    state.timings = {"load_quantize_weights_s": load_s, "calibrate_s": total_s - load_s, "requantize_s": total_s}
     state.version = version
-    return time.perf_counter() - start
+    return total_s
 
 
 @torch.no_grad()
@@ -185,28 +203,76 @@ def _load_weights(transformer: nn.Module, weights: dict[str, torch.Tensor]) -> N
             target.copy_(value)
 
 
-def _emulate_quantize(transformer: nn.Module, layer_names: list[str]) -> None:
+def _elapsed(start: float, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _emulate_quantize(explore: Policy, layer_names: list[str]) -> None:
+    transformer = explore.transformer
     for name in layer_names:
         transformer.set_submodule(name, NVFP4Linear.from_linear(transformer.get_submodule(name)))
+    _emulate_calibrate(explore)
 
 
-def _modelopt_quantize(transformer: nn.Module, layer_names: list[str]) -> None:
-    """mtq NVFP4 W4A4 on exactly `layer_names`; every other quantizer mtq inserts stays disabled."""
+def _emulate_calibrate(explore: Policy) -> None:
+    """Max calibration of every NVFP4Linear's input amax, the quantizers off while the loop runs."""
+    layers = {name: m for name, m in explore.transformer.named_modules() if isinstance(m, NVFP4Linear)}
+    for layer in layers.values():
+        layer.start_calibration()
+    try:
+        explore.explore_state.calibration.run(explore)
+    finally:
+        for layer in layers.values():
+            layer.calibrating = False  # left uncalibrated (forward refuses) unless the loop completed
+    for layer in layers.values():
+        layer.finish_calibration()
+    _check_amax({name: layer.input_amax for name, layer in layers.items()})
+
+
+def _modelopt_quantize(explore: Policy, layer_names: list[str]) -> None:
+    """mtq NVFP4 W4A4 on exactly `layer_names`, calibrated with the explore copy's loop; every other quantizer mtq inserts stays disabled."""
     import modelopt.torch.quantization as mtq
 
     quant_cfg = [{"quantizer_name": "*", "enable": False}]
     for name in layer_names:
         quant_cfg += [{"quantizer_name": f"{name}.{q}", "cfg": _NVFP4_QUANTIZER} for q in ("weight_quantizer", "input_quantizer")]
-    # No forward_loop: "max" calibration then only sets the weight quantizers' amax from the
-    # weights, and input quantizers keep none, so activation scales are computed per forward.
-    mtq.quantize(transformer, {"quant_cfg": quant_cfg, "algorithm": "max"}, forward_loop=None)
+    # "max": weight quantizers take their amax from the weights, input quantizers from the loop.
+    mtq.quantize(explore.transformer, {"quant_cfg": quant_cfg, "algorithm": "max"}, forward_loop=_forward_loop(explore))
+    _check_amax(_modelopt_input_amax(explore.transformer, layer_names))
 
 
-def _modelopt_recalibrate(transformer: nn.Module) -> None:
-    """Refresh the weight quantizers' amax (the per-tensor scale) from the weights just loaded."""
+def _modelopt_recalibrate(explore: Policy) -> None:
+    """Recompute every enabled quantizer's amax: weights from the weights just loaded, inputs from the loop."""
     import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization.nn import TensorQuantizer
 
-    mtq.calibrate(transformer, algorithm="max", forward_loop=None)
+    for module in explore.transformer.modules():
+        # mtq's max calibrator keeps its running max across calibrate calls: without a reset a
+        # smaller new amax would never replace the old one.
+        if isinstance(module, TensorQuantizer) and module.is_enabled:
+            module.reset_amax()
+    mtq.calibrate(explore.transformer, algorithm="max", forward_loop=_forward_loop(explore))
+    _check_amax(_modelopt_input_amax(explore.transformer, explore.explore_state.selection.quantized))
+
+
+def _forward_loop(explore: Policy):
+    return lambda transformer: explore.explore_state.calibration.run(explore)
+
+
+def _modelopt_input_amax(transformer: nn.Module, layer_names: list[str]) -> dict[str, torch.Tensor | None]:
+    return {name: getattr(transformer.get_submodule(name).input_quantizer, "_amax", None) for name in layer_names}
+
+
+def _check_amax(amax: dict[str, torch.Tensor | None]) -> None:
+    bad = [name for name, value in amax.items() if value is None or not (torch.isfinite(value).all() and (value > 0).all())]
+    if bad:
+        raise RuntimeError(
+            f"calibration left {len(bad)} quantized linears without a positive finite input amax, e.g. {bad[:3]}: "
+            "the calibration loop never reached them or fed them only zeros"
+        )
 
 
 _QUANTIZERS = {"emulate": _emulate_quantize, "modelopt": _modelopt_quantize}
+_RECALIBRATORS = {"emulate": _emulate_calibrate, "modelopt": _modelopt_recalibrate}

@@ -11,7 +11,7 @@ Formats
 Notation (B = block size, 16)
   code name      symbol  dtype      meaning
   x              x       fp32/bf16  input; blocks are B consecutive values of the last dim
-  tensor_amax    a       fp32       max |x| over the whole tensor
+  tensor_amax    a       fp32       max |x| over the whole tensor, or a static (calibrated) amax
   tensor_scale   s       fp32       a / (6 * 448): maps a onto the largest E2M1 x E4M3 product, so
                                     block scales use E4M3's whole range
   block_amax     a_b     fp32       max |x| over one block
@@ -19,6 +19,14 @@ Notation (B = block size, 16)
   scaled         x / (d_b s)        computed in fp32
   codes          q       E2M1       round to nearest E2M1 value, ties to even, saturating at +-6
   result         x_hat   x.dtype    q * (d_b s), computed in fp32, then cast to x.dtype
+
+Per-tensor amax
+  Dynamic (amax=None): a = max |x| of the tensor itself, as NVFP4QTensor computes it for weights.
+  Static (amax given): a is a calibrated constant, as modelopt's input quantizers hold after max
+  calibration (`_amax`, used by its NVFP4 kernel as the global amax). A row's result then depends on
+  that row alone, never on its batch-mates. Values beyond a saturate: the block scale clamps at 448
+  and the codes at 6, so the largest magnitude is 6 * 448 * s = a (NVFP4QTensor.quantize with a given
+  per-tensor scale, `weights_scaling_factor_2`, does the same). a must be positive and finite.
 
 Decisions
   * A last dim that is not a multiple of B is padded with zeros to whole blocks, and the padding is
@@ -40,16 +48,20 @@ E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 E4M3_MIN_SUBNORMAL = 2.0**-9
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+_FP32_EXPONENT_BITS = 0x7F800000
 
 
-def nvfp4_fake_quantize(x: torch.Tensor, block_size: int = NVFP4_BLOCK_SIZE) -> torch.Tensor:
-    """x rounded to NVFP4 along the last dim and dequantized back to x.dtype (see the module notation)."""
+def nvfp4_fake_quantize(x: torch.Tensor, block_size: int = NVFP4_BLOCK_SIZE, amax: torch.Tensor | float | None = None) -> torch.Tensor:
+    """x rounded to NVFP4 along the last dim and dequantized back to x.dtype (see the module notation).
+
+    amax: the static per-tensor amax a (a positive scalar); None takes a = max |x| from x itself.
+    """
     _check_input(x, block_size)
     length = x.shape[-1]
     blocks = _pad_last_dim(x.float(), block_size).unflatten(-1, (-1, block_size))
-    tensor_scale = nvfp4_tensor_scale(x)
+    tensor_scale = nvfp4_tensor_scale(x) if amax is None else torch.as_tensor(amax, dtype=torch.float32, device=x.device) / (E2M1_MAX * E4M3_MAX)
     scale = (nvfp4_block_scales(blocks, tensor_scale) * tensor_scale).unsqueeze(-1)
-    x_hat = round_to_e2m1(blocks / scale) * scale
+    x_hat = round_to_e2m1(blocks / scale).mul_(scale)
     # contiguous: a strided result (padding sliced off) would send matmuls to slower kernels
     return x_hat.flatten(-2)[..., :length].to(x.dtype).contiguous()
 
@@ -71,14 +83,17 @@ def nvfp4_block_scales(blocks: torch.Tensor, tensor_scale: torch.Tensor) -> torc
 
 def round_to_e2m1(v: torch.Tensor) -> torch.Tensor:
     """Round to the nearest E2M1 value, ties to even, saturating at +-6; the result is an fp32 tensor."""
+    v = v.float()
     magnitude = v.abs()
     # E2M1 values are spaced 0.5 on [0, 2), 1 on [2, 4) and 2 on [4, 6]. Rounding to a multiple of
     # the local spacing with torch.round (half to even) is round-to-nearest-even on the E2M1 grid:
     # the even multiples are exactly the values whose mantissa bit is 0.
-    spacing = torch.where(magnitude < 2, 0.5, torch.where(magnitude < 4, 1.0, 2.0))
-    magnitude = (torch.round(magnitude / spacing) * spacing).clamp(max=E2M1_MAX)
+    # spacing = half the power of two of clamp(|v|, 1, 4): clearing an fp32's mantissa bits leaves
+    # that power of two (bit for bit the same as nested torch.where, and ~20x faster on CPU).
+    spacing = magnitude.clamp(1.0, 4.0).view(torch.int32).bitwise_and_(_FP32_EXPONENT_BITS).view(torch.float32).mul_(0.5)
+    magnitude.div_(spacing).round_().mul_(spacing).clamp_(max=E2M1_MAX)
     # Adding +0.0 turns -0.0 into +0.0, matching modelopt's decoding of both zero codes.
-    return torch.where(v < 0, -magnitude, magnitude) + 0.0
+    return magnitude.copysign_(v).add_(0.0)
 
 
 def _pad_last_dim(x: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -2,16 +2,19 @@
 
 import json
 import logging
+import zlib
 
+import numpy as np
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 
-from quant import ExploreState, NVFP4Linear, lora_merged_weights, nvfp4_fake_quantize, quantize_policy, requantize
+from quant import CalibrationSet, ExploreState, NVFP4Linear, lora_merged_weights, nvfp4_fake_quantize, quantize_policy, requantize
 from quant.selection import FAMILY_KEEP_PATTERNS, select_layers
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER, Conditioning, Policy
 
 MIN_FEATURES = 16  # the stub's block linears are 32 wide
+CALIBRATION = CalibrationSet(("a red circle", "two blue squares"), seeds=(0, 1), steps=3)
 
 
 class StubPolicy(Policy):
@@ -33,7 +36,12 @@ class StubPolicy(Policy):
         self.precision = "fp32"
 
     def _encode(self, prompts: list[str]) -> Conditioning:
-        raise NotImplementedError("the tests pass conditioning directly")
+        """Fixed random embeddings per prompt string."""
+        parts = []
+        for prompt in prompts:
+            g = torch.Generator().manual_seed(zlib.crc32(prompt.encode()))
+            parts.append(Conditioning({"prompt_embeds": torch.randn(1, 5, 32, generator=g), "pooled_prompt_embeds": torch.randn(1, 64, generator=g)}))
+        return Conditioning.cat(parts).to(self.device, self.dtype)
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self.transformer(
@@ -44,8 +52,16 @@ class StubPolicy(Policy):
             return_dict=False,
         )[0]
 
-    def decode(self, x0: torch.Tensor):
-        raise NotImplementedError("the tests compare velocities")
+    def decode(self, x0: torch.Tensor) -> np.ndarray:
+        return ((x0[:, :3].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def nvfp4_copy(policy: Policy, **kwargs) -> Policy:
+    return quantize_policy(policy, "nvfp4", "emulate", min_features=MIN_FEATURES, calibration=CALIBRATION, **kwargs)
+
+
+def input_amax(explore: Policy) -> dict[str, torch.Tensor]:
+    return {name: m.input_amax.clone() for name, m in explore.transformer.named_modules() if isinstance(m, NVFP4Linear)}
 
 
 def inputs(batch: int = 3):
@@ -76,24 +92,24 @@ def test_emulate_copy_quantizes_the_selected_linears_and_leaves_the_source_untou
     policy = StubPolicy()
     before = snapshot(policy.transformer)
 
-    explore = quantize_policy(policy, "nvfp4", "emulate", min_features=MIN_FEATURES)
+    explore = nvfp4_copy(policy)
 
     assert_same_state(snapshot(policy.transformer), before)
     assert policy.precision == "fp32" and not any(isinstance(m, NVFP4Linear) for m in policy.transformer.modules())
     state = explore.explore_state
-    assert (explore.precision, state.precision, state.backend, state.version) == ("nvfp4", "nvfp4", "emulate", 0)
-    quantized = {name for name, m in explore.transformer.named_modules() if isinstance(m, NVFP4Linear)}
-    assert quantized == set(state.selection.quantized) and len(quantized) == 21
+    assert (explore.precision, state.precision, state.backend, state.version, state.calibration) == ("nvfp4", "nvfp4", "emulate", 0, CALIBRATION)
+    quantized = {name: m for name, m in explore.transformer.named_modules() if isinstance(m, NVFP4Linear)}
+    assert set(quantized) == set(state.selection.quantized) and len(quantized) == 21
     for name, param in explore.transformer.named_parameters():
-        assert param.dtype == torch.bfloat16, name
-        source = before[name].to(torch.bfloat16)
-        is_quantized_weight = name.removesuffix(".weight") in quantized
-        assert torch.equal(param, nvfp4_fake_quantize(source) if is_quantized_weight else source), name
+        assert param.dtype == torch.bfloat16 and torch.equal(param, before[name].to(torch.bfloat16)), name
+    for name, layer in quantized.items():
+        assert torch.equal(layer.weight_fq, nvfp4_fake_quantize(before[f"{name}.weight"].to(torch.bfloat16))), name
+        assert layer.calibrated and torch.isfinite(layer.input_amax) and layer.input_amax > 0, name
 
 
 def test_auto_picks_emulate_on_cpu_and_logs_it(caplog):
     with caplog.at_level(logging.INFO, logger="quant.explore"):
-        explore = quantize_policy(StubPolicy(), "nvfp4", "auto", min_features=MIN_FEATURES)
+        explore = quantize_policy(StubPolicy(), "nvfp4", "auto", min_features=MIN_FEATURES, calibration=CALIBRATION)
     assert explore.explore_state.backend == "emulate"
     assert "auto -> emulate on cpu" in caplog.text
 
@@ -103,28 +119,44 @@ def test_modelopt_backend_on_cpu_is_refused_with_the_reason():
         quantize_policy(StubPolicy(), "nvfp4", "modelopt")
 
 
-def test_modelopt_backend_enables_exactly_the_selected_quantizers_and_needs_cuda_to_run():
-    """On CPU mtq can insert and calibrate quantizers, but its NVFP4 forward asserts CUDA: why the backend is CUDA-only."""
-    pytest.importorskip("modelopt.torch.quantization")
-    from quant.explore import _modelopt_quantize
+def copy_with_backend(policy: Policy, backend: str) -> Policy:
+    """An nvfp4 explore copy built by one backend's internals on an fp32 transformer: on CPU mtq can insert and
+    calibrate quantizers (its quantized forward asserts CUDA), and in fp32 both backends' calibration GEMMs are the same op."""
+    from quant.explore import _emulate_quantize, _modelopt_quantize
 
-    explore = quantize_policy(StubPolicy(), "bf16")
+    explore = quantize_policy(policy, "fp32")
     selection = select_layers(explore.transformer, "sd3", min_features=MIN_FEATURES)
-    _modelopt_quantize(explore.transformer, selection.quantized)
+    explore.explore_state = ExploreState("nvfp4", backend, 0, selection, CALIBRATION)
+    {"emulate": _emulate_quantize, "modelopt": _modelopt_quantize}[backend](explore, selection.quantized)
+    return explore
 
+
+def modelopt_input_amax(explore: Policy) -> dict[str, torch.Tensor]:
+    return {name: explore.transformer.get_submodule(name).input_quantizer.amax.float() for name in explore.explore_state.selection.quantized}
+
+
+def test_modelopt_backend_calibrates_exactly_the_selected_quantizers_like_emulate_and_needs_cuda_to_run():
+    """Same calibration loop, same max statistics: modelopt's input amax equal emulate's bit for bit."""
+    pytest.importorskip("modelopt.torch.quantization")
+    policy = StubPolicy()
+    explore = copy_with_backend(policy, "modelopt")
+    emulated = copy_with_backend(policy, "emulate")
+
+    quantized = explore.explore_state.selection.quantized
     enabled = {name for name, m in explore.transformer.named_modules() if name.endswith("_quantizer") and m.is_enabled}
-    assert enabled == {f"{n}.{q}" for n in selection.quantized for q in ("weight_quantizer", "input_quantizer")}
+    assert enabled == {f"{n}.{q}" for n in quantized for q in ("weight_quantizer", "input_quantizer")}
     to_q = explore.transformer.get_submodule("transformer_blocks.0.attn.to_q")
-    assert to_q.weight_quantizer.amax == to_q.weight.abs().amax().float()  # per-tensor scale from the weight
-    assert getattr(to_q.input_quantizer, "_amax", None) is None  # activations: scaled per forward
+    assert to_q.weight_quantizer.amax == to_q.weight.abs().amax().float()  # per-tensor weight scale from the weight
+    assert_same_state(modelopt_input_amax(explore), input_amax(emulated))  # static activation scales from the loop
     with pytest.raises(AssertionError, match="CUDA"):
-        to_q(torch.randn(2, 32, dtype=torch.bfloat16))
+        to_q(torch.randn(2, 32))
 
-    # requantize refreshes mtq's per-tensor weight scale from the new weights
-    explore.explore_state = ExploreState("nvfp4", "modelopt", 0, selection)
-    requantize(explore, {"transformer_blocks.0.attn.to_q.weight": 3 * to_q.weight.float()}, version=1)
-    assert to_q.weight_quantizer.amax == to_q.weight.abs().amax().float()
-    assert getattr(to_q.input_quantizer, "_amax", None) is None
+    # requantize resets mtq's running max: a smaller weight gets a smaller amax, and inputs are recalibrated
+    smaller = {k: 0.5 * v for k, v in policy.transformer.state_dict().items()}
+    requantize(explore, smaller, version=1)
+    requantize(emulated, smaller, version=1)
+    assert to_q.weight_quantizer.amax == to_q.weight.abs().amax().float() == 0.5 * policy.transformer.get_submodule("transformer_blocks.0.attn.to_q").weight.abs().amax()
+    assert_same_state(modelopt_input_amax(explore), input_amax(emulated))
 
 
 @pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("fp32", torch.float32)])
@@ -149,15 +181,16 @@ def test_nvfp4_velocity_stays_near_bf16():
     x, t, cond = inputs()
     with torch.no_grad():
         bf16 = quantize_policy(policy, "bf16").velocity(x, t, cond).float()
-        nvfp4 = quantize_policy(policy, "nvfp4", "emulate", min_features=MIN_FEATURES).velocity(x, t, cond).float()
+        nvfp4 = nvfp4_copy(policy).velocity(x, t, cond).float()
     relative_error = ((nvfp4 - bf16).norm() / bf16.norm()).item()
     assert 0 < relative_error < 0.2
 
 
 def test_explore_state_to_dict_is_loggable():
-    explore = quantize_policy(StubPolicy(), "nvfp4", "emulate", min_features=MIN_FEATURES, version=7)
+    explore = nvfp4_copy(StubPolicy(), version=7)
     logged = json.loads(json.dumps(explore.explore_state.to_dict()))
     assert (logged["precision"], logged["backend"], logged["version"], logged["num_quantized_layers"]) == ("nvfp4", "emulate", 7, 21)
+    assert logged["calibration"]["num_images"] == 4 and logged["timings"]["quantize_calibrate_s"] > 0
 
 
 # --- requantize ----------------------------------------------------------------------------------
@@ -166,34 +199,39 @@ def test_explore_state_to_dict_is_loggable():
 @pytest.mark.parametrize("precision", ["nvfp4", "bf16"])
 def test_requantize_equals_a_fresh_copy_of_the_new_weights(precision):
     policy = StubPolicy()
-    explore = quantize_policy(policy, precision, "emulate", min_features=MIN_FEATURES)
+    explore = quantize_policy(policy, precision, "emulate", min_features=MIN_FEATURES, calibration=CALIBRATION)
     new_weights = perturbed_weights(policy, seed=2)
 
     seconds = requantize(explore, new_weights, version=1)
 
     policy.transformer.load_state_dict(new_weights, strict=False)
-    fresh = quantize_policy(policy, precision, "emulate", min_features=MIN_FEATURES)
-    assert_same_state(snapshot(explore.transformer), snapshot(fresh.transformer))
+    fresh = quantize_policy(policy, precision, "emulate", min_features=MIN_FEATURES, calibration=CALIBRATION)
+    assert_same_state(snapshot(explore.transformer), snapshot(fresh.transformer))  # weights and calibrated input amax
+    if precision == "nvfp4":
+        assert_same_state(input_amax(explore), input_amax(fresh))
+        timings = explore.explore_state.timings
+        assert timings["requantize_s"] == seconds and timings["calibrate_s"] > 0
     assert explore.explore_state.version == 1 and seconds > 0
 
 
 def test_requantize_takes_a_subset_of_weights():
     policy = StubPolicy()
-    explore = quantize_policy(policy, "nvfp4", "emulate", min_features=MIN_FEATURES)
-    before = snapshot(explore.transformer)
+    explore = nvfp4_copy(policy)
+    before = {k: v for k, v in snapshot(explore.transformer).items() if not k.endswith("input_amax")}
     key = "transformer_blocks.1.attn.to_k.weight"
     new = torch.randn(32, 32, generator=torch.Generator().manual_seed(3))
 
     requantize(explore, {key: new}, version=1)
 
-    after = snapshot(explore.transformer)
-    assert torch.equal(after.pop(key), nvfp4_fake_quantize(new.to(torch.bfloat16)))
+    after = {k: v for k, v in snapshot(explore.transformer).items() if not k.endswith("input_amax")}
+    assert torch.equal(after.pop(key), new.to(torch.bfloat16))
+    assert torch.equal(explore.transformer.get_submodule(key.removesuffix(".weight")).weight_fq, nvfp4_fake_quantize(new.to(torch.bfloat16)))
     before.pop(key)
     assert_same_state(after, before)
 
 
 def test_requantize_refuses_older_or_equal_versions():
-    explore = quantize_policy(StubPolicy(), "nvfp4", "emulate", min_features=MIN_FEATURES, version=3)
+    explore = nvfp4_copy(StubPolicy(), version=3)
     weights = perturbed_weights(explore, seed=4)
     for stale in (3, 2):
         with pytest.raises(ValueError, match=f"version {stale}: the explore copy already holds version 3"):
@@ -205,7 +243,7 @@ def test_requantize_refuses_older_or_equal_versions():
 
 def test_requantize_rejects_foreign_weights_and_policies():
     policy = StubPolicy()
-    explore = quantize_policy(policy, "nvfp4", "emulate", min_features=MIN_FEATURES)
+    explore = nvfp4_copy(policy)
     with pytest.raises(KeyError, match="not in the explore transformer"):
         requantize(explore, {"transformer_blocks.9.attn.to_q.weight": torch.zeros(32, 32)}, 1)
     with pytest.raises(ValueError, match="shape"):
@@ -247,19 +285,19 @@ def test_lora_adapter_is_merged_into_the_explore_copy():
 
 def test_missing_adapter_is_refused():
     with pytest.raises(ValueError, match="adapter 'ema' is not on the transformer"):
-        quantize_policy(lora_policy(), "nvfp4", "emulate", adapter="ema")
+        nvfp4_copy(lora_policy(), adapter="ema")
 
 
 def test_requantize_after_a_lora_update_equals_a_fresh_copy():
     policy = lora_policy()
-    explore = quantize_policy(policy, "nvfp4", "emulate", min_features=MIN_FEATURES)
+    explore = nvfp4_copy(policy)
     with torch.no_grad():  # a learner step moved the old adapter
         for param in policy.adapter_parameters(OLD_ADAPTER).values():
             param.mul_(1.5)
 
     requantize(explore, lora_merged_weights(policy.transformer, OLD_ADAPTER), version=1)
 
-    fresh = quantize_policy(policy, "nvfp4", "emulate", min_features=MIN_FEATURES)
+    fresh = nvfp4_copy(policy)
     assert_same_state(snapshot(explore.transformer), snapshot(fresh.transformer))
 
 
@@ -268,20 +306,76 @@ def test_lora_merged_weights_needs_the_adapter():
         lora_merged_weights(StubPolicy().transformer)
 
 
+# --- calibration -------------------------------------------------------------------------------
+
+
+def test_calibration_set_is_validated_and_the_defaults_cover_the_tiny_tasks():
+    from quant import default_calibration_set
+    from rollout.tiny import TASKS, parse_prompt, prompt_set
+
+    tiny = default_calibration_set("tiny")
+    assert {parse_prompt(p).task for p in tiny.prompts} == set(TASKS) and set(tiny.prompts) <= set(prompt_set("train"))
+    assert (tiny.steps, tiny.solver, tiny.num_images) == (6, "euler", 20)  # the explore sampler's steps and solver
+    assert default_calibration_set("flux").num_images == 16
+    with pytest.raises(ValueError, match="deterministic ODE solver"):
+        CalibrationSet(("a cat",), solver="sde")
+    with pytest.raises(ValueError, match="at least one prompt"):
+        CalibrationSet(())
+
+
+def test_calibration_that_never_reaches_the_quantized_layers_is_refused():
+    policy = StubPolicy()
+    # an instance attribute bound to the source: the explore copy would run the source's transformer
+    policy.velocity = policy.velocity
+    with pytest.raises(RuntimeError, match="21 quantized linears without a positive finite input amax"):
+        nvfp4_copy(policy)
+
+
 # --- the tiny testbed ----------------------------------------------------------------------------
 
 
-def test_tiny_policy_nvfp4_explore_copy():
+@pytest.fixture(scope="module")
+def tiny_nvfp4():
+    """The tiny policy's nvfp4 explore copy with the default calibration set."""
+    from rollout import load_policy
+
+    return quantize_policy(load_policy("tiny", precision="bf16"), "nvfp4", "emulate")
+
+
+def test_tiny_policy_nvfp4_explore_copy(tiny_nvfp4):
     from rollout import load_policy
 
     bf16 = load_policy("tiny", precision="bf16")
-    explore = quantize_policy(bf16, "nvfp4", "emulate")
-    assert len(explore.explore_state.selection.quantized) == 45
+    assert len(tiny_nvfp4.explore_state.selection.quantized) == 45
     x = torch.randn(2, *bf16.latent_shape, generator=torch.Generator().manual_seed(6))
     t = torch.tensor([0.3, 0.8])
     cond = bf16.encode_prompts(["a red circle", "two blue squares"])
     with torch.no_grad():
         reference = bf16.velocity(x, t, cond).float()
-        quantized = explore.velocity(x, t, cond).float()
+        quantized = tiny_nvfp4.velocity(x, t, cond).float()
     relative_error = ((quantized - reference).norm() / reference.norm()).item()
     assert 0 < relative_error < 0.2
+
+
+def test_tiny_nvfp4_seed_alone_equals_seed_inside_a_batch_of_96(tiny_nvfp4):
+    """The sampler contract holds for explore images: static activation scales make rows independent.
+    3 steps instead of the explore sampler's 6 keep the test short; each step is one more batched forward."""
+    from rollout.samplers import sample
+
+    prompts = ["a red circle", "three triangles", "a green square and a blue triangle"] * 32
+    seeds = list(range(100, 196))
+    batch = sample(tiny_nvfp4, prompts, seeds, steps=3)
+    for i in [0, 41, 95]:
+        alone = sample(tiny_nvfp4, [prompts[i]], [seeds[i]], steps=3)
+        assert np.array_equal(alone.images[0], batch.images[i]) and torch.equal(alone.x0[0], batch.x0[i])
+    assert batch.images.shape == (96, 32, 32, 3) and batch.images.dtype == np.uint8
+
+
+def test_tiny_calibration_is_deterministic(tiny_nvfp4):
+    from rollout import load_policy
+
+    source = load_policy("tiny", precision="bf16")
+    again = quantize_policy(source, "nvfp4", "emulate")
+    assert_same_state(input_amax(again), input_amax(tiny_nvfp4))
+    requantize(again, source.transformer.state_dict(), version=1)  # a sync with unchanged weights
+    assert_same_state(input_amax(again), input_amax(tiny_nvfp4))

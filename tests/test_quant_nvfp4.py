@@ -155,7 +155,55 @@ def test_rejects_unsupported_input():
         nvfp4_fake_quantize(torch.tensor(1.0))
 
 
+# --- static (calibrated) per-tensor amax ----------------------------------------------------------
+
+
+def modelopt_fake_quantize_static(x: torch.Tensor, amax: torch.Tensor, block_size: int = 16) -> torch.Tensor:
+    """NVFP4QTensor with a given per-tensor scale amax / (6 * 448), as modelopt uses a calibrated amax."""
+    tensor_scale = amax.float() / (6.0 * E4M3_MAX)
+    packed, block_scale, tensor_scale = NVFP4QTensor.quantize(x.clone(), block_size, weights_scaling_factor_2=tensor_scale)
+    return packed.dequantize(dtype=x.dtype, scale=block_scale, double_scale=tensor_scale, block_sizes={-1: block_size})
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("amax_factor", (0.1, 0.7, 1.0, 3.0, 1e4))
+def test_static_amax_matches_modelopt_and_saturates_beyond_it(amax_factor, dtype):
+    """amax below max|x| clips (block scale at 448, codes at 6); above it only coarsens the block scales."""
+    for seed in range(10):
+        g = torch.Generator().manual_seed(seed)
+        for distribution in ("normal", "row_scaled", "heavy_tailed"):
+            x = RANDOM[distribution](g, (8, 64)).to(dtype)
+            amax = (x.float().abs().amax() * amax_factor).to(dtype).float()
+            ours = nvfp4_fake_quantize(x, amax=amax)
+            assert_bitwise_equal(ours, modelopt_fake_quantize_static(x, amax), f"{distribution} seed={seed} amax x{amax_factor} {dtype}")
+            assert ours.float().abs().max() <= amax * (1 + 2**-20)  # 6 * (448 * s) may round 1 ulp above amax
+
+
+def test_static_amax_equal_to_max_is_the_dynamic_result():
+    x = torch.randn(6, 48, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(nvfp4_fake_quantize(x, amax=x.abs().amax()), nvfp4_fake_quantize(x))
+
+
+def test_static_amax_quantizes_each_row_on_its_own():
+    """The property the explore sampler needs: a row's result does not depend on the other rows."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(16, 64, generator=g) * torch.logspace(-2, 2, 16).unsqueeze(-1)
+    amax = torch.tensor(30.0)
+    whole = nvfp4_fake_quantize(x, amax=amax)
+    assert all(torch.equal(nvfp4_fake_quantize(x[i : i + 1], amax=amax), whole[i : i + 1]) for i in range(16))
+    assert not torch.equal(nvfp4_fake_quantize(x[:1]), nvfp4_fake_quantize(x)[:1])  # a per-batch amax would not
+
+
 # --- the W4A4 layer ------------------------------------------------------------------------------
+
+
+def calibrated_layer(linear: torch.nn.Linear, *inputs: torch.Tensor) -> NVFP4Linear:
+    layer = NVFP4Linear.from_linear(linear)
+    layer.start_calibration()
+    for x in inputs:
+        layer(x)
+    layer.finish_calibration()
+    return layer
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -166,19 +214,42 @@ def test_nvfp4_linear_is_w4a4_with_modelopt_numerics(dtype, in_features):
     torch.nn.init.normal_(linear.weight, generator=g)
     weight, bias = linear.weight.detach().clone(), linear.bias.detach().clone()
     x = torch.randn(2, 5, in_features, generator=g).to(dtype)
+    calibration_input = x * 0.8  # calibrated on smaller inputs: the largest values saturate
+    amax = calibration_input.float().abs().amax()
 
-    layer = NVFP4Linear.from_linear(linear)
+    layer = calibrated_layer(linear, calibration_input)
 
-    assert_bitwise_equal(layer.weight.detach(), modelopt_fake_quantize(weight), "cached weight")
-    # contiguous: CPU bf16 matmul accumulates in a different order for strided operands
-    expected = F.linear(modelopt_fake_quantize(x).contiguous(), modelopt_fake_quantize(weight).contiguous(), bias)
+    assert torch.equal(layer.weight.detach(), weight)  # the high-precision weight stays, as in modelopt
+    assert_bitwise_equal(layer.weight_fq, modelopt_fake_quantize(weight), "cached weight")
+    assert layer.input_amax == amax
+    x_fq = modelopt_fake_quantize_static(F.pad(x, (0, -in_features % 16)), amax)[..., :in_features]
+    # the dequantized operands are exact in fp32; on CPU the GEMM accumulates there and rounds once
+    expected = F.linear(x_fq.float(), modelopt_fake_quantize(weight).float(), bias.float()).to(dtype)
     assert_bitwise_equal(layer(x).detach(), expected, "forward")
+
+
+def test_nvfp4_linear_calibration_is_the_plain_linear_and_keeps_the_max():
+    g = torch.Generator().manual_seed(6)
+    linear = torch.nn.Linear(32, 8)
+    x1, x2 = torch.randn(3, 32, generator=g), 4 * torch.randn(2, 32, generator=g)
+    expected = linear(x1)
+    layer = NVFP4Linear.from_linear(linear)
+    with pytest.raises(RuntimeError, match="no calibrated input amax"):
+        layer(x1)
+    layer.start_calibration()
+    assert torch.equal(layer(x1), expected)  # modelopt's max calibration runs with its quantizers off
+    layer(x2)
+    layer.finish_calibration()
+    assert layer.input_amax == torch.cat([x1, x2]).abs().amax()
+    assert not torch.equal(layer(x1), expected)
 
 
 def test_nvfp4_linear_set_weight_requantizes_and_checks_shape():
     layer = NVFP4Linear.from_linear(torch.nn.Linear(32, 8))
     new = torch.randn(8, 32, generator=torch.Generator().manual_seed(5))
     layer.set_weight(new)
-    assert torch.equal(layer.weight.detach(), modelopt_fake_quantize(new))
+    assert torch.equal(layer.weight.detach(), new)
+    assert torch.equal(layer.weight_fq, modelopt_fake_quantize(new))
+    assert "weight_fq" not in layer.state_dict() and "input_amax" in layer.state_dict()
     with pytest.raises(ValueError, match="shape"):
         layer.set_weight(torch.randn(32, 8))
