@@ -45,14 +45,22 @@ def initial_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
 
 def step_noise(seeds: Sequence[int], step: int, shape: Sequence[int]) -> torch.Tensor:
     """Per-step SDE noise [B, *shape]: a stream per (seed, step), disjoint from the initial noise."""
-    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(_mix(int(s), step))) for s in seeds])
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(_mix(int(s), step, 0x5DE))) for s in seeds])
 
 
-def _mix(seed: int, step: int) -> int:
-    # SplitMix64-style mixing keeps per-step streams unrelated to the initial-noise stream.
-    z = (seed * 0x9E3779B97F4A7C15 + (step + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+def _mix(*values: int) -> int:
+    """SplitMix64-style hash of integers: unrelated streams for unrelated inputs."""
+    z = 0
+    for value in values:
+        z = ((z ^ (value & 0xFFFFFFFFFFFFFFFF)) * 0x9E3779B97F4A7C15 + 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 30)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+def seed_for(run_seed: int, step: int, prompt_index: int, j: int) -> int:
+    """The noise seed of candidate j of prompt prompt_index at iteration step (31 bits, stable across runs)."""
+    return _mix(run_seed, step, prompt_index, j) & 0x7FFFFFFF
 
 
 @functools.lru_cache(maxsize=64)
