@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from rl.config import Recipe, RecipeError, load_recipe
@@ -43,3 +45,14 @@ def test_missing_file_and_malformed_override(tmp_path):
         load_recipe(tmp_path / "nope.yaml")
     with pytest.raises(RecipeError, match="must look like section.key=value"):
         load_recipe(_write(tmp_path, ""), ["run.steps"])
+
+
+def test_every_shipped_recipe_validates():
+    recipes = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+    names = {path.stem for path in recipes}
+    assert {"tiny_solrl", "sd35m_nft", "sd35m_grpo", "sd35m_marble", "sd35l_solrl", "flux1_solrl", "sana_solrl"} <= names
+    for path in recipes:
+        recipe = load_recipe(path)
+        assert recipe.run.name == path.stem
+        if recipe.sol.enabled:
+            assert recipe.algorithm.group_size <= recipe.sol.pool_size
