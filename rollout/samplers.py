@@ -122,7 +122,8 @@ def sample(
 
     adapter: "current" keeps the policy's active LoRA adapter; a name ("old", "policy") or None
     (the reference model, adapters off) runs under that adapter. batch_size splits the forward
-    passes to bound memory; results do not depend on it.
+    passes to bound memory; it changes results only by float rounding (CPU GEMMs may round
+    differently for other row counts).
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")

