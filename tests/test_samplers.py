@@ -54,7 +54,7 @@ def test_batch_size_changes_results_only_by_float_rounding(tiny_policy):
     whole = sample(tiny_policy, prompts, seeds, steps=4, solver="dpm2")
     chunked = sample(tiny_policy, prompts, seeds, steps=4, solver="dpm2", batch_size=4)
     # CPU GEMMs may round differently for other row counts; a pixel may then move by one level
-    assert (whole.x0 - chunked.x0).abs().max() < 1e-5
+    assert (whole.x0 - chunked.x0).abs().max() < 1e-4  # measured 5e-5 in CI (2 threads)
     assert np.abs(whole.images.astype(int) - chunked.images.astype(int)).max() <= 1
 
 
