@@ -145,12 +145,8 @@ def test_tiny_testbed_architecture_report():
     assert set(selection.kept.values()) == {"outside_blocks", "keep_pattern:norm"}
 
 
-def test_tiny_policy_report():
-    import rollout
-
-    if not hasattr(rollout, "load_policy"):
-        pytest.skip("rollout.load_policy is not there yet")
-    policy = rollout.load_policy("tiny")
+def test_tiny_policy_report(tiny_policy):
+    policy = tiny_policy
     selection = select_layers(policy.transformer, policy.family, keep_patterns=policy.quant_keep_patterns)
     assert policy.family == "tiny"
     assert len(selection.quantized) == 3 * 12 + 9
