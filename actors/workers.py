@@ -7,19 +7,23 @@ through the object store and the driver only ever holds references to them.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 
+from actors.learners import DeepSpeedTrainer, free_address, join_world, learner_rows
 from quant import lora_merged_weights, quantize_policy, requantize
 from rewards import RewardError, build_reward
-from rl.advantages import group_advantages
 from rl.balance import RewardBalancer
+from rl.checkpoint import adapter_state_dict, load_adapter_state_dict, lora_config
 from rl.config import Recipe
-from rl.trainer import NFTBatch, Trainer, TrainerSettings
+from rl.grpo import Trajectory
+from rl.trainer import GRPOBatch, NFTBatch, Trainer, TrainerSettings
 from rollout import ModelConfig, load_policy
-from rollout.policy import OLD_ADAPTER
+from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER
 from rollout.samplers import sample, timesteps
 
 
@@ -42,26 +46,36 @@ class RolloutWorker:
         """Load merged weights of `version` and re-quantize; returns the seconds it took."""
         return requantize(self.policy, weights, version)
 
-    def explore(self, prompts: list[str], seeds: list[int], steps: int, solver: str, version: int) -> np.ndarray:
-        """uint8 images [B, H, W, 3], refusing to run on weights other than `version`."""
+    def explore(self, prompts: list[str], seeds: list[int], steps: int, solver: str, version: int, weights: list | None = None) -> np.ndarray:
+        """uint8 images [B, H, W, 3] sampled with the weights of `version`.
+
+        weights: [ref] to that version's merged weights, wrapped in a list so that Ray does not fetch
+        them for every call. A worker restarted after a crash holds the initial weights and catches up
+        from them; any other mismatch (a request older than the weights held) is refused.
+        """
+        if weights and version > self.version:
+            self.set_weights(ray.get(weights[0]), version)
         if version != self.version:
             raise StaleWeightsError(f"rollout worker holds weights v{self.version}, asked to explore with v{version}")
         return sample(self.policy, prompts, seeds, steps, solver=solver).images
 
     def describe(self) -> dict[str, Any]:
-        return self.policy.explore_state.to_dict()
+        """The explore copy's quantization report, version and timings, and the worker's pid."""
+        return self.policy.explore_state.to_dict() | {"pid": os.getpid()}
 
 
 class RewardWorker:
     """Hosts the recipe's reward models; scores a batch with every one of them."""
 
-    def __init__(self, specs: list[dict[str, Any]], retries: int = 1, torch_threads: int = 1) -> None:
+    def __init__(self, specs: list[dict[str, Any]], retries: int = 1, on_error: str = "fail", torch_threads: int = 1) -> None:
         torch.set_num_threads(torch_threads)
         self.rewards = [build_reward(spec["name"], **spec.get("kwargs", {})) for spec in specs]
         self.retries = retries
+        self.on_error = on_error
 
     def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
-        """float64 [B, R]; a reward that keeps failing after `retries` retries raises RewardError."""
+        """float64 [B, R]. A reward that still fails after `retries` retries raises RewardError, or with
+        on_error "skip" gives a NaN column that the driver counts and drops (rewards.on_reward_error)."""
         columns = []
         for reward in self.rewards:
             for attempt in range(self.retries + 1):
@@ -69,15 +83,20 @@ class RewardWorker:
                     columns.append(reward.score(images, prompts))
                     break
                 except RewardError:
-                    if attempt == self.retries:
+                    if attempt < self.retries:
+                        continue
+                    if self.on_error == "fail":
                         raise
+                    columns.append(np.full(len(prompts), np.nan))
         return np.stack(columns, axis=1)
 
 
 class LearnerWorker:
     """The trainable policy (LoRA on fp32/bf16 weights): regenerates the selected seeds, then trains on them.
 
-    The regenerated x0 stays here between `regenerate` and `train`; only images leave.
+    What training needs (NFT: x0; GRPO: the sampled trajectory) stays here between `regenerate` and
+    `train`; only images leave. Alone it trains with the plain Trainer; after `init_distributed` it
+    is one rank of a learner world (actors.learners) and works on its rows of every batch.
     """
 
     def __init__(self, recipe: dict[str, Any], torch_threads: int = 1) -> None:
@@ -97,41 +116,85 @@ class LearnerWorker:
             weight_decay=optim.weight_decay,
             grad_clip=optim.grad_clip,
             microbatch_size=algorithm.micro_batch,
-            timestep_fraction=algorithm.nft.timestep_fraction,
+            timestep_fraction=(algorithm.grpo if algorithm.name == "grpo" else algorithm.nft).timestep_fraction,
             adv_clip=algorithm.nft.adv_clip,
             nft_beta=algorithm.nft.beta,
             loss_scale=algorithm.nft.loss_scale,
             kl_weight=algorithm.nft.kl_weight,
             old_decay_rate=algorithm.nft.old_eta_rate,
             old_decay_cap=algorithm.nft.old_eta_max,
+            clip_range=algorithm.grpo.clip_range,
+            grpo_kl_weight=algorithm.grpo.beta_kl,
         )
         self.sampler_timesteps = timesteps(self.recipe.sampler.steps, self.recipe.sampler.shift or self.policy.shift)
         self.trainer = Trainer(self.policy, settings, self.sampler_timesteps, balancer, seed=self.recipe.run.seed)
-        self.regen: tuple[torch.Tensor, list[str]] | None = None
+        self.rank, self.world_size = 0, 1
+        # (x0 or trajectory, prompts, rows, whole-batch size) of this learner's rows of the last regenerate()
+        self.regen: tuple[torch.Tensor | Trajectory, list[str], slice, int] | None = None
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's IP and a free port: where rank 0 hosts the learner world's rendezvous."""
+        return free_address()
+
+    def init_distributed(self, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
+        """Join the learner world as `rank`; the optimizer step moves onto a DeepSpeed engine (ZeRO stage cluster.zero_stage)."""
+        join_world(rank, world_size, master_addr, master_port)
+        self.rank, self.world_size = rank, world_size
+        alone = self.trainer
+        self.trainer = DeepSpeedTrainer(
+            self.policy, alone.settings, alone.sampler_timesteps, alone.balancer, self.recipe.run.seed, self.recipe.cluster.zero_stage
+        )
 
     def regenerate(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
-        """Sample the chosen seeds with the "old" (sampling) adapter at full steps; keep x0 for training."""
-        sampler = self.recipe.sampler
-        out = sample(self.policy, prompts, seeds, sampler.steps, solver=sampler.solver, shift=sampler.shift, adapter=OLD_ADAPTER, batch_size=32)
-        self.regen = (out.x0, list(prompts))
+        """Sample this learner's rows of the batch with the "old" (sampling) adapter at full steps; uint8 images [B_r, H, W, 3].
+
+        NFT keeps x0 from the recipe's ODE solver; GRPO keeps the trajectory of the SDE (or CPS) sampler.
+        """
+        algorithm, sampler = self.recipe.algorithm, self.recipe.sampler
+        grpo = algorithm.name == "grpo"
+        rows = learner_rows(len(prompts), self.rank, self.world_size)
+        out = sample(
+            self.policy, prompts[rows], seeds[rows], sampler.steps,
+            solver=("cps" if algorithm.grpo.cps else "sde") if grpo else sampler.solver,
+            shift=sampler.shift, noise_level=algorithm.grpo.noise_level, adapter=OLD_ADAPTER, batch_size=32,
+        )
+        self.regen = (out.trajectory if grpo else out.x0, list(prompts[rows]), rows, len(prompts))
         return out.images
 
-    def train(self, rewards: np.ndarray, group_ids: list[int]) -> dict[str, float]:
-        """Advantages from rewards [B, R] (per prompt group), then one NFT step on the kept regen batch."""
+    def train(self, advantages: np.ndarray) -> dict[str, float]:
+        """One optimizer step on the kept regen batch, given the whole batch's advantages [B] or [B, R]; this learner trains its rows."""
         if self.regen is None:
-            raise RuntimeError("train() needs a regenerate() first: the learner trains on the x0 it regenerated")
-        x0, prompts = self.regen
-        scores = torch.tensor(rewards, dtype=torch.float32)  # a copy: arrays from the object store are read-only
-        adv = group_advantages(
-            scores if scores.shape[1] > 1 else scores[:, 0],
-            torch.as_tensor(group_ids),
-            global_std=self.recipe.algorithm.global_std,
-            drop_zero_variance=self.recipe.algorithm.drop_zero_variance,
-        )
-        metrics = self.trainer.nft_step(NFTBatch(x0, prompts, adv))
+            raise RuntimeError("train() needs a regenerate() first: the learner trains on the samples it regenerated")
+        samples, prompts, rows, batch_size = self.regen
+        if len(advantages) != batch_size:
+            raise ValueError(f"advantages for {len(advantages)} samples, but the regenerated batch has {batch_size}")
+        adv = torch.tensor(advantages[rows], dtype=torch.float32)  # a copy: arrays from the object store are read-only
+        if self.recipe.algorithm.name == "grpo":
+            metrics = self.trainer.grpo_step(GRPOBatch(samples, prompts, adv))
+        else:
+            metrics = self.trainer.nft_step(NFTBatch(samples, prompts, adv))
         self.regen = None
         return metrics
 
     def explore_weights(self) -> dict[str, torch.Tensor]:
         """The sampling ("old") adapter merged into the base weights: what rollout workers re-quantize."""
         return {name: w.detach().clone() for name, w in lora_merged_weights(self.policy.transformer, OLD_ADAPTER).items()}
+
+    def sample_images(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
+        """uint8 images of the trainable adapter at the recipe's sampler settings (image grids); no state changes."""
+        sampler = self.recipe.sampler
+        return sample(self.policy, prompts, seeds, sampler.steps, solver=sampler.solver, shift=sampler.shift, adapter=TRAINABLE_ADAPTER, batch_size=32).images
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Both adapters (peft keys), their LoRA config and the trainer state: what rl.checkpoint writes."""
+        return {
+            "adapters": {name: adapter_state_dict(self.policy, name) for name in (TRAINABLE_ADAPTER, OLD_ADAPTER)},
+            "lora_config": lora_config(self.policy, TRAINABLE_ADAPTER),
+            "trainer": self.trainer.state_dict(),
+        }
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Load a checkpoint_state (as rl.checkpoint.load_checkpoint returns it)."""
+        for name, weights in state["adapters"].items():
+            load_adapter_state_dict(self.policy, name, weights)
+        self.trainer.load_state_dict(state["trainer"])

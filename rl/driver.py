@@ -10,6 +10,7 @@ import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,12 +19,20 @@ import ray
 import torch
 
 from actors.groups import WorkerGroup
+from actors.learners import LearnerGroup
 from actors.workers import LearnerWorker, RewardWorker, RolloutWorker
-from rl.advantages import zero_variance_groups
+from rewards import RewardError
+from quant.fidelity import spearman
+from rl.advantages import group_advantages, zero_variance_groups
+from rl.checkpoint import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
 from rl.config import Recipe
 from rl.selection import select_contrastive
+from rl.tracking import Tracker
 from rollout.prompts import PromptSource
 from rollout.samplers import seed_for
+
+
+GRID_PROMPTS, GRID_SEEDS = 4, 4  # the image-grid probe: eval prompts x seeds, the same at every grid
 
 
 @dataclass
@@ -66,11 +75,12 @@ class Driver:
                 model, recipe.sol.explore_precision, recipe.sol.quant_backend, cluster.torch_threads,
             )
         specs = [spec.model_dump() for spec in recipe.rewards.models]
-        self.reward = WorkerGroup(RewardWorker, cluster.reward_workers, cluster.reward_resources, cluster.max_restarts, specs, recipe.rewards.retries, cluster.torch_threads)
-        self.learner = WorkerGroup(LearnerWorker, 1 if cluster.remote_learners else 0, cluster.learner_resources, 0, recipe.model_dump(), cluster.torch_threads)
+        self.reward = WorkerGroup(RewardWorker, cluster.reward_workers, cluster.reward_resources, cluster.max_restarts, specs, recipe.rewards.retries, recipe.rewards.on_reward_error, cluster.torch_threads)
+        self.learner = LearnerGroup(LearnerWorker, cluster.learners, cluster.remote_learners, cluster.learner_resources, recipe.model_dump(), cluster.torch_threads)
         self.weights_ref = None
         self.version = 0
         self.timers = Timers()
+        self.fetched_bytes = 0
         self.reward_weights = np.array([spec.weight for spec in recipe.rewards.models])
 
     # --- phases ------------------------------------------------------------------------------
@@ -82,7 +92,7 @@ class Driver:
         refs = []
         for p, prompt in enumerate(prompts):
             refs.append([
-                self.rollout.call(p * shards + s, "explore", [prompt] * len(js), [seed_for(self.recipe.run.seed, step, p, int(j)) for j in js], sol.explore_steps, "euler", self.version)
+                self.rollout.call(p * shards + s, "explore", [prompt] * len(js), [seed_for(self.recipe.run.seed, step, p, int(j)) for j in js], sol.explore_steps, "euler", self.version, self.weights_list)
                 for s, js in enumerate(pool)
             ])
         return refs
@@ -97,7 +107,7 @@ class Driver:
             i = pending.pop(ready[0])
             score_refs[i] = self.reward.call(i, "score", ready[0], prompts[i])
         for i, ref in score_refs.items():
-            scores[i] = ray.get(ref)
+            scores[i] = self.fetch(ref)
         return np.concatenate(scores)
 
     def select(self, pool_scores: np.ndarray) -> list[list[int]]:
@@ -123,7 +133,9 @@ class Driver:
             with timer("score"):
                 flat_refs = [ref for shards in pool_refs for ref in shards]
                 shard_prompts = [[prompt] * n for prompt, n in self._shard_sizes(prompts)]
-                pool_scores = self.score(flat_refs, shard_prompts).reshape(P, recipe.sol.pool_size, -1)
+                pool_scores = self.score(flat_refs, shard_prompts)
+                pool_scores, metrics["explore/failed_prompts"] = self.check_rewards(pool_scores, [q for batch in shard_prompts for q in batch], np.repeat(np.arange(P), recipe.sol.pool_size).tolist(), step)
+                pool_scores = pool_scores.reshape(P, recipe.sol.pool_size, -1)
             with timer("select"):
                 chosen = self.select(pool_scores)
             seeds = [[seed_for(recipe.run.seed, step, p, j) for j in chosen[p]] for p in range(P)]
@@ -134,33 +146,154 @@ class Driver:
         flat_seeds = [s for row in seeds for s in row]
         group_ids = [p for p in range(P) for _ in range(K)]
         with timer("regen"):
-            regen_ref = self.learner.call(0, "regenerate", flat_prompts, flat_seeds)
+            regen_refs = self.learner.regenerate(flat_prompts, flat_seeds)
         with timer("rescore"):
-            rewards = ray.get(self.reward.call(0, "score", regen_ref, flat_prompts))
+            rewards = self.score(regen_refs, self.learner.split(flat_prompts))
+            rewards, metrics["rewards/failed_groups"] = self.check_rewards(rewards, flat_prompts, group_ids, step)
         with timer("update"):
-            metrics |= ray.get(self.learner.call(0, "train", rewards, group_ids))
+            # Over the whole batch (global std), before the learners split it.
+            advantages = group_advantages(
+                torch.tensor(rewards if rewards.shape[1] > 1 else rewards[:, 0], dtype=torch.float32),
+                torch.tensor(group_ids),
+                global_std=recipe.algorithm.global_std,
+                drop_zero_variance=recipe.algorithm.drop_zero_variance,
+            )
+            metrics |= self.fetch(self.learner.train(advantages.numpy()))[0]
         if self.rollout is not None:
             with timer("sync"):
-                self.sync_weights()
+                metrics["time/requantize"] = self.sync_weights()
+            metrics |= ranking_fidelity(np.stack([pool_scores[p, chosen[p], 0] for p in range(P)]), rewards[:, 0].reshape(P, K))
         metrics |= {f"reward/{spec.name}": float(np.nanmean(rewards[:, r])) for r, spec in enumerate(recipe.rewards.models)}
         metrics["train/zero_variance_groups"] = float(zero_variance_groups(torch.tensor(rewards[:, 0]), torch.tensor(group_ids)))
+        metrics["driver/fetched_bytes"], self.fetched_bytes = float(self.fetched_bytes), 0
         return metrics | self.timers.pop()
 
-    def sync_weights(self) -> None:
-        """Learner rank 0 publishes the merged sampling weights once; every rollout worker re-quantizes."""
+    def sync_weights(self) -> float:
+        """Learner rank 0 publishes the merged sampling weights once; every rollout worker re-quantizes.
+
+        Returns the slowest worker's load + re-quantization seconds.
+        """
         self.weights_ref = self.learner.call(0, "explore_weights")
         self.version += 1
-        ray.get(self.rollout.call_all("set_weights", self.weights_ref, self.version))
+        return max(self.fetch(ref) for ref in self.rollout.call_all("set_weights", self.weights_ref, self.version))
+
+    @property
+    def weights_list(self) -> list[ray.ObjectRef] | None:
+        """The current weights' ref in a list: Ray passes it through unfetched, for workers that must catch up."""
+        return None if self.weights_ref is None else [self.weights_ref]
+
+    def fetch(self, ref: ray.ObjectRef) -> Any:
+        """ray.get for the driver, which may only hold scalars, metric dicts and [B, R] score tables."""
+        value = ray.get(ref)
+        self.fetched_bytes += _driver_sized(value)
+        return value
+
+    def check_rewards(self, rewards: np.ndarray, prompts: list[str], group_ids: list[int], step: int) -> tuple[np.ndarray, int]:
+        """Apply rewards.on_reward_error to samples that got no reward (every column NaN).
+
+        fail: raise naming the prompt; skip: set the samples' whole groups to NaN (advantages skip
+        them) and return how many groups were dropped.
+        """
+        failed = np.isnan(rewards).all(axis=1)
+        if not failed.any():
+            return rewards, 0
+        names = [spec.name for spec in self.recipe.rewards.models]
+        if self.recipe.rewards.on_reward_error == "fail":
+            first = int(np.argmax(failed))
+            raise RewardError(
+                f"step {step}: {int(failed.sum())} of {len(failed)} images got no reward from {names} "
+                f"(first: prompt {prompts[first]!r}); set rewards.on_reward_error: skip to drop their groups instead"
+            )
+        groups = np.asarray(group_ids)
+        dropped = np.unique(groups[failed])
+        rewards = rewards.copy()
+        rewards[np.isin(groups, dropped)] = np.nan
+        return rewards, len(dropped)
 
     def _shard_sizes(self, prompts: list[str]) -> list[tuple[str, int]]:
         sizes = [len(js) for js in np.array_split(np.arange(self.recipe.sol.pool_size), self.recipe.cluster.shards_per_prompt)]
         return [(prompt, n) for prompt in prompts for n in sizes]
 
+    # --- checkpoints and image grids ------------------------------------------------------------
+
+    def save_checkpoint(self, steps_done: int) -> Path:
+        """The learners' adapters, optimizer states and noise generators, and the run's position after `steps_done` iterations."""
+        learner_states = ray.get(self.learner.call_all("checkpoint_state"))
+        root = Path(self.recipe.run.output_dir) / CHECKPOINTS
+        return save_checkpoint(root, learner_states, {"step": steps_done, "version": self.version}, self.recipe.checkpoint.keep)
+
+    def restore(self, path: Path) -> int:
+        """Load a checkpoint into the learners and bring the rollout workers to its weights; returns the step to continue at."""
+        learner_states, run_state = load_checkpoint(path)
+        if len(learner_states) != len(self.learner):
+            # Optimizer states may be ZeRO shards, one per rank: they only fit a world of the same size.
+            raise ValueError(f"{path} holds the state of {len(learner_states)} learners, this run has {len(self.learner)} (cluster.learners)")
+        ray.get([self.learner.call(rank, "restore_state", state) for rank, state in enumerate(learner_states)])
+        if self.rollout is not None and run_state["version"] > 0:
+            # sync_weights bumps the version, so the rollout workers end at the checkpoint's version.
+            self.version = run_state["version"] - 1
+            self.sync_weights()
+            self.fetched_bytes = 0  # the restore's traffic belongs to no step
+        return run_state["step"]
+
+    def grid_samples(self) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """A fixed probe, GRID_PROMPTS eval prompts x GRID_SEEDS seeds, sampled with the trainable adapter: images, prompts, first reward."""
+        probe = PromptSource(self.recipe.eval.prompts, self.recipe.run.seed).batch(0, GRID_PROMPTS)
+        prompts = [prompt for prompt in probe for _ in range(GRID_SEEDS)]
+        images_ref = self.learner.call(0, "sample_images", prompts, list(range(GRID_SEEDS)) * len(probe))
+        rewards = self.fetch(self.reward.call(0, "score", images_ref, prompts))
+        # The one place the driver fetches images: a few, every logging.grid_every steps.
+        return ray.get(images_ref), prompts, rewards[:, 0]
+
 
 def train(recipe: Recipe) -> RunResult:
-    """Run recipe.run.steps iterations; returns the output directory and the per-step metrics."""
+    """Run recipe.run.steps iterations; with run.resume "auto", continue after output_dir's newest checkpoint.
+
+    After each step: its metrics row, an image grid every logging.grid_every steps, and a checkpoint
+    every checkpoint.every steps and after the last one (the grid's and the checkpoint's seconds show
+    up in the next step's time/ keys). The row is written before the checkpoint, so a resumed run
+    finds the rows of every step its checkpoint covers.
+    """
+    output_dir = Path(recipe.run.output_dir)
+    latest = latest_checkpoint(output_dir / CHECKPOINTS)
+    if latest is not None and recipe.run.resume == "never":
+        raise FileExistsError(f"{output_dir} holds a checkpoint of an earlier run ({latest.name}): set run.resume=auto to continue it, or another run.output_dir")
     driver = Driver(recipe)
-    result = RunResult(Path(recipe.run.output_dir))
-    for step in range(recipe.run.steps):
-        result.history.append({"step": step} | driver.step(step))
-    return result
+    start = 0 if latest is None else driver.restore(latest)
+    tracker = Tracker(recipe, start)
+    grid_every, checkpoint_every = recipe.logging.grid_every, recipe.checkpoint.every
+    try:
+        for step in range(start, recipe.run.steps):
+            tracker.log({"step": step} | driver.step(step))
+            if grid_every and step % grid_every == 0:
+                with driver.timers("grid"):
+                    tracker.log_grid(step, *driver.grid_samples())
+            if (checkpoint_every and (step + 1) % checkpoint_every == 0) or step + 1 == recipe.run.steps:
+                with driver.timers("checkpoint"):
+                    driver.save_checkpoint(step + 1)
+    finally:
+        tracker.close()
+    return RunResult(output_dir, tracker.history)
+
+
+def ranking_fidelity(explored: np.ndarray, regenerated: np.ndarray) -> dict[str, float]:
+    """Mean Spearman over prompts between explore-precision and training-precision rewards [P, K] of
+    the same seeds; prompts with a NaN or a constant reward row carry no ranking and are left out."""
+    rho = spearman(torch.from_numpy(np.nan_to_num(explored)), torch.from_numpy(np.nan_to_num(regenerated)))
+    valid = np.isfinite(explored).all(1) & np.isfinite(regenerated).all(1) & rho.isfinite().numpy()
+    return {"explore/spearman_vs_regen": float(rho[torch.from_numpy(valid)].mean())} if valid.any() else {}
+
+
+def _driver_sized(value: Any) -> int:
+    """Bytes of a value the driver fetched; raises if it is an image or latent array."""
+    if isinstance(value, dict):
+        return sum(_driver_sized(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_driver_sized(v) for v in value)
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        if value.ndim > 2 or value.dtype in (np.uint8, torch.uint8):
+            raise TypeError(f"the driver fetched a {tuple(value.shape)} {value.dtype} array: images and latents must stay in the object store")
+        return value.nbytes
+    if value is None or isinstance(value, (bool, int, float, str, np.floating, np.integer)):
+        return 8
+    raise TypeError(f"the driver fetched a {type(value).__name__}: it only handles refs, scalars and score tables")

@@ -19,6 +19,14 @@ the advantage clip.
 
 Samples whose advantages are all NaN (no applicable reward, or a dropped zero-variance group) are
 left out of the batch before anything is drawn.
+
+Several learners: learner r holds the r-th contiguous block of the batch's rows. Every learner
+draws the training plan (timesteps, noise) for the whole kept batch from the same generator and
+keeps its rows; losses weight each sample by 1 / (whole-batch count), and `all_reduce` sums the
+gradients over the learners before balancing and the optimizer step. So n learners take the step
+one learner takes on the whole batch, and all take the same step. Here the world is one learner;
+actors.learners.DeepSpeedTrainer sets rank and world_size and overrides `all_reduce` and
+`_apply_gradient`.
 """
 
 from __future__ import annotations
@@ -72,6 +80,9 @@ class GRPOBatch:
     advantages: torch.Tensor
 
 
+GRPO_METRICS = ("loss/grpo", "grpo/kl", "grpo/approx_kl", "grpo/clipfrac")
+
+
 class Trainer:
     """Owns the optimizer over the "policy" LoRA adapter and the sampling-noise generator of training."""
 
@@ -98,6 +109,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=settings.lr, weight_decay=settings.weight_decay)
         self.generator = torch.Generator().manual_seed(seed)
         self.step = 0
+        self.rank, self.world_size = 0, 1
 
     # --- DiffusionNFT ---------------------------------------------------------------------------
 
@@ -108,15 +120,18 @@ class Trainer:
         if num_rewards > 1 and self.balancer is None:
             raise ValueError(f"advantages for {num_rewards} rewards need a RewardBalancer")
         keep = torch.isfinite(adv).any(dim=1)
-        if not keep.any():
+        counts = self._counts_by_learner(int(keep.sum()))
+        count = int(counts.sum())
+        if count == 0:
             return {"train/skipped": 1.0}
         adv = adv[keep]
         x0 = batch.x0[keep.to(batch.x0.device)].to(self.policy.device, torch.float32)
-        cond = self.policy.encode_prompts([p for p, k in zip(batch.prompts, keep.tolist()) if k])
+        cond = self.policy.encode_prompts(batch.prompts).index(keep.cpu())
         full = num_rewards > 1 and self.balancer.full_gradients_due(self.step)
         train_adv = torch.nan_to_num(adv, nan=0.0) if num_rewards == 1 or full else self.balancer.combine_advantages(adv)[:, None]
-        t_values, noise = self.nft_plan(x0.shape)
-        grads, kl_grad, metrics = self.nft_gradients(x0, cond, train_adv, t_values, noise)
+        t_values, noise = self.nft_plan(torch.Size((count, *x0.shape[1:])))
+        start = int(counts[: self.rank].sum())
+        grads, kl_grad, metrics = self.nft_gradients(x0, cond, train_adv, t_values, noise[:, start : start + len(x0)])
         if full:
             self.balancer.update(grads)
             update = self.balancer.direction(grads) + kl_grad
@@ -130,10 +145,9 @@ class Trainer:
             metrics |= {f"balance/weight_{k}": float(w) for k, w in enumerate(self.balancer.weights)}
             metrics["balance/full_step"] = float(full)
         decay = old_policy_decay(self.step, self.settings.old_decay_flat, self.settings.old_decay_rate, self.settings.old_decay_cap)
-        self._set_gradient(update)
-        metrics |= self._optimizer_step()
+        metrics |= self._apply_gradient(update)
         soft_update_(self.old_params, self.params, decay)
-        return metrics | {"train/old_decay": decay, "train/samples": float(len(x0))}
+        return metrics | {"train/old_decay": decay, "train/samples": float(count)}
 
     def nft_plan(self, x0_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         """A random subset of the sampler's timesteps (t = 0 carries no signal: x_t = x0) and noise [n, B, ...]."""
@@ -150,12 +164,13 @@ class Trainer:
         """Gradients [K, D] of each reward's batch loss loss_scale * mean(L), and the KL gradient [D].
 
         With K = 1 the KL term is folded into the single gradient (one backward pass) and None is
-        returned for it. The batch mean runs over samples and the chosen timesteps.
+        returned for it. The batch mean runs over the chosen timesteps and the samples of every
+        learner; gradients and losses come back summed over the learners.
         """
         settings, params = self.settings, list(self.params.values())
         adv = adv.to(x0.device)
         num_rewards = adv.shape[1]
-        share = 1.0 / (len(x0) * len(t_values))  # weight of one (sample, timestep) in the batch mean
+        share = 1.0 / (int(self._counts_by_learner(len(x0)).sum()) * len(t_values))  # weight of one (sample, timestep) in the batch mean
         per_reward = torch.zeros(num_rewards, sum(p.numel() for p in params), device=x0.device)
         kl_grad = None if num_rewards == 1 else torch.zeros_like(per_reward[0])
         losses = torch.zeros(num_rewards + 1)  # per reward, then KL
@@ -183,6 +198,7 @@ class Trainer:
                         per_reward[j] += flat
                     else:
                         kl_grad += flat
+        per_reward, kl_grad, losses = self.all_reduce(per_reward, kl_grad, losses)
         metrics = {"loss/kl": float(losses[-1])}
         if num_rewards == 1:
             metrics["loss/nft"] = float(losses[0])
@@ -215,28 +231,33 @@ class Trainer:
         if adv.ndim != 1:
             raise ValueError(f"GRPO trains one reward (advantages [B]), got shape {tuple(adv.shape)}; multi-reward balancing is NFT's")
         keep = torch.isfinite(adv)
-        if not keep.any():
+        samples = int(self._counts_by_learner(int(keep.sum())).sum())
+        if samples == 0:
             return {"train/skipped": 1.0}
-        device = self.policy.device
+        device, params = self.policy.device, list(self.params.values())
         adv = adv[keep].to(device)
         trajectory = batch.trajectory.index(keep.to(batch.trajectory.latents.device)).to(device)
-        cond = self.policy.encode_prompts([p for p, k in zip(batch.prompts, keep.tolist()) if k])
+        cond = self.policy.encode_prompts(batch.prompts).index(keep.cpu())
         steps = trajectory.stochastic_steps()
         count = max(1, int(len(steps) * settings.timestep_fraction))
         chosen = steps[torch.randperm(len(steps), generator=self.generator)[:count]]
-        share = 1.0 / (len(adv) * count)
-        totals = {"loss/grpo": 0.0, "grpo/kl": 0.0, "grpo/approx_kl": 0.0, "grpo/clipfrac": 0.0}
+        share = 1.0 / (samples * count)  # weight of one (sample, step) in the mean over every learner's batch
+        gradient = torch.zeros(sum(p.numel() for p in params), device=device)
+        totals = torch.zeros(len(GRPO_METRICS), dtype=torch.float64)
         for i in chosen.tolist():
             for part in _microbatches(len(adv), settings.microbatch_size):
                 loss, kl, log_ratio = self._grpo_losses(trajectory, i, part, cond.index(part), adv[part])
-                (loss.sum() * share).backward()
-                totals["loss/grpo"] += loss.detach().sum().item() * share
-                totals["grpo/kl"] += 0.0 if kl is None else kl.sum().item() * share
-                totals["grpo/approx_kl"] += 0.5 * (log_ratio**2).sum().item() * share
-                totals["grpo/clipfrac"] += ((log_ratio.exp() - 1).abs() > settings.clip_range).sum().item() * share
-        metrics = totals | self._optimizer_step()
+                gradient += _flat_gradient(loss.sum() * share, params, retain_graph=False)
+                totals += share * torch.tensor([
+                    loss.detach().sum().item(),
+                    0.0 if kl is None else kl.sum().item(),
+                    0.5 * (log_ratio**2).sum().item(),
+                    ((log_ratio.exp() - 1).abs() > settings.clip_range).sum().item(),
+                ], dtype=torch.float64)
+        gradient, totals = self.all_reduce(gradient, totals)
+        metrics = dict(zip(GRPO_METRICS, totals.tolist())) | self._apply_gradient(gradient)
         self.policy.copy_adapter(TRAINABLE_ADAPTER, OLD_ADAPTER)
-        return metrics | {"train/samples": float(len(adv))}
+        return metrics | {"train/samples": float(samples)}
 
     def _grpo_losses(
         self, trajectory: Trajectory, i: int, part: slice, cond: Conditioning, adv: torch.Tensor
@@ -259,6 +280,21 @@ class Trainer:
         return loss, None if kl is None else kl.detach(), logp.detach() - logp_old
 
     # --- shared -----------------------------------------------------------------------------------
+
+    def all_reduce(self, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """Each tensor summed over the learners (None stays None); a lone learner's sums are its own tensors."""
+        return list(tensors)
+
+    def _counts_by_learner(self, count: int) -> torch.Tensor:
+        """Every learner's `count` [world_size], by rank."""
+        counts = torch.zeros(self.world_size)
+        counts[self.rank] = count
+        return self.all_reduce(counts)[0]
+
+    def _apply_gradient(self, flat: torch.Tensor) -> dict[str, float]:
+        """Take the optimizer step along the whole-batch gradient [D]: clip its norm, then AdamW."""
+        self._set_gradient(flat)
+        return self._optimizer_step()
 
     def _set_gradient(self, flat: torch.Tensor) -> None:
         offset = 0

@@ -38,9 +38,9 @@ def test_prompt_source_is_deterministic_per_step(tmp_path):
 
 
 @pytest.mark.slow
-def test_in_process_sol_rl_steps_are_deterministic():
-    recipe = load_recipe("recipes/tiny_solrl.yaml", SMALL)
-    first, second = train(recipe).history, train(recipe).history
+def test_in_process_sol_rl_steps_are_deterministic(tmp_path):
+    runs = [load_recipe("recipes/tiny_solrl.yaml", [*SMALL, f"run.output_dir={tmp_path / name}"]) for name in ("a", "b")]
+    first, second = train(runs[0]).history, train(runs[1]).history
     assert len(first) == 2
     for a, b in zip(first, second):
         assert a["reward/tiny_verifier"] == b["reward/tiny_verifier"]

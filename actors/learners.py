@@ -1,0 +1,201 @@
+"""The learner world: n LearnerWorkers placed together form one torch.distributed / DeepSpeed world.
+
+Every learner receives the whole batch description (prompts, seeds, advantages: small) and works on
+its own rows, learner r on the r-th contiguous block as np.array_split cuts it. Gradients are summed
+over the world before the optimizer step (rl/trainer.py), so the learners stay identical and
+together take the step one learner would take on the whole batch.
+
+DeepSpeed's part is the world (gloo on CPU, nccl with CUDA) and the optimizer step: the engine
+wraps the Trainer's AdamW, clips the gradient norm and, with ZeRO stage 1 or 2, partitions the
+optimizer state. Stage 3 is refused: it partitions the parameters themselves, which only exist
+inside the engine's forward, and the learner computes its gradients outside it.
+
+A group with one learner and `remote=False` runs it in the caller's process with the plain
+Trainer (no torch.distributed); its results are `ray.put`, so callers hold refs either way.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import deepspeed
+import deepspeed.comm as dist
+import ray
+import torch
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rl.balance import RewardBalancer
+from rl.config import Resources
+from rl.trainer import Trainer, TrainerSettings
+from rollout.policy import Policy
+
+PLACEMENT_TIMEOUT_S = 600  # how long the learners' bundles may wait for free resources
+
+
+def learner_rows(batch_size: int, rank: int, world_size: int) -> slice:
+    """Learner `rank`'s contiguous rows of a batch, as np.array_split cuts it into world_size blocks."""
+    base, extra = divmod(batch_size, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+def free_address() -> tuple[str, int]:
+    """This node's IP and a TCP port free on it: where rank 0 hosts the world's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return ray.util.get_node_ip_address(), probe.getsockname()[1]
+
+
+def join_world(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
+    """Join the learners' process group through DeepSpeed: nccl where CUDA is, else gloo."""
+    # Ray gives each learner its own devices, so its accelerator is device 0 (DeepSpeed reads LOCAL_RANK).
+    os.environ["LOCAL_RANK"] = "0"
+    deepspeed.init_distributed(
+        dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+        auto_mpi_discovery=False,
+        init_method=f"tcp://{master_addr}:{master_port}",
+        rank=rank,
+        world_size=world_size,
+        verbose=False,
+    )
+
+
+class DeepSpeedTrainer(Trainer):
+    """A Trainer in the learner world: sums run over deepspeed.comm and the step is a DeepSpeed engine's."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        settings: TrainerSettings,
+        sampler_timesteps: torch.Tensor | None,
+        balancer: RewardBalancer | None,
+        seed: int,
+        zero_stage: int,
+    ) -> None:
+        if zero_stage == 3:
+            raise ValueError(
+                "cluster.zero_stage 3 partitions the parameters, which then exist only inside the DeepSpeed engine's forward; "
+                "solray's learner computes its gradients outside it: use zero_stage 0, 1 or 2"
+            )
+        super().__init__(policy, settings, sampler_timesteps, balancer, seed)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        config = {
+            "train_micro_batch_size_per_gpu": settings.microbatch_size,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": settings.grad_clip,
+            "zero_optimization": {"stage": zero_stage},
+            "zero_allow_untested_optimizer": True,  # the client optimizer is torch's AdamW
+        }
+        self.engine, *_ = deepspeed.initialize(model=policy.transformer, optimizer=self.optimizer, model_parameters=list(self.params.values()), config=config)
+
+    def all_reduce(self, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """Each tensor summed over the world (None stays None), on the learner's device for nccl."""
+        summed = []
+        for tensor in tensors:
+            if tensor is not None:
+                on_device = tensor.to(self.policy.device, copy=True)
+                dist.all_reduce(on_device)
+                tensor = on_device.to(tensor.device)
+            summed.append(tensor)
+        return summed
+
+    def _apply_gradient(self, flat: torch.Tensor) -> dict[str, float]:
+        """The engine's step along a gradient every learner already holds.
+
+        The backward of <params, flat> hands `flat` to the engine as the parameters' gradient (ZeRO
+        1/2 take gradients only through engine.backward); the engine averages the identical copies,
+        clips the norm and steps.
+        """
+        params = list(self.params.values())
+        parts = flat.split([p.numel() for p in params])
+        self.engine.backward(sum((p * g.view_as(p).to(p.dtype)).sum() for p, g in zip(params, parts)))
+        self.engine.step()
+        self.step += 1
+        return {"train/grad_norm": float(flat.norm()), "train/step": float(self.step)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Trainer.load_state_dict; under ZeRO 1/2 the engine's fp32 master copy is then re-read from the
+        adapter weights, so load those first (LearnerWorker.restore_state does)."""
+        super().load_state_dict(state)
+        if self.engine.zero_optimization_stage() > 0:
+            self.engine.optimizer.refresh_fp32_params()
+
+
+class LearnerGroup:
+    """n learner actors in one placement group forming one DeepSpeed world, or one learner in-process."""
+
+    def __init__(self, worker_class: type, num_learners: int, remote: bool, resources: Resources, *args: Any) -> None:
+        if num_learners > 1 and not remote:
+            raise ValueError(f"cluster.learners = {num_learners} needs cluster.remote_learners: true (a process holds one learner)")
+        self.num_learners = num_learners
+        self.local = None if remote else worker_class(*args)
+        self.actors: list[ray.actor.ActorHandle] = []
+        self.placement = None
+        if remote:
+            self.placement = self._place(num_learners, resources)
+            remote_class = ray.remote(worker_class)
+            self.actors = [
+                remote_class.options(
+                    num_cpus=resources.num_cpus,
+                    num_gpus=resources.num_gpus,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank),
+                ).remote(*args)
+                for rank in range(num_learners)
+            ]
+            master_addr, master_port = ray.get(self.actors[0].rendezvous_address.remote())
+            ray.get([actor.init_distributed.remote(rank, num_learners, master_addr, master_port) for rank, actor in enumerate(self.actors)])
+
+    @staticmethod
+    def _place(num_learners: int, resources: Resources) -> PlacementGroup:
+        """One bundle per learner, packed onto as few nodes as fit them."""
+        bundle = {name: amount for name, amount in (("CPU", resources.num_cpus), ("GPU", resources.num_gpus)) if amount > 0}
+        placement = placement_group([bundle] * num_learners, strategy="PACK")
+        if not placement.wait(PLACEMENT_TIMEOUT_S):
+            remove_placement_group(placement)
+            raise TimeoutError(
+                f"{num_learners} learner bundles {bundle} found no room in {PLACEMENT_TIMEOUT_S} s; "
+                f"cluster resources: {ray.cluster_resources()} (cluster.learners, cluster.learner_resources)"
+            )
+        return placement
+
+    def __len__(self) -> int:
+        return self.num_learners
+
+    def split(self, items: list) -> list[list]:
+        """The items of each learner's rows, by rank (e.g. the prompts of each regenerated image shard)."""
+        return [items[learner_rows(len(items), rank, self.num_learners)] for rank in range(self.num_learners)]
+
+    def regenerate(self, prompts: list[str], seeds: list[int]) -> list[ray.ObjectRef]:
+        """Each learner samples its rows of the batch; refs of the image shards [B_r, H, W, 3], by rank."""
+        if len(prompts) < self.num_learners:
+            raise ValueError(f"a batch of {len(prompts)} samples cannot give each of {self.num_learners} learners a row")
+        return self.call_all("regenerate", prompts, seeds)
+
+    def train(self, advantages: Any) -> list[ray.ObjectRef]:
+        """One optimizer step on the regenerated batch, given its advantages [B] or [B, R]; every learner's metrics (equal)."""
+        return self.call_all("train", advantages)
+
+    def call(self, rank: int, method: str, *args: Any) -> ray.ObjectRef:
+        """Run `method` on one learner (e.g. rank 0 publishes weights); returns the ref of its result."""
+        if self.local is not None:
+            return ray.put(getattr(self.local, method)(*_resolved(args)))
+        return getattr(self.actors[rank], method).remote(*args)
+
+    def call_all(self, method: str, *args: Any) -> list[ray.ObjectRef]:
+        """Run `method` on every learner: collective methods need the whole world."""
+        return [self.call(rank, method, *args) for rank in range(self.num_learners)]
+
+    def shutdown(self) -> None:
+        """End the learner actors and free their placement group."""
+        for actor in self.actors:
+            ray.kill(actor)
+        if self.placement is not None:
+            remove_placement_group(self.placement)
+        self.actors, self.placement = [], None
+
+
+def _resolved(args: tuple) -> list:
+    return [ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args]

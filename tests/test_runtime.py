@@ -1,0 +1,156 @@
+"""The driver with remote Ray actors: same numbers as in-process, no arrays in the driver, weight
+sync that the rollout copy really uses, killed actors re-issued, and rewards that fail."""
+
+import numpy as np
+import pytest
+import ray
+
+from actors.workers import RewardWorker
+from rewards import Reward, RewardError
+from rl.config import load_recipe
+from rl.driver import Driver, _driver_sized, train
+from rollout import load_policy
+from rollout.samplers import sample, seed_for
+
+STEPS = 2
+# fp32 exploration with the regeneration sampler's settings, so a synced rollout copy must
+# reproduce the learner's own samples; lr high enough that one update changes the images.
+RUNTIME = [
+    f"run.steps={STEPS}",
+    "algorithm.prompts_per_step=2",
+    "algorithm.group_size=4",
+    "algorithm.lora_rank=4",
+    "sol.pool_size=8",
+    "sol.explore_precision=fp32",
+    "sol.explore_steps=4",
+    "sampler.solver=euler",
+    "sampler.steps=4",
+    "optim.lr=3e-3",
+]
+IN_PROCESS = ["cluster.rollout_workers=0", "cluster.reward_workers=0", "cluster.remote_learners=false"]
+REMOTE = ["cluster.rollout_workers=2", "cluster.reward_workers=1", "cluster.remote_learners=true"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.shutdown()
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)  # logical: two remote drivers at once
+    yield
+    ray.shutdown()
+
+
+def run_steps(driver: Driver, kill_at: int | None = None) -> list[dict]:
+    history = []
+    for step in range(STEPS):
+        if step == kill_at:
+            explore, score = driver.explore, driver.score
+
+            def explore_then_kill(prompts, step):
+                refs = explore(prompts, step)
+                ray.kill(driver.rollout.actors[0], no_restart=False)  # mid-shard: its calls are in flight
+                return refs
+
+            def score_then_kill(image_refs, prompts):
+                ray.kill(driver.reward.actors[0], no_restart=False)
+                return score(image_refs, prompts)
+
+            driver.explore, driver.score = explore_then_kill, score_then_kill
+        history.append(driver.step(step))
+        driver.explore, driver.score = type(driver).explore.__get__(driver), type(driver).score.__get__(driver)
+    return history
+
+
+@pytest.fixture(scope="module")
+def remote_driver(local_ray, tmp_path_factory):
+    driver = Driver(load_recipe("recipes/tiny_solrl.yaml", [*RUNTIME, *REMOTE, f"run.output_dir={tmp_path_factory.mktemp('remote')}"]))
+    return driver, run_steps(driver)
+
+
+def assert_same_run(a: list[dict], b: list[dict], loss_rel: float) -> None:
+    for first, second in zip(a, b, strict=True):
+        assert first["explore/reward_mean"] == second["explore/reward_mean"]
+        assert first["reward/tiny_verifier"] == second["reward/tiny_verifier"]
+        assert first["loss/nft"] == pytest.approx(second["loss/nft"], rel=loss_rel)
+
+
+@pytest.mark.slow
+def test_remote_actors_give_the_in_process_numbers(remote_driver, tmp_path):
+    _, remote = remote_driver
+    in_process = train(load_recipe("recipes/tiny_solrl.yaml", [*RUNTIME, *IN_PROCESS, f"run.output_dir={tmp_path}"])).history
+    assert_same_run(remote, in_process, loss_rel=1e-5)
+
+
+@pytest.mark.slow
+def test_driver_fetches_only_score_tables_and_scalars(remote_driver):
+    _, history = remote_driver
+    P, N, K, R = 2, 8, 4, 1
+    score_tables = (P * N + P * K) * R * 8  # float64 pool scores + regen rewards
+    for metrics in history:
+        # the rest is scalar metrics: well under one 32x32 RGB image (3072 bytes) per step
+        assert score_tables <= metrics["driver/fetched_bytes"] < score_tables + 3072
+
+
+def test_driver_refuses_to_fetch_images_or_latents():
+    assert _driver_sized({"loss": 1.0, "rewards": np.zeros((4, 2))}) == 8 + 64
+    with pytest.raises(TypeError, match=r"\(4, 32, 32, 3\) uint8 array: images and latents must stay in the object store"):
+        _driver_sized(np.zeros((4, 32, 32, 3), np.uint8))
+    with pytest.raises(TypeError, match="images and latents"):
+        _driver_sized([np.zeros((2, 3, 8, 8), np.float32)])
+
+
+@pytest.mark.slow
+def test_synced_rollout_copy_samples_what_the_learner_samples(remote_driver):
+    driver, _ = remote_driver
+    recipe = driver.recipe
+    prompts = ["a red circle", "two squares", "a cross left of a triangle", "a blue triangle"]
+    seeds = [seed_for(7, 0, p, 0) for p in range(len(prompts))]
+    explore = ray.get(driver.rollout.call(1, "explore", prompts, seeds, recipe.sol.explore_steps, "euler", driver.version, driver.weights_list))
+    learner = ray.get(driver.learner.call(0, "regenerate", prompts, seeds))
+    # merged weights (rollout) vs base + LoRA adapter (learner): equal up to float rounding of a pixel
+    diff = np.abs(explore.astype(int) - learner.astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01
+    # ... and the trained weights are really in use: the base model draws something else
+    base = sample(load_policy("tiny"), prompts, seeds, recipe.sol.explore_steps, solver="euler").images
+    assert np.abs(base.astype(int) - learner.astype(int)).max() > 16
+    with pytest.raises(ray.exceptions.RayTaskError, match="holds weights v2, asked to explore with v1"):
+        ray.get(driver.rollout.call(0, "explore", prompts, seeds, recipe.sol.explore_steps, "euler", driver.version - 1, driver.weights_list))
+
+
+@pytest.mark.slow
+def test_killed_rollout_and_reward_actors_are_restarted_and_their_shards_reissued(remote_driver, tmp_path):
+    _, reference = remote_driver
+    driver = Driver(load_recipe("recipes/tiny_solrl.yaml", [*RUNTIME, *REMOTE, f"run.output_dir={tmp_path}"]))
+    pids = [ray.get(actor.describe.remote())["pid"] for actor in driver.rollout.actors]
+    history = run_steps(driver, kill_at=1)  # after the first sync: the restarted worker must catch up to v1
+    assert ray.get(driver.rollout.actors[0].describe.remote())["pid"] != pids[0]
+    assert ray.get(driver.rollout.actors[1].describe.remote())["pid"] == pids[1]
+    assert_same_run(history, reference, loss_rel=0)
+
+
+class FailingReward(Reward):
+    name = "failing_for_tests"
+
+    def __call__(self, images, prompts, metadata):
+        raise RuntimeError("reward server unreachable")
+
+
+def test_reward_errors_fail_with_the_reward_name_or_become_nan_columns():
+    images, prompts = np.zeros((2, 32, 32, 3), np.uint8), ["a circle", "a square"]
+    with pytest.raises(RewardError, match="'failing_for_tests' raised RuntimeError: reward server unreachable"):
+        RewardWorker([{"name": "test_runtime:FailingReward"}], retries=1, on_error="fail").score(images, prompts)
+    scores = RewardWorker([{"name": "tiny_verifier"}, {"name": "test_runtime:FailingReward"}], retries=0, on_error="skip").score(images, prompts)
+    assert scores.shape == (2, 2) and np.isfinite(scores[:, 0]).all() and np.isnan(scores[:, 1]).all()
+
+
+def test_on_reward_error_skip_drops_whole_groups_and_fail_names_the_prompt():
+    recipe = load_recipe("recipes/tiny_solrl.yaml", RUNTIME + IN_PROCESS)
+    driver = Driver.__new__(Driver)  # check_rewards only reads the recipe
+    driver.recipe = recipe
+    rewards = np.array([[0.5], [np.nan], [0.2], [0.9], [0.1], [0.3]])
+    prompts = ["a circle"] * 3 + ["a square"] * 3
+    with pytest.raises(RewardError, match=r"step 3: 1 of 6 images got no reward from \['tiny_verifier'\] \(first: prompt 'a circle'\)"):
+        driver.check_rewards(rewards, prompts, [0, 0, 0, 1, 1, 1], step=3)
+    driver.recipe = recipe.model_copy(update={"rewards": recipe.rewards.model_copy(update={"on_reward_error": "skip"})})
+    kept, dropped = driver.check_rewards(rewards, prompts, [0, 0, 0, 1, 1, 1], step=3)
+    assert dropped == 1
+    assert np.isnan(kept[:3]).all() and kept[3:, 0].tolist() == [0.9, 0.1, 0.3]
