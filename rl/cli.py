@@ -27,6 +27,21 @@ def _slug(prompt: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60]
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from rl.config import RecipeError, load_recipe
+    from rl.driver import train
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as error:
+        print(f"solray train: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    result = train(recipe)
+    last = result.history[-1] if result.history else {}
+    rewards = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("reward/"))
+    print(f"{len(result.history)} steps done ({rewards or 'no steps'}); metrics, grids and checkpoints in {result.output_dir}")
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     from rewards import build_reward
     from rollout import load_policy
@@ -109,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "nvfp4"])
         sub.add_argument("--steps", type=int, default=10, help="sampler steps")
         sub.add_argument("--solver", default="euler", choices=["euler", "dpm2", "sde", "cps"])
+
+    train = commands.add_parser("train", help="run a recipe: RL post-training on Ray (local Ray when none is running)")
+    train.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny_solrl.yaml")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides with YAML values: run.steps=3 sol.pool_size=48")
+    train.set_defaults(run=cmd_train)
 
     sample = commands.add_parser("sample", help="write PNGs and one grid image for prompts x seeds")
     add_model_args(sample)

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from rl.cli import build_parser, main
@@ -10,9 +11,9 @@ from rl.cli import build_parser, main
 def test_help_lists_every_command_with_a_description():
     result = subprocess.run([sys.executable, "-m", "rl.cli", "--help"], capture_output=True, text=True, check=True)
     text = " ".join(result.stdout.split())
-    for command, description in [("sample", "write PNGs and one grid image"), ("eval", "strict verifier accuracy"), ("pretrain-tiny", "pretrain the tiny")]:
+    for command, description in [("train", "run a recipe"), ("sample", "write PNGs and one grid image"), ("eval", "strict verifier accuracy"), ("pretrain-tiny", "pretrain the tiny")]:
         assert f" {command} {description}" in text
-    assert set(build_parser()._subparsers._group_actions[0].choices) == {"sample", "eval", "pretrain-tiny", "reward-server"}
+    assert set(build_parser()._subparsers._group_actions[0].choices) == {"train", "sample", "eval", "pretrain-tiny", "reward-server"}
 
 
 def test_sample_writes_pngs_grid_and_verifier_scores(tmp_path, capsys):
@@ -33,3 +34,22 @@ def test_bad_seed_list_is_a_usage_error(capsys):
     except SystemExit as exit_:
         assert exit_.code == 2
     assert "bad seed list 'three'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "message"),
+    [
+        ("run:\n  stepz: 3\n", [], "recipe.yaml: run.stepz: Extra inputs are not permitted"),
+        ("optim:\n  lr: fast\n", [], "recipe.yaml: optim.lr: Input should be a valid number"),
+        ("", ["sol.pool_sise=8"], "recipe.yaml: sol.pool_sise: Extra inputs are not permitted"),
+        ("", ["run.steps"], "override 'run.steps' must look like section.key=value"),
+    ],
+)
+def test_train_with_a_bad_recipe_is_a_usage_error_naming_key_and_file(tmp_path, capsys, text, overrides, message):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(recipe), *overrides])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("solray train: ") and message in err

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from rewards import build_reward
 from rl.config import Recipe, RecipeError, load_recipe
 
 
@@ -56,3 +57,22 @@ def test_every_shipped_recipe_validates():
         assert recipe.run.name == path.stem
         if recipe.sol.enabled:
             assert recipe.algorithm.group_size <= recipe.sol.pool_size
+
+
+def test_tiny_baselines_differ_from_tiny_solrl_only_where_they_should():
+    recipes = Path(__file__).parents[1] / "recipes"
+    solrl = load_recipe(recipes / "tiny_solrl.yaml").model_dump()
+    nft = load_recipe(recipes / "tiny_nft.yaml").model_dump()
+    assert nft["sol"] == solrl["sol"] | {"enabled": False}
+    assert nft["run"] == solrl["run"] | {"name": "tiny_nft", "output_dir": "outputs/tiny_nft"}
+    assert {k: v for k, v in nft.items() if k not in ("sol", "run")} == {k: v for k, v in solrl.items() if k not in ("sol", "run")}
+
+    grpo = load_recipe(recipes / "tiny_grpo.yaml")
+    assert (grpo.algorithm.name, grpo.sol.enabled, grpo.explored_per_step, grpo.samples_per_step) == ("grpo", False, 0, 32)
+    with pytest.raises(RecipeError, match="sol.enabled with algorithm.name 'grpo' is not supported"):
+        load_recipe(recipes / "tiny_grpo.yaml", ["sol.enabled=true"])
+
+    marble = load_recipe(recipes / "tiny_marble.yaml")
+    assert [spec.name for spec in marble.rewards.models] == ["tiny_verifier", "brightness", "jpeg_compressibility"]
+    assert (marble.balance.mode, marble.algorithm.nft.beta) == ("qp", 0.1)
+    assert [build_reward(spec.name).name for spec in marble.rewards.models] == ["tiny_verifier", "brightness", "jpeg_compressibility"]

@@ -1,0 +1,221 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+
+import rl.checkpoint as checkpoint
+from actors.workers import LearnerWorker, RewardWorker
+from rl.advantages import group_advantages
+from rl.checkpoint import (
+    adapter_state_dict,
+    checkpoint_steps,
+    join_tensors,
+    latest_checkpoint,
+    load_checkpoint,
+    lora_config,
+    save_checkpoint,
+    save_lora,
+    split_tensors,
+)
+from rl.config import load_recipe
+from rl.driver import train
+from rl.tracking import read_metrics
+from rollout import load_policy
+from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER
+from rollout.tiny import prompt_set
+
+REPO = Path(__file__).parents[1]
+# The in-process tiny Sol-RL run of tests/test_driver.py, a little shorter per step.
+SMALL = [
+    "algorithm.prompts_per_step=2",
+    "algorithm.group_size=4",
+    "sol.pool_size=8",
+    "sol.explore_steps=3",
+    "sampler.steps=4",
+    "cluster.rollout_workers=0",
+    "cluster.reward_workers=0",
+    "cluster.remote_learners=false",
+    "logging.progress=false",
+]
+
+
+def _adamw() -> tuple[torch.nn.Parameter, torch.optim.AdamW]:
+    param = torch.nn.Parameter(torch.arange(6.0).reshape(2, 3))
+    return param, torch.optim.AdamW([param], lr=0.1, betas=(0.8, 0.9))
+
+
+def _adamw_steps(param: torch.nn.Parameter, optimizer: torch.optim.Optimizer, targets: list[float]) -> None:
+    for target in targets:
+        param.grad = param.detach() - target
+        optimizer.step()
+
+
+def test_split_tensors_round_trips_optimizer_and_generator_state(tmp_path):
+    param, optimizer = _adamw()
+    _adamw_steps(param, optimizer, [1.0, 2.0])
+    generator = torch.Generator().manual_seed(5)
+    torch.rand(3, generator=generator)
+    skeleton, tensors = split_tensors({"step": 2, "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "balancer": None})
+    assert set(tensors) == {"optimizer/state/0/step", "optimizer/state/0/exp_avg", "optimizer/state/0/exp_avg_sq", "generator"}
+    save_file(tensors, tmp_path / "state.safetensors")
+    restored = join_tensors(json.loads(json.dumps(skeleton)), load_file(tmp_path / "state.safetensors"))
+    assert list(restored["optimizer"]["state"]) == [0]  # int keys survive JSON, or torch would drop the moments
+    assert restored["step"] == 2 and restored["balancer"] is None
+
+    resumed_param, resumed = _adamw()
+    resumed_param.data.copy_(param.detach())
+    resumed.load_state_dict(restored["optimizer"])
+    _adamw_steps(param, optimizer, [3.0, 4.0])
+    _adamw_steps(resumed_param, resumed, [3.0, 4.0])
+    assert torch.equal(resumed_param, param)
+    resumed_generator = torch.Generator()
+    resumed_generator.set_state(restored["generator"])
+    assert torch.equal(torch.rand(4, generator=resumed_generator), torch.rand(4, generator=generator))
+    with pytest.raises(TypeError, match="state at 'x' is a set"):
+        split_tensors({"x": {1, 2}})
+
+
+def _learner_step(learner: LearnerWorker, rewarder: RewardWorker, prompts: list[str], seeds: list[int]) -> dict[str, float]:
+    rewards = torch.tensor(rewarder.score(learner.regenerate(prompts, seeds), prompts))
+    return learner.train(group_advantages(rewards, torch.arange(len(prompts)) // 4).numpy())
+
+
+def test_learner_restored_from_a_checkpoint_continues_bit_identically(tmp_path):
+    # Three rewards with QP balancing: the balancer's weights are part of the state; a full
+    # solve at step 0 and 2, the amortised update (which uses the saved weights) at step 1.
+    recipe = load_recipe(REPO / "recipes/tiny_marble.yaml", ["sampler.steps=3", "balance.solve_every=2", "algorithm.micro_batch=8"])
+    rewarder = RewardWorker([spec.model_dump() for spec in recipe.rewards.models])
+    prompts = [p for p in prompt_set("train")[:2] for _ in range(4)]
+    original = LearnerWorker(recipe.model_dump())
+    _learner_step(original, rewarder, prompts, list(range(8)))
+    path = save_checkpoint(tmp_path, [original.checkpoint_state()], {"step": 1, "version": 1}, keep=2)
+
+    restored = LearnerWorker(recipe.model_dump())
+    (learner_state,), run_state = load_checkpoint(path)
+    restored.restore_state(learner_state)
+    assert run_state == {"step": 1, "version": 1} and restored.trainer.step == 1
+    for seeds in (list(range(8, 16)), list(range(16, 24))):
+        expected = _learner_step(original, rewarder, prompts, seeds)
+        assert _learner_step(restored, rewarder, prompts, seeds) == expected
+    assert "balance/weight_2" in expected
+    for adapter in (TRAINABLE_ADAPTER, OLD_ADAPTER):
+        mine, theirs = adapter_state_dict(restored.policy, adapter), adapter_state_dict(original.policy, adapter)
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
+def _fake_learner_states(value: float) -> list[dict]:
+    """Two learners: the same adapters, each its own trainer state (ZeRO shards differ by rank)."""
+    adapters = {TRAINABLE_ADAPTER: {"block.lora_A.weight": torch.full((2, 3), value)}, OLD_ADAPTER: {"block.lora_A.weight": torch.zeros(2, 3)}}
+    config = {"r": 2, "lora_alpha": 4.0, "target_modules": ["block"]}
+    return [{"adapters": adapters, "lora_config": config, "trainer": {"step": int(value), "shard": torch.full((rank + 1,), value)}} for rank in range(2)]
+
+
+def test_saves_are_atomic_and_pruned_and_a_killed_save_is_ignored(tmp_path, monkeypatch):
+    for step in (2, 4, 6):
+        save_checkpoint(tmp_path, _fake_learner_states(step), {"step": step}, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000004", "step_000006"]
+
+    def disk_full(tensors, path, metadata=None):
+        raise OSError(f"no space left writing {Path(path).name}")
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    with pytest.raises(OSError, match="no space left"):
+        save_checkpoint(tmp_path, _fake_learner_states(8), {"step": 8}, keep=2)
+    assert (tmp_path / ".tmp-step_000008").is_dir()  # what a kill mid-save leaves
+    assert sorted(checkpoint_steps(tmp_path)) == [4, 6] and latest_checkpoint(tmp_path).name == "step_000006"
+
+    monkeypatch.undo()
+    save_checkpoint(tmp_path, _fake_learner_states(8), {"step": 8}, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000006", "step_000008"]
+    learners, run_state = load_checkpoint(latest_checkpoint(tmp_path))
+    assert run_state == {"step": 8} and [learner["trainer"]["step"] for learner in learners] == [8, 8]
+    assert [learner["trainer"]["shard"].tolist() for learner in learners] == [[8.0], [8.0, 8.0]]
+    for learner in learners:
+        assert torch.equal(learner["adapters"][TRAINABLE_ADAPTER]["block.lora_A.weight"], torch.full((2, 3), 8.0))
+        assert learner["lora_config"] == {"r": 2, "lora_alpha": 4.0, "target_modules": ["block"]}
+    with pytest.raises(FileExistsError, match="step_000008 already exists"):
+        save_checkpoint(tmp_path, _fake_learner_states(8), {"step": 8}, keep=2)
+
+
+def test_saved_lora_loads_with_diffusers_pipeline_loader_and_peft_config(tmp_path):
+    policy = load_policy("tiny")
+    policy.add_lora(4, 8.0, init_seed=0)
+    with torch.no_grad():
+        for param in policy.adapter_parameters(TRAINABLE_ADAPTER).values():
+            param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())))
+    save_lora(adapter_state_dict(policy, TRAINABLE_ADAPTER), lora_config(policy, TRAINABLE_ADAPTER), tmp_path / "lora")
+
+    # What StableDiffusion3Pipeline.load_lora_weights(dir) runs for the transformer.
+    fresh = load_policy("tiny")
+    state, metadata = StableDiffusion3Pipeline.lora_state_dict(str(tmp_path / "lora"), return_lora_metadata=True)
+    StableDiffusion3Pipeline.load_lora_into_transformer(state, fresh.transformer, adapter_name="loaded", metadata=metadata)
+    assert (fresh.transformer.peft_config["loaded"].r, fresh.transformer.peft_config["loaded"].lora_alpha) == (4, 8.0)
+    config = LoraConfig.from_pretrained(str(tmp_path / "lora"))
+    assert (config.r, config.lora_alpha) == (4, 8.0)
+
+    prompts = prompt_set("train")[:3]
+    x_t = torch.randn(3, *policy.latent_shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.3, 0.6, 0.9])
+    with torch.no_grad(), policy.adapter(TRAINABLE_ADAPTER):
+        trained = policy.velocity(x_t, t, policy.encode_prompts(prompts))
+    with torch.no_grad(), policy.adapter(None):
+        base = policy.velocity(x_t, t, policy.encode_prompts(prompts))
+    with torch.no_grad():
+        loaded = fresh.velocity(x_t, t, fresh.encode_prompts(prompts))
+    assert (trained - base).abs().max() > 0.1
+    torch.testing.assert_close(loaded, trained, rtol=0, atol=1e-6)
+
+
+def test_resume_never_refuses_an_output_dir_with_checkpoints(tmp_path):
+    save_checkpoint(tmp_path / "checkpoints", _fake_learner_states(2), {"step": 2}, keep=1)
+    recipe = load_recipe(REPO / "recipes/tiny_solrl.yaml", SMALL + [f"run.output_dir={tmp_path}", "run.resume=never"])
+    with pytest.raises(FileExistsError, match=r"holds a checkpoint of an earlier run \(step_000002\): set run.resume=auto"):
+        train(recipe)
+
+
+def _wait_for(condition, process: subprocess.Popen, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"the run exited with {process.returncode} before it was killed:\n{process.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("the run did not reach its step-2 checkpoint in time")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_run_killed_mid_way_resumes_to_the_metrics_of_an_uninterrupted_run(tmp_path):
+    overrides = SMALL + ["run.steps=4", "checkpoint.every=2"]
+    killed_dir = tmp_path / "killed"
+    command = [sys.executable, "-m", "rl.cli", "train", "recipes/tiny_solrl.yaml", *overrides, f"run.output_dir={killed_dir}"]
+    process = subprocess.Popen(command, cwd=REPO, env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Kill once step 2 is logged: after the step-2 checkpoint, with a metrics row it does not cover.
+    _wait_for(lambda: any(row["step"] == 2 for row in read_metrics(killed_dir / "metrics.jsonl")), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert sorted(checkpoint_steps(killed_dir / "checkpoints")) == [2]
+    (killed_dir / "checkpoints" / ".tmp-step_000004").mkdir()  # as if the kill had hit the next save
+
+    resumed = train(load_recipe(REPO / "recipes/tiny_solrl.yaml", overrides + [f"run.output_dir={killed_dir}"])).history
+    uninterrupted = train(load_recipe(REPO / "recipes/tiny_solrl.yaml", overrides + [f"run.output_dir={tmp_path / 'uninterrupted'}"])).history
+
+    def untimed(row: dict) -> dict:
+        return {k: v for k, v in row.items() if not k.startswith("time/")}
+
+    assert [row["step"] for row in resumed] == [0, 1, 2, 3]
+    assert [untimed(row) for row in resumed] == [untimed(row) for row in uninterrupted]
+    assert read_metrics(killed_dir / "metrics.jsonl") == resumed
+    assert sorted(checkpoint_steps(killed_dir / "checkpoints")) == [2, 4]
+    assert not (killed_dir / "checkpoints" / ".tmp-step_000004").exists()
+    assert resumed[3]["loss/nft"] != resumed[2]["loss/nft"]
