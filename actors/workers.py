@@ -180,10 +180,10 @@ class LearnerWorker:
         """The sampling ("old") adapter merged into the base weights: what rollout workers re-quantize."""
         return {name: w.detach().clone() for name, w in lora_merged_weights(self.policy.transformer, OLD_ADAPTER).items()}
 
-    def sample_images(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
-        """uint8 images of the trainable adapter at the recipe's sampler settings (image grids); no state changes."""
+    def sample_images(self, prompts: list[str], seeds: list[int], steps: int | None = None, solver: str | None = None) -> np.ndarray:
+        """uint8 images of the trainable adapter (grids, evaluation); the recipe's sampler unless steps/solver are given. No state changes."""
         sampler = self.recipe.sampler
-        return sample(self.policy, prompts, seeds, sampler.steps, solver=sampler.solver, shift=sampler.shift, adapter=TRAINABLE_ADAPTER, batch_size=32).images
+        return sample(self.policy, prompts, seeds, steps or sampler.steps, solver=solver or sampler.solver, shift=sampler.shift, adapter=TRAINABLE_ADAPTER, batch_size=32).images
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Both adapters (peft keys), their LoRA config and the trainer state: what rl.checkpoint writes."""

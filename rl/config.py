@@ -134,6 +134,7 @@ class CheckpointConfig(Section):
 
 
 class EvalConfig(Section):
+    enabled: bool = Field(True, description="evaluate before training, every n steps and after the last step")
     every: int = Field(0, ge=0, description="evaluate every n steps (0 = only before and after training)")
     prompts: str = Field("tiny:eval", description="eval prompt source")
     seeds_per_prompt: int = Field(8, ge=1)

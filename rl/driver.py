@@ -28,7 +28,9 @@ from rl.checkpoint import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_
 from rl.config import Recipe
 from rl.selection import select_contrastive
 from rl.tracking import Tracker
-from rollout.prompts import PromptSource
+from rollout.prompts import PromptSource, load_prompts
+from rollout.tiny.evaluate import EVAL_SEED_BASE
+from rollout.tiny.world import TASKS, parse_prompt
 from rollout.samplers import seed_for
 
 
@@ -39,6 +41,7 @@ GRID_PROMPTS, GRID_SEEDS = 4, 4  # the image-grid probe: eval prompts x seeds, t
 class RunResult:
     output_dir: Path
     history: list[dict] = field(default_factory=list)
+    evaluations: list[dict] = field(default_factory=list)
 
 
 class Timers:
@@ -150,7 +153,7 @@ class Driver:
         with timer("rescore"):
             rewards = self.score(regen_refs, self.learner.split(flat_prompts))
             rewards, metrics["rewards/failed_groups"] = self.check_rewards(rewards, flat_prompts, group_ids, step)
-        with timer("update"):
+        with timer("advantage"):
             # Over the whole batch (global std), before the learners split it.
             advantages = group_advantages(
                 torch.tensor(rewards if rewards.shape[1] > 1 else rewards[:, 0], dtype=torch.float32),
@@ -158,6 +161,7 @@ class Driver:
                 global_std=recipe.algorithm.global_std,
                 drop_zero_variance=recipe.algorithm.drop_zero_variance,
             )
+        with timer("update"):
             metrics |= self.fetch(self.learner.train(advantages.numpy()))[0]
         if self.rollout is not None:
             with timer("sync"):
@@ -236,6 +240,23 @@ class Driver:
             self.fetched_bytes = 0  # the restore's traffic belongs to no step
         return run_state["step"]
 
+    def evaluate(self) -> dict[str, float]:
+        """Mean eval rewards of the trainable adapter on every eval prompt x eval.seeds_per_prompt fixed
+        seeds (the eval protocol's sampler); for the tiny verifier also strict accuracy, overall and per task."""
+        config = self.recipe.eval
+        prompts = [prompt for prompt in load_prompts(config.prompts) for _ in range(config.seeds_per_prompt)]
+        seeds = [EVAL_SEED_BASE + j for j in range(config.seeds_per_prompt)] * (len(prompts) // config.seeds_per_prompt)
+        images_ref = self.learner.call(0, "sample_images", prompts, seeds, config.steps, config.solver)
+        rewards = self.fetch(self.reward.call(0, "score", images_ref, prompts))
+        metrics = {f"eval/{spec.name}": float(np.nanmean(rewards[:, r])) for r, spec in enumerate(self.recipe.rewards.models)}
+        names = [spec.name for spec in self.recipe.rewards.models]
+        if "tiny_verifier" in names and config.prompts.startswith("tiny:"):
+            strict = rewards[:, names.index("tiny_verifier")] == 1.0
+            tasks = np.array([parse_prompt(prompt).task for prompt in prompts])
+            metrics["eval/strict"] = float(strict.mean())
+            metrics |= {f"eval/task/{task}": float(strict[tasks == task].mean()) for task in TASKS if (tasks == task).any()}
+        return metrics
+
     def grid_samples(self) -> tuple[np.ndarray, list[str], np.ndarray]:
         """A fixed probe, GRID_PROMPTS eval prompts x GRID_SEEDS seeds, sampled with the trainable adapter: images, prompts, first reward."""
         probe = PromptSource(self.recipe.eval.prompts, self.recipe.run.seed).batch(0, GRID_PROMPTS)
@@ -261,19 +282,25 @@ def train(recipe: Recipe) -> RunResult:
     driver = Driver(recipe)
     start = 0 if latest is None else driver.restore(latest)
     tracker = Tracker(recipe, start)
-    grid_every, checkpoint_every = recipe.logging.grid_every, recipe.checkpoint.every
+    grid_every, checkpoint_every, eval_every = recipe.logging.grid_every, recipe.checkpoint.every, recipe.eval.every
     try:
+        if start == 0 and recipe.eval.enabled:
+            tracker.log_eval(0, driver.evaluate())
         for step in range(start, recipe.run.steps):
             tracker.log({"step": step} | driver.step(step))
+            last = step + 1 == recipe.run.steps
+            if recipe.eval.enabled and (last or (eval_every and (step + 1) % eval_every == 0)):
+                with driver.timers("eval"):
+                    tracker.log_eval(step + 1, driver.evaluate())
             if grid_every and step % grid_every == 0:
                 with driver.timers("grid"):
                     tracker.log_grid(step, *driver.grid_samples())
-            if (checkpoint_every and (step + 1) % checkpoint_every == 0) or step + 1 == recipe.run.steps:
+            if (checkpoint_every and (step + 1) % checkpoint_every == 0) or last:
                 with driver.timers("checkpoint"):
                     driver.save_checkpoint(step + 1)
     finally:
         tracker.close()
-    return RunResult(output_dir, tracker.history)
+    return RunResult(output_dir, tracker.history, tracker.evaluations)
 
 
 def ranking_fidelity(explored: np.ndarray, regenerated: np.ndarray) -> dict[str, float]:

@@ -25,6 +25,7 @@ from rl.config import Recipe
 from rollout.images import image_grid, save_png
 
 METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.jsonl"
 CURVES_FILE = "reward_curves.png"
 GRIDS_DIR = "grids"
 WANDB_ID_FILE = "wandb_id.txt"
@@ -102,6 +103,9 @@ class Tracker:
         temp.write_text("".join(json.dumps(row) + "\n" for row in self.history))
         os.replace(temp, self.metrics_path)
         self.metrics_file = self.metrics_path.open("a")
+        self.eval_path = self.output_dir / EVAL_FILE
+        self.evaluations = read_metrics(self.eval_path, start_step + 1)
+        self.eval_path.write_text("".join(json.dumps(row) + "\n" for row in self.evaluations))
         self.reward_key = f"reward/{recipe.rewards.models[0].name}"
         self.wandb = self._start_wandb() if recipe.logging.wandb != "disabled" else None
         self.progress = tqdm(total=recipe.run.steps, initial=start_step, desc=recipe.run.name, unit="step", disable=not recipe.logging.progress)
@@ -132,6 +136,16 @@ class Tracker:
         postfix = {"reward": metrics.get(self.reward_key, math.nan)} | ({"loss": metrics["loss/nft"]} if "loss/nft" in metrics else {})
         self.progress.set_postfix({k: f"{v:.4f}" for k, v in postfix.items()}, refresh=False)
         self.progress.update(1)
+
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        """An evaluation of the policy after `step` steps: a row of eval.jsonl, W&B, and one printed line."""
+        row = {"step": step} | metrics
+        self.evaluations.append(row)
+        with self.eval_path.open("a") as file:
+            file.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        self.progress.write(f"eval after {step} steps: " + ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if "/task/" not in k))
 
     def log_grid(self, step: int, images: np.ndarray, prompts: list[str], rewards: np.ndarray) -> Path:
         """A captioned grid of uint8 images [B, H, W, 3] with their prompts and rewards [B]: PNG and W&B."""

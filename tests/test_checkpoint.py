@@ -45,6 +45,7 @@ SMALL = [
     "cluster.reward_workers=0",
     "cluster.remote_learners=false",
     "logging.progress=false",
+    "eval.enabled=false",
 ]
 
 

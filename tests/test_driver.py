@@ -2,10 +2,12 @@ import numpy as np
 import pytest
 
 from rl.config import load_recipe
-from rl.driver import train
+from rl.driver import Driver, train
+from rollout import load_policy
 from rollout.prompts import PromptSource, load_prompts
 from rollout.samplers import seed_for
 from rollout.tiny import prompt_set
+from rollout.tiny.evaluate import evaluate_policy
 
 SMALL = [
     "run.steps=2",
@@ -15,6 +17,7 @@ SMALL = [
     "cluster.rollout_workers=0",
     "cluster.reward_workers=0",
     "cluster.remote_learners=false",
+    "eval.enabled=false",
 ]
 
 
@@ -48,3 +51,13 @@ def test_in_process_sol_rl_steps_are_deterministic(tmp_path):
         assert a["loss/nft"] == pytest.approx(b["loss/nft"], rel=1e-6)
     assert {"time/explore", "time/score", "time/select", "time/regen", "time/rescore", "time/update", "time/sync"} <= set(first[0])
     assert all(np.isfinite(h["loss/nft"]) for h in first)
+
+
+@pytest.mark.slow
+def test_driver_evaluation_before_training_is_the_base_models_eval_protocol(tmp_path):
+    recipe = load_recipe("recipes/tiny_solrl.yaml", [*SMALL, "eval.enabled=true", "eval.seeds_per_prompt=2", f"run.output_dir={tmp_path}"])
+    metrics = Driver(recipe).evaluate()  # the LoRA starts at zero (B = 0): the trainable adapter is the base model
+    base = evaluate_policy(load_policy("tiny"), seeds_per_prompt=2)
+    assert metrics["eval/strict"] == base["strict"]
+    assert metrics["eval/tiny_verifier"] == pytest.approx(base["reward"], abs=1e-12)
+    assert {task: metrics[f"eval/task/{task}"] for task in base["per_task"]} == {task: row["strict"] for task, row in base["per_task"].items()}

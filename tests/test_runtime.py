@@ -26,6 +26,7 @@ RUNTIME = [
     "sampler.solver=euler",
     "sampler.steps=4",
     "optim.lr=3e-3",
+    "eval.enabled=false",
 ]
 IN_PROCESS = ["cluster.rollout_workers=0", "cluster.reward_workers=0", "cluster.remote_learners=false"]
 REMOTE = ["cluster.rollout_workers=2", "cluster.reward_workers=1", "cluster.remote_learners=true"]
