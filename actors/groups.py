@@ -30,9 +30,14 @@ class WorkerGroup:
     def call(self, index: int, method: str, *args: Any) -> ray.ObjectRef:
         """Run `method` on worker index % n; returns the ref of its result."""
         if self.local is not None:
-            resolved = [ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args]
-            return ray.put(getattr(self.local, method)(*resolved))
+            return call_in_process(self.local, method, args)
         return getattr(self.actors[index % len(self.actors)], method).remote(*args)
 
     def call_all(self, method: str, *args: Any) -> list[ray.ObjectRef]:
         return [self.call(i, method, *args) for i in range(len(self))]
+
+
+def call_in_process(worker: Any, method: str, args: tuple) -> ray.ObjectRef:
+    """worker.method(*args) here, with ref arguments fetched as a Ray actor would; the ref of the `ray.put` result."""
+    resolved = [ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args]
+    return ray.put(getattr(worker, method)(*resolved))

@@ -5,10 +5,11 @@ its own rows, learner r on the r-th contiguous block as np.array_split cuts it. 
 over the world before the optimizer step (rl/trainer.py), so the learners stay identical and
 together take the step one learner would take on the whole batch.
 
-DeepSpeed's part is the world (gloo on CPU, nccl with CUDA) and the optimizer step: the engine
-wraps the Trainer's AdamW, clips the gradient norm and, with ZeRO stage 1 or 2, partitions the
-optimizer state. Stage 3 is refused: it partitions the parameters themselves, which only exist
-inside the engine's forward, and the learner computes its gradients outside it.
+DeepSpeed's part is the world (gloo on CPU, nccl with CUDA), the gradient sum and the optimizer
+step: the engine wraps the Trainer's AdamW, sums the learners' local gradients, clips the norm and,
+with ZeRO stage 1 or 2, partitions the optimizer state. Stage 3 is not offered (cluster.zero_stage):
+it partitions the parameters themselves, which only exist inside the engine's forward, and the
+learner computes its gradients outside it.
 
 A group with one learner and `remote=False` runs it in the caller's process with the plain
 Trainer (no torch.distributed); its results are `ray.put`, so callers hold refs either way.
@@ -27,6 +28,7 @@ import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.groups import call_in_process
 from rl.balance import RewardBalancer
 from rl.config import Resources
 from rl.trainer import Trainer, TrainerSettings
@@ -64,7 +66,7 @@ def join_world(rank: int, world_size: int, master_addr: str, master_port: int) -
 
 
 class DeepSpeedTrainer(Trainer):
-    """A Trainer in the learner world: sums run over deepspeed.comm and the step is a DeepSpeed engine's."""
+    """A Trainer in the learner world: sums run over deepspeed.comm, and a DeepSpeed engine sums the gradient and steps."""
 
     def __init__(
         self,
@@ -75,17 +77,13 @@ class DeepSpeedTrainer(Trainer):
         seed: int,
         zero_stage: int,
     ) -> None:
-        if zero_stage == 3:
-            raise ValueError(
-                "cluster.zero_stage 3 partitions the parameters, which then exist only inside the DeepSpeed engine's forward; "
-                "solray's learner computes its gradients outside it: use zero_stage 0, 1 or 2"
-            )
         super().__init__(policy, settings, sampler_timesteps, balancer, seed)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         config = {
             "train_micro_batch_size_per_gpu": settings.microbatch_size,
             "gradient_accumulation_steps": 1,
             "gradient_clipping": settings.grad_clip,
+            "gradient_allreduce_op": "sum",  # local gradients already weigh each sample by 1 / (whole-batch count)
             "zero_optimization": {"stage": zero_stage},
             "zero_allow_untested_optimizer": True,  # the client optimizer is torch's AdamW
         }
@@ -102,19 +100,22 @@ class DeepSpeedTrainer(Trainer):
             summed.append(tensor)
         return summed
 
-    def _apply_gradient(self, flat: torch.Tensor) -> dict[str, float]:
-        """The engine's step along a gradient every learner already holds.
+    def _apply_gradient(self, local_grad: torch.Tensor) -> dict[str, float]:
+        """The engine's step along the sum over the learners of local_grad [D].
 
-        The backward of <params, flat> hands `flat` to the engine as the parameters' gradient (ZeRO
-        1/2 take gradients only through engine.backward); the engine averages the identical copies,
-        clips the norm and steps.
+        The backward of <params, local_grad> hands local_grad to the engine as the parameters'
+        gradient (ZeRO 1/2 take gradients only through engine.backward); the engine sums it over the
+        world, clips the norm and steps.
         """
         params = list(self.params.values())
-        parts = flat.split([p.numel() for p in params])
+        parts = local_grad.split([p.numel() for p in params])
         self.engine.backward(sum((p * g.view_as(p).to(p.dtype)).sum() for p, g in zip(params, parts)))
+        # ZeRO computes the norm over its partitions in step(); without ZeRO the engine keeps none,
+        # so it is taken from the summed gradient, which sits in .grad until the step.
+        norm_in_step = self.engine.zero_optimization_stage() > 0
+        grad_norm = None if norm_in_step else torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in params]))
         self.engine.step()
-        self.step += 1
-        return {"train/grad_norm": float(flat.norm()), "train/step": float(self.step)}
+        return self._stepped(float(self.engine.get_global_grad_norm() if norm_in_step else grad_norm))
 
     def load_state_dict(self, state: dict) -> None:
         """Trainer.load_state_dict; under ZeRO 1/2 the engine's fp32 master copy is then re-read from the
@@ -125,11 +126,9 @@ class DeepSpeedTrainer(Trainer):
 
 
 class LearnerGroup:
-    """n learner actors in one placement group forming one DeepSpeed world, or one learner in-process."""
+    """n learner actors in one placement group forming one DeepSpeed world, or one learner in-process (the recipe allows no more)."""
 
     def __init__(self, worker_class: type, num_learners: int, remote: bool, resources: Resources, *args: Any) -> None:
-        if num_learners > 1 and not remote:
-            raise ValueError(f"cluster.learners = {num_learners} needs cluster.remote_learners: true (a process holds one learner)")
         self.num_learners = num_learners
         self.local = None if remote else worker_class(*args)
         self.actors: list[ray.actor.ActorHandle] = []
@@ -181,7 +180,7 @@ class LearnerGroup:
     def call(self, rank: int, method: str, *args: Any) -> ray.ObjectRef:
         """Run `method` on one learner (e.g. rank 0 publishes weights); returns the ref of its result."""
         if self.local is not None:
-            return ray.put(getattr(self.local, method)(*_resolved(args)))
+            return call_in_process(self.local, method, args)
         return getattr(self.actors[rank], method).remote(*args)
 
     def call_all(self, method: str, *args: Any) -> list[ray.ObjectRef]:
@@ -195,7 +194,3 @@ class LearnerGroup:
         if self.placement is not None:
             remove_placement_group(self.placement)
         self.actors, self.placement = [], None
-
-
-def _resolved(args: tuple) -> list:
-    return [ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args]

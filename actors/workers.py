@@ -46,7 +46,7 @@ class RolloutWorker:
         """Load merged weights of `version` and re-quantize; returns the seconds it took."""
         return requantize(self.policy, weights, version)
 
-    def explore(self, prompts: list[str], seeds: list[int], steps: int, solver: str, version: int, weights: list | None = None) -> np.ndarray:
+    def explore(self, prompts: list[str], seeds: list[int], steps: int, solver: str, shift: float | None, version: int, weights: list | None = None) -> np.ndarray:
         """uint8 images [B, H, W, 3] sampled with the weights of `version`.
 
         weights: [ref] to that version's merged weights, wrapped in a list so that Ray does not fetch
@@ -57,7 +57,7 @@ class RolloutWorker:
             self.set_weights(ray.get(weights[0]), version)
         if version != self.version:
             raise StaleWeightsError(f"rollout worker holds weights v{self.version}, asked to explore with v{version}")
-        return sample(self.policy, prompts, seeds, steps, solver=solver).images
+        return sample(self.policy, prompts, seeds, steps, solver=solver, shift=shift).images
 
     def describe(self) -> dict[str, Any]:
         """The explore copy's quantization report, version and timings, and the worker's pid."""
@@ -72,6 +72,10 @@ class RewardWorker:
         self.rewards = [build_reward(spec["name"], **spec.get("kwargs", {})) for spec in specs]
         self.retries = retries
         self.on_error = on_error
+
+    def describe(self) -> dict[str, Any]:
+        """The hosted rewards' names and the worker's pid."""
+        return {"rewards": [reward.name for reward in self.rewards], "pid": os.getpid()}
 
     def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
         """float64 [B, R]. A reward that still fails after `retries` retries raises RewardError, or with
@@ -113,11 +117,12 @@ class LearnerWorker:
             balancer = RewardBalancer(len(rewards), method, balance.solve_every, balance.ema, balance.floor, [r.weight for r in rewards])
         settings = TrainerSettings(
             lr=optim.lr,
+            betas=optim.betas,
             weight_decay=optim.weight_decay,
             grad_clip=optim.grad_clip,
             microbatch_size=algorithm.micro_batch,
             timestep_fraction=(algorithm.grpo if algorithm.name == "grpo" else algorithm.nft).timestep_fraction,
-            adv_clip=algorithm.nft.adv_clip,
+            adv_clip=(algorithm.grpo if algorithm.name == "grpo" else algorithm.nft).adv_clip,
             nft_beta=algorithm.nft.beta,
             loss_scale=algorithm.nft.loss_scale,
             kl_weight=algorithm.nft.kl_weight,

@@ -33,10 +33,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as error:
+        result = train(recipe)
+    except (RecipeError, FileExistsError) as error:  # a bad recipe, or run.resume=never on an earlier run's checkpoint
         print(f"solray train: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    result = train(recipe)
     last = result.history[-1] if result.history else {}
     rewards = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("reward/"))
     print(f"{len(result.history)} steps done ({rewards or 'no steps'}); metrics, grids and checkpoints in {result.output_dir}")

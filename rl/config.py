@@ -8,7 +8,7 @@ the command line use dotted keys: `sol.pool_size=48`, `run.steps=3`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -45,6 +45,7 @@ class GRPOConfig(Section):
     beta_kl: float = Field(0.04, ge=0, description="KL weight against the reference (adapters off)")
     cps: bool = Field(False, description="coefficients-preserving SDE step instead of Flow-GRPO's")
     timestep_fraction: float = Field(0.6, gt=0, le=1, description="fraction of the SDE steps trained per trajectory")
+    adv_clip: float = Field(5.0, gt=0, description="advantage clip inside the PPO loss")
 
 
 class AlgorithmConfig(Section):
@@ -109,7 +110,11 @@ class ClusterConfig(Section):
     reward_resources: Resources = Resources(num_cpus=0.5)
     learner_resources: Resources = Resources(num_cpus=1.0)
     shards_per_prompt: int = Field(1, ge=1, description="explore work items per prompt (scoring overlaps generation)")
-    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage of the learner group")
+    zero_stage: Literal[0, 1, 2] = Field(
+        0,
+        description="DeepSpeed ZeRO stage of the learner group; not 3: it partitions the parameters, which then exist only "
+        "inside the engine's forward, and the learners compute their gradients outside it and hand them to the engine",
+    )
     max_restarts: int = Field(3, ge=0, description="restarts of a failed rollout / reward actor")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per actor")
 
@@ -118,7 +123,9 @@ class OptimConfig(Section):
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.999), description="AdamW (beta1, beta2)"
+    )
 
 
 class LoggingConfig(Section):
@@ -164,6 +171,8 @@ class Recipe(Section):
             raise ValueError("balance.mode 'qp' needs at least 2 entries in rewards.models")
         if self.sol.enabled and self.algorithm.name == "grpo":
             raise ValueError("sol.enabled with algorithm.name 'grpo' is not supported: Sol-RL regenerates with the ODE sampler; use nft")
+        if self.cluster.learners > 1 and not self.cluster.remote_learners:
+            raise ValueError(f"cluster.learners = {self.cluster.learners} needs cluster.remote_learners: true (a process holds one learner)")
         return self
 
     # Derived sizes, computed once from the validated fields.

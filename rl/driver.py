@@ -95,7 +95,7 @@ class Driver:
         refs = []
         for p, prompt in enumerate(prompts):
             refs.append([
-                self.rollout.call(p * shards + s, "explore", [prompt] * len(js), [seed_for(self.recipe.run.seed, step, p, int(j)) for j in js], sol.explore_steps, "euler", self.version, self.weights_list)
+                self.rollout.call(p * shards + s, "explore", [prompt] * len(js), [seed_for(self.recipe.run.seed, step, p, int(j)) for j in js], sol.explore_steps, self.recipe.sampler.solver, self.recipe.sampler.shift, self.version, self.catch_up_weights)
                 for s, js in enumerate(pool)
             ])
         return refs
@@ -113,43 +113,38 @@ class Driver:
             scores[i] = self.fetch(ref)
         return np.concatenate(scores)
 
-    def select(self, pool_scores: np.ndarray) -> list[list[int]]:
-        """Per prompt, the K candidate indices to regenerate (from the weighted proxy reward)."""
+    def select(self, pool_scores: np.ndarray, step: int) -> list[list[int]]:
+        """Per prompt, the K candidate indices to regenerate (from the weighted proxy reward; a candidate
+        no reward applies to stays NaN and is picked last)."""
         k, mode = self.recipe.algorithm.group_size, self.recipe.sol.selection
-        generator = torch.Generator().manual_seed(self.recipe.run.seed)
-        return [
-            select_contrastive(torch.from_numpy(np.nansum(scores * self.reward_weights, axis=1)), k, mode, generator).tolist()
-            for scores in pool_scores
-        ]
+        generator = torch.Generator().manual_seed(seed_for(self.recipe.run.seed, step, len(pool_scores), 0))
+        proxy = np.where(np.isnan(pool_scores).all(axis=2), np.nan, np.nansum(pool_scores * self.reward_weights, axis=2))
+        return [select_contrastive(torch.from_numpy(row), k, mode, generator).tolist() for row in proxy]
 
     # --- one iteration ------------------------------------------------------------------------
 
     def step(self, step: int) -> dict[str, float]:
+        """One iteration (DESIGN.md section 1); returns its metrics and per-phase seconds."""
         recipe, timer = self.recipe, self.timers
         P, K = recipe.algorithm.prompts_per_step, recipe.algorithm.group_size
+        metrics: dict[str, float] = {}
         with timer("prompts"):
             prompts = self.prompt_source.batch(step, P)
-        metrics: dict[str, float] = {}
         if recipe.sol.enabled:
             with timer("explore"):
                 pool_refs = self.explore(prompts, step)
             with timer("score"):
-                flat_refs = [ref for shards in pool_refs for ref in shards]
-                shard_prompts = [[prompt] * n for prompt, n in self._shard_sizes(prompts)]
-                pool_scores = self.score(flat_refs, shard_prompts)
-                pool_scores, metrics["explore/failed_prompts"] = self.check_rewards(pool_scores, [q for batch in shard_prompts for q in batch], np.repeat(np.arange(P), recipe.sol.pool_size).tolist(), step)
-                pool_scores = pool_scores.reshape(P, recipe.sol.pool_size, -1)
+                pool_scores, metrics["explore/failed_prompts"] = self.score_pool(pool_refs, prompts, step)
             with timer("select"):
-                chosen = self.select(pool_scores)
-            seeds = [[seed_for(recipe.run.seed, step, p, j) for j in chosen[p]] for p in range(P)]
+                chosen = self.select(pool_scores, step)
             metrics["explore/reward_mean"] = float(np.nanmean(pool_scores[..., 0]))
         else:
-            seeds = [[seed_for(recipe.run.seed, step, p, j) for j in range(K)] for p in range(P)]
+            chosen = [list(range(K))] * P
+        seeds = [[seed_for(recipe.run.seed, step, p, j) for j in chosen[p]] for p in range(P)]
         flat_prompts = [prompt for prompt in prompts for _ in range(K)]
-        flat_seeds = [s for row in seeds for s in row]
         group_ids = [p for p in range(P) for _ in range(K)]
         with timer("regen"):
-            regen_refs = self.learner.regenerate(flat_prompts, flat_seeds)
+            regen_refs = self.learner.regenerate(flat_prompts, [s for row in seeds for s in row])
         with timer("rescore"):
             rewards = self.score(regen_refs, self.learner.split(flat_prompts))
             rewards, metrics["rewards/failed_groups"] = self.check_rewards(rewards, flat_prompts, group_ids, step)
@@ -165,24 +160,32 @@ class Driver:
             metrics |= self.fetch(self.learner.train(advantages.numpy()))[0]
         if self.rollout is not None:
             with timer("sync"):
-                metrics["time/requantize"] = self.sync_weights()
+                metrics["time/requantize"] = self.sync_weights(self.version + 1)
             metrics |= ranking_fidelity(np.stack([pool_scores[p, chosen[p], 0] for p in range(P)]), rewards[:, 0].reshape(P, K))
         metrics |= {f"reward/{spec.name}": float(np.nanmean(rewards[:, r])) for r, spec in enumerate(recipe.rewards.models)}
         metrics["train/zero_variance_groups"] = float(zero_variance_groups(torch.tensor(rewards[:, 0]), torch.tensor(group_ids)))
         metrics["driver/fetched_bytes"], self.fetched_bytes = float(self.fetched_bytes), 0
         return metrics | self.timers.pop()
 
-    def sync_weights(self) -> float:
-        """Learner rank 0 publishes the merged sampling weights once; every rollout worker re-quantizes.
+    def score_pool(self, pool_refs: list[list[ray.ObjectRef]], prompts: list[str], step: int) -> tuple[np.ndarray, int]:
+        """Proxy rewards [P, N, R] of the explored pools, and how many prompts' pools failed to score."""
+        shard_prompts = [[prompt] * n for prompt, n in self._shard_sizes(prompts)]
+        scores = self.score([ref for shards in pool_refs for ref in shards], shard_prompts)
+        pool_size = self.recipe.sol.pool_size
+        scores, failed = self.check_rewards(scores, [prompt for prompt in prompts for _ in range(pool_size)], np.repeat(np.arange(len(prompts)), pool_size).tolist(), step)
+        return scores.reshape(len(prompts), pool_size, -1), failed
+
+    def sync_weights(self, version: int) -> float:
+        """Learner rank 0 publishes the merged sampling weights once as `version`; every rollout worker re-quantizes.
 
         Returns the slowest worker's load + re-quantization seconds.
         """
         self.weights_ref = self.learner.call(0, "explore_weights")
-        self.version += 1
+        self.version = version
         return max(self.fetch(ref) for ref in self.rollout.call_all("set_weights", self.weights_ref, self.version))
 
     @property
-    def weights_list(self) -> list[ray.ObjectRef] | None:
+    def catch_up_weights(self) -> list[ray.ObjectRef] | None:
         """The current weights' ref in a list: Ray passes it through unfetched, for workers that must catch up."""
         return None if self.weights_ref is None else [self.weights_ref]
 
@@ -220,6 +223,13 @@ class Driver:
 
     # --- checkpoints and image grids ------------------------------------------------------------
 
+    def shutdown(self) -> None:
+        """Stop every actor and free the learners' placement group (a process may train again after)."""
+        for group in (self.rollout, self.reward):
+            for actor in [] if group is None else group.actors:
+                ray.kill(actor)
+        self.learner.shutdown()
+
     def save_checkpoint(self, steps_done: int) -> Path:
         """The learners' adapters, optimizer states and noise generators, and the run's position after `steps_done` iterations."""
         learner_states = ray.get(self.learner.call_all("checkpoint_state"))
@@ -234,9 +244,7 @@ class Driver:
             raise ValueError(f"{path} holds the state of {len(learner_states)} learners, this run has {len(self.learner)} (cluster.learners)")
         ray.get([self.learner.call(rank, "restore_state", state) for rank, state in enumerate(learner_states)])
         if self.rollout is not None and run_state["version"] > 0:
-            # sync_weights bumps the version, so the rollout workers end at the checkpoint's version.
-            self.version = run_state["version"] - 1
-            self.sync_weights()
+            self.sync_weights(run_state["version"])
             self.fetched_bytes = 0  # the restore's traffic belongs to no step
         return run_state["step"]
 
@@ -300,6 +308,7 @@ def train(recipe: Recipe) -> RunResult:
                     driver.save_checkpoint(step + 1)
     finally:
         tracker.close()
+        driver.shutdown()
     return RunResult(output_dir, tracker.history, tracker.evaluations)
 
 

@@ -22,11 +22,12 @@ left out of the batch before anything is drawn.
 
 Several learners: learner r holds the r-th contiguous block of the batch's rows. Every learner
 draws the training plan (timesteps, noise) for the whole kept batch from the same generator and
-keeps its rows; losses weight each sample by 1 / (whole-batch count), and `all_reduce` sums the
-gradients over the learners before balancing and the optimizer step. So n learners take the step
-one learner takes on the whole batch, and all take the same step. Here the world is one learner;
-actors.learners.DeepSpeedTrainer sets rank and world_size and overrides `all_reduce` and
-`_apply_gradient`.
+keeps its rows; losses weight each sample by 1 / (whole-batch count), so the whole-batch gradient
+is the sum over the learners of their local gradients. `_apply_gradient` takes the local gradient
+and steps along that sum; a multi-reward full step, whose QP needs the whole-batch gradients, sums
+them first with `all_reduce`. So n learners take the step one learner takes on the whole batch, and
+all take the same step. Here the world is one learner; actors.learners.DeepSpeedTrainer sets rank
+and world_size and overrides `all_reduce` and `_apply_gradient`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class TrainerSettings:
     """Optimizer and loss settings; defaults are the reference values of DESIGN.md section 4."""
 
     lr: float = 3e-4  # AdamW learning rate
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW (beta1, beta2)
     weight_decay: float = 1e-4  # AdamW weight decay
     grad_clip: float = 1.0  # max global gradient norm
     microbatch_size: int = 8  # samples per forward pass; bounds memory, not the result
@@ -106,7 +108,7 @@ class Trainer:
             name.replace(f".{OLD_ADAPTER}.", f".{TRAINABLE_ADAPTER}."): param
             for name, param in policy.adapter_parameters(OLD_ADAPTER).items()
         }
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=settings.lr, weight_decay=settings.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
         self.generator = torch.Generator().manual_seed(seed)
         self.step = 0
         self.rank, self.world_size = 0, 1
@@ -131,21 +133,23 @@ class Trainer:
         train_adv = torch.nan_to_num(adv, nan=0.0) if num_rewards == 1 or full else self.balancer.combine_advantages(adv)[:, None]
         t_values, noise = self.nft_plan(torch.Size((count, *x0.shape[1:])))
         start = int(counts[: self.rank].sum())
-        grads, kl_grad, metrics = self.nft_gradients(x0, cond, train_adv, t_values, noise[:, start : start + len(x0)])
+        grads, kl_grad, metrics = self.nft_gradients(x0, cond, train_adv, t_values, noise[:, start : start + len(x0)], count)
         if full:
+            grads, kl_grad = self.all_reduce(grads, kl_grad)  # the QP weighs the whole batch's gradients
             self.balancer.update(grads)
             update = self.balancer.direction(grads) + kl_grad
             cosines = gradient_cosines(grads, update)
             self.balancer.record(cosines)
             metrics |= {f"balance/cos_{k}": float(c) for k, c in enumerate(cosines)}
             metrics["balance/conflict_fraction"] = self.balancer.conflict_fraction
+            local_grad = update / self.world_size  # every learner holds the whole update
         else:
-            update = grads[0]
+            local_grad = grads[0]
         if num_rewards > 1:
             metrics |= {f"balance/weight_{k}": float(w) for k, w in enumerate(self.balancer.weights)}
             metrics["balance/full_step"] = float(full)
         decay = old_policy_decay(self.step, self.settings.old_decay_flat, self.settings.old_decay_rate, self.settings.old_decay_cap)
-        metrics |= self._apply_gradient(update)
+        metrics |= self._apply_gradient(local_grad)
         soft_update_(self.old_params, self.params, decay)
         return metrics | {"train/old_decay": decay, "train/samples": float(count)}
 
@@ -159,18 +163,19 @@ class Trainer:
         return chosen, torch.randn((count, *x0_shape), generator=self.generator)
 
     def nft_gradients(
-        self, x0: torch.Tensor, cond: Conditioning, adv: torch.Tensor, t_values: torch.Tensor, noise: torch.Tensor
+        self, x0: torch.Tensor, cond: Conditioning, adv: torch.Tensor, t_values: torch.Tensor, noise: torch.Tensor, count: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
-        """Gradients [K, D] of each reward's batch loss loss_scale * mean(L), and the KL gradient [D].
+        """Local gradients [K, D] of each reward's batch loss loss_scale * mean(L), and the local KL gradient [D].
 
         With K = 1 the KL term is folded into the single gradient (one backward pass) and None is
-        returned for it. The batch mean runs over the chosen timesteps and the samples of every
-        learner; gradients and losses come back summed over the learners.
+        returned for it. The batch mean runs over the chosen timesteps and the `count` samples of
+        every learner (None: this learner's x0 is the whole batch), so the whole-batch gradients are
+        the sums of the learners' local gradients; the losses come back summed over the learners.
         """
         settings, params = self.settings, list(self.params.values())
         adv = adv.to(x0.device)
         num_rewards = adv.shape[1]
-        share = 1.0 / (int(self._counts_by_learner(len(x0)).sum()) * len(t_values))  # weight of one (sample, timestep) in the batch mean
+        share = 1.0 / ((len(x0) if count is None else count) * len(t_values))  # weight of one (sample, timestep) in the batch mean
         per_reward = torch.zeros(num_rewards, sum(p.numel() for p in params), device=x0.device)
         kl_grad = None if num_rewards == 1 else torch.zeros_like(per_reward[0])
         losses = torch.zeros(num_rewards + 1)  # per reward, then KL
@@ -198,7 +203,7 @@ class Trainer:
                         per_reward[j] += flat
                     else:
                         kl_grad += flat
-        per_reward, kl_grad, losses = self.all_reduce(per_reward, kl_grad, losses)
+        (losses,) = self.all_reduce(losses)
         metrics = {"loss/kl": float(losses[-1])}
         if num_rewards == 1:
             metrics["loss/nft"] = float(losses[0])
@@ -254,7 +259,7 @@ class Trainer:
                     0.5 * (log_ratio**2).sum().item(),
                     ((log_ratio.exp() - 1).abs() > settings.clip_range).sum().item(),
                 ], dtype=torch.float64)
-        gradient, totals = self.all_reduce(gradient, totals)
+        (totals,) = self.all_reduce(totals)
         metrics = dict(zip(GRPO_METRICS, totals.tolist())) | self._apply_gradient(gradient)
         self.policy.copy_adapter(TRAINABLE_ADAPTER, OLD_ADAPTER)
         return metrics | {"train/samples": float(samples)}
@@ -291,23 +296,22 @@ class Trainer:
         counts[self.rank] = count
         return self.all_reduce(counts)[0]
 
-    def _apply_gradient(self, flat: torch.Tensor) -> dict[str, float]:
-        """Take the optimizer step along the whole-batch gradient [D]: clip its norm, then AdamW."""
-        self._set_gradient(flat)
-        return self._optimizer_step()
-
-    def _set_gradient(self, flat: torch.Tensor) -> None:
+    def _apply_gradient(self, local_grad: torch.Tensor) -> dict[str, float]:
+        """Step along the whole-batch gradient, the sum over the learners of local_grad [D]: clip its norm, then AdamW."""
+        (flat,) = self.all_reduce(local_grad)
         offset = 0
         for param in self.params.values():
             param.grad = flat[offset : offset + param.numel()].view_as(param).to(param.dtype).clone()
             offset += param.numel()
-
-    def _optimizer_step(self) -> dict[str, float]:
         grad_norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.settings.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return self._stepped(float(grad_norm))
+
+    def _stepped(self, grad_norm: float) -> dict[str, float]:
+        """Count a step taken along a whole-batch gradient of norm grad_norm (before clipping); its metrics."""
         self.step += 1
-        return {"train/grad_norm": float(grad_norm), "train/step": float(self.step)}
+        return {"train/grad_norm": grad_norm, "train/step": float(self.step)}
 
     def state_dict(self) -> dict:
         """Everything beyond the adapter weights that a resumed run needs to continue identically."""

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rl.checkpoint import CHECKPOINTS
 from rl.cli import build_parser, main
 
 
@@ -53,3 +54,14 @@ def test_train_with_a_bad_recipe_is_a_usage_error_naming_key_and_file(tmp_path, 
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("solray train: ") and message in err
+
+
+def test_train_refusing_an_earlier_runs_checkpoint_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / CHECKPOINTS / "step_000004").mkdir(parents=True)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"run:\n  output_dir: {tmp_path}\n  resume: never\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(recipe)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("solray train: ") and "holds a checkpoint of an earlier run (step_000004): set run.resume=auto" in err

@@ -24,6 +24,13 @@ def test_overrides_use_dotted_keys_and_yaml_types(tmp_path):
     assert recipe.run.steps == 7 and recipe.sol.enabled is False and recipe.optim.lr == 1e-3
 
 
+def test_optimizer_and_per_algorithm_keys_are_their_own(tmp_path):
+    recipe = load_recipe(_write(tmp_path, ""), ["optim.betas=[0.8, 0.95]", "algorithm.grpo.adv_clip=2.5", "cluster.learners=2", "cluster.zero_stage=2"])
+    assert recipe.optim.betas == (0.8, 0.95) and Recipe().optim.betas == (0.9, 0.999)
+    assert (recipe.algorithm.grpo.adv_clip, recipe.algorithm.nft.adv_clip) == (2.5, 5.0)
+    assert (recipe.cluster.learners, recipe.cluster.remote_learners, recipe.cluster.zero_stage) == (2, True, 2)
+
+
 @pytest.mark.parametrize(
     ("text", "overrides", "message"),
     [
@@ -33,6 +40,9 @@ def test_overrides_use_dotted_keys_and_yaml_types(tmp_path):
         ("", ["sol.pool_size=0"], r"sol.pool_size: Input should be greater than or equal to 2"),
         ("", ["algorithm.group_size=32", "sol.pool_size=16"], r"group_size \(32\) must be <= sol.pool_size \(16\)"),
         ("", ["balance.mode=qp"], r"balance.mode 'qp' needs at least 2 entries in rewards.models"),
+        ("", ["cluster.zero_stage=3"], r"cluster.zero_stage: Input should be 0, 1 or 2"),
+        ("", ["cluster.learners=2", "cluster.remote_learners=false"], r"cluster.learners = 2 needs cluster.remote_learners: true"),
+        ("", ["optim.betas=[0.9, 1.0]"], r"optim.betas.1: Input should be less than 1"),
         ("- a\n- b\n", [], r"a recipe is a mapping of sections, got list"),
     ],
 )

@@ -35,7 +35,7 @@ REMOTE = ["cluster.rollout_workers=2", "cluster.reward_workers=1", "cluster.remo
 @pytest.fixture(scope="module")
 def local_ray():
     ray.shutdown()
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)  # logical: two remote drivers at once
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)  # logical: the kill test's driver runs beside the reference one
     yield
     ray.shutdown()
 
@@ -64,7 +64,8 @@ def run_steps(driver: Driver, kill_at: int | None = None) -> list[dict]:
 @pytest.fixture(scope="module")
 def remote_driver(local_ray, tmp_path_factory):
     driver = Driver(load_recipe("recipes/tiny_solrl.yaml", [*RUNTIME, *REMOTE, f"run.output_dir={tmp_path_factory.mktemp('remote')}"]))
-    return driver, run_steps(driver)
+    yield driver, run_steps(driver)
+    driver.shutdown()
 
 
 def assert_same_run(a: list[dict], b: list[dict], loss_rel: float) -> None:
@@ -105,7 +106,7 @@ def test_synced_rollout_copy_samples_what_the_learner_samples(remote_driver):
     recipe = driver.recipe
     prompts = ["a red circle", "two squares", "a cross left of a triangle", "a blue triangle"]
     seeds = [seed_for(7, 0, p, 0) for p in range(len(prompts))]
-    explore = ray.get(driver.rollout.call(1, "explore", prompts, seeds, recipe.sol.explore_steps, "euler", driver.version, driver.weights_list))
+    explore = ray.get(driver.rollout.call(1, "explore", prompts, seeds, recipe.sol.explore_steps, "euler", None, driver.version, driver.catch_up_weights))
     learner = ray.get(driver.learner.call(0, "regenerate", prompts, seeds))
     # merged weights (rollout) vs base + LoRA adapter (learner): equal up to float rounding of a pixel
     diff = np.abs(explore.astype(int) - learner.astype(int))
@@ -114,17 +115,19 @@ def test_synced_rollout_copy_samples_what_the_learner_samples(remote_driver):
     base = sample(load_policy("tiny"), prompts, seeds, recipe.sol.explore_steps, solver="euler").images
     assert np.abs(base.astype(int) - learner.astype(int)).max() > 16
     with pytest.raises(ray.exceptions.RayTaskError, match="holds weights v2, asked to explore with v1"):
-        ray.get(driver.rollout.call(0, "explore", prompts, seeds, recipe.sol.explore_steps, "euler", driver.version - 1, driver.weights_list))
+        ray.get(driver.rollout.call(0, "explore", prompts, seeds, recipe.sol.explore_steps, "euler", None, driver.version - 1, driver.catch_up_weights))
 
 
 @pytest.mark.slow
 def test_killed_rollout_and_reward_actors_are_restarted_and_their_shards_reissued(remote_driver, tmp_path):
     _, reference = remote_driver
     driver = Driver(load_recipe("recipes/tiny_solrl.yaml", [*RUNTIME, *REMOTE, f"run.output_dir={tmp_path}"]))
-    pids = [ray.get(actor.describe.remote())["pid"] for actor in driver.rollout.actors]
+    actors = [*driver.rollout.actors, *driver.reward.actors]
+    pids = [ray.get(actor.describe.remote())["pid"] for actor in actors]
     history = run_steps(driver, kill_at=1)  # after the first sync: the restarted worker must catch up to v1
-    assert ray.get(driver.rollout.actors[0].describe.remote())["pid"] != pids[0]
-    assert ray.get(driver.rollout.actors[1].describe.remote())["pid"] == pids[1]
+    killed = [ray.get(actor.describe.remote())["pid"] != pid for actor, pid in zip(actors, pids)]
+    assert killed == [True, False, True]  # rollout 0 and the reward worker were restarted
+    driver.shutdown()
     assert_same_run(history, reference, loss_rel=0)
 
 
