@@ -69,6 +69,7 @@ class Driver:
         cluster = recipe.cluster
         if not ray.is_initialized():
             ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+        check_cluster_fits(recipe)
         self.prompt_source = PromptSource(recipe.run.prompts, recipe.run.seed)
         model = recipe.model.model_dump()
         self.rollout = None
@@ -310,6 +311,24 @@ def train(recipe: Recipe) -> RunResult:
         tracker.close()
         driver.shutdown()
     return RunResult(output_dir, tracker.history, tracker.evaluations)
+
+
+def check_cluster_fits(recipe: Recipe) -> None:
+    """Refuse a recipe whose actors need more CPUs or GPUs than the Ray cluster has (Ray would wait forever)."""
+    cluster = recipe.cluster
+    groups = [(cluster.reward_workers, cluster.reward_resources)]
+    if recipe.sol.enabled:
+        groups.append((cluster.rollout_workers, cluster.rollout_resources))
+    if cluster.remote_learners:
+        groups.append((cluster.learners, cluster.learner_resources))
+    available = ray.cluster_resources()
+    for kind, key in (("num_cpus", "CPU"), ("num_gpus", "GPU")):
+        needed = sum(n * getattr(resources, kind) for n, resources in groups)
+        if needed > available.get(key, 0.0) + 1e-9:
+            raise ValueError(
+                f"{recipe.run.name}: the actors need {needed:g} {key}s (cluster.*_workers x cluster.*_resources.{kind}) "
+                f"but the Ray cluster has {available.get(key, 0.0):g}; lower the resources or the worker counts"
+            )
 
 
 def ranking_fidelity(explored: np.ndarray, regenerated: np.ndarray) -> dict[str, float]:

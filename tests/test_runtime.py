@@ -158,3 +158,9 @@ def test_on_reward_error_skip_drops_whole_groups_and_fail_names_the_prompt():
     kept, dropped = driver.check_rewards(rewards, prompts, [0, 0, 0, 1, 1, 1], step=3)
     assert dropped == 1
     assert np.isnan(kept[:3]).all() and kept[3:, 0].tolist() == [0.9, 0.1, 0.3]
+
+
+def test_a_recipe_that_does_not_fit_the_cluster_fails_before_starting_actors(local_ray, tmp_path):
+    recipe = load_recipe("recipes/tiny_solrl.yaml", [*REMOTE, "cluster.learner_resources.num_cpus=7.5", f"run.output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=r"tiny_solrl: the actors need 8.75 CPUs .* but the Ray cluster has 8;"):
+        Driver(recipe)
