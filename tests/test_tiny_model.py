@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import torch
+
 from rollout import load_policy
 from rollout.tiny.evaluate import evaluate_policy
 from rollout.tiny.model import WEIGHTS_DIR, TinyPolicy, build_text_encoder, build_tokenizer, build_transformer
@@ -16,8 +18,10 @@ def test_shipped_weights_are_small_safetensors():
 def test_shipped_policy_beats_an_untrained_one_on_the_eval_protocol(tiny_policy):
     shipped = evaluate_policy(tiny_policy, seeds_per_prompt=4)
     tokenizer = build_tokenizer()
-    untrained = evaluate_policy(TinyPolicy(build_transformer(), build_text_encoder(tokenizer), tokenizer, tiny_policy.shift), seeds_per_prompt=1)
-    assert untrained["strict"] == 0.0
-    # measured at 4 seeds per prompt: strict 0.052, single_object 0.5 (README's table uses 8 seeds)
-    assert shipped["strict"] >= 0.04
+    torch.manual_seed(0)  # the random init, not the test order, decides what the untrained model draws
+    untrained = evaluate_policy(TinyPolicy(build_transformer(), build_text_encoder(tokenizer), tokenizer, tiny_policy.shift), seeds_per_prompt=4)
+    # measured at 4 seeds per prompt: untrained strict 0.021 (a lone random blob can pass "a circle");
+    # shipped 0.052, single_object 0.5 (README's table uses 8 seeds)
+    assert untrained["strict"] <= 0.025
+    assert shipped["strict"] >= 0.04 and shipped["strict"] >= 2 * untrained["strict"]
     assert shipped["per_task"]["single_object"]["strict"] >= 0.25
