@@ -7,7 +7,7 @@ output_dir/checkpoints/step_000010/    10 iterations done: a resumed run continu
   old_lora/...                            the "old" adapter (DiffusionNFT's EMA sampling policy), same format
   trainer.safetensors                     each learner's trainer-state tensors (AdamW moments or their ZeRO
                                           shard, noise-generator state, balancer weights), keyed "<rank>/…"
-  state.json                              step, weights version, and the trainer states without their tensors
+  state.json                              step, weights version, the recipe, and the trainer states without their tensors
 
 The data position is the step: prompts and seeds are pure functions of (run seed, step).
 A checkpoint is written into a hidden temp dir, fsynced and renamed into place (an atomic rename),
@@ -77,6 +77,20 @@ def load_lora(directory: str | Path) -> dict[str, torch.Tensor]:
     """An adapter written by save_lora, under peft's keys (for load_adapter_state_dict)."""
     weights = load_file(Path(directory) / LORA_WEIGHTS)
     return {k.removeprefix(f"{LORA_PREFIX}."): v for k, v in weights.items()}
+
+
+def attach_lora(policy: Policy, directory: str | Path) -> None:
+    """Attach a LoRA written by save_lora (a checkpoint directory, or its lora/ or old_lora/) as the
+    policy's trainable adapter (active) and its old copy."""
+    directory = Path(directory)
+    if (directory / ADAPTER_DIRS[TRAINABLE_ADAPTER] / LORA_WEIGHTS).is_file():
+        directory = directory / ADAPTER_DIRS[TRAINABLE_ADAPTER]
+    if not (directory / LORA_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{directory} holds no {LORA_WEIGHTS}: pass a checkpoint directory (checkpoints/step_N) or its lora/ folder")
+    config = json.loads((directory / "adapter_config.json").read_text())
+    policy.add_lora(rank=config["r"], alpha=config["lora_alpha"])
+    load_adapter_state_dict(policy, TRAINABLE_ADAPTER, load_lora(directory))
+    policy.copy_adapter(TRAINABLE_ADAPTER, OLD_ADAPTER)
 
 
 # --- nested state <-> tensors + JSON ----------------------------------------------------------------
@@ -172,6 +186,11 @@ def save_checkpoint(root: str | Path, learners: list[dict[str, Any]], run_state:
         os.rename(path, trash)
         shutil.rmtree(trash)
     return final
+
+
+def checkpoint_recipe(path: str | Path) -> dict[str, Any]:
+    """The recipe (as `Recipe.model_dump(mode="json")`) of the run that wrote the checkpoint at `path`."""
+    return json.loads((Path(path) / "state.json").read_text())["recipe"]
 
 
 def load_checkpoint(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:

@@ -42,14 +42,28 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"{len(result.history)} steps done ({rewards or 'no steps'}); metrics, grids and checkpoints in {result.output_dir}")
 
 
+def _load_policy(args: argparse.Namespace, precision: str):
+    """--model in `precision`, with --lora (a training checkpoint) attached; nvfp4 quantizes the merged weights."""
+    from rollout import load_policy
+
+    if not args.lora:
+        return load_policy(args.model, precision=precision)
+    from quant import quantize_policy
+    from rl.checkpoint import attach_lora
+    from rollout.policy import TRAINABLE_ADAPTER
+
+    policy = load_policy(args.model, precision="bf16" if precision == "nvfp4" else precision)
+    attach_lora(policy, args.lora)
+    return quantize_policy(policy, "nvfp4", adapter=TRAINABLE_ADAPTER) if precision == "nvfp4" else policy
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     from rewards import build_reward
-    from rollout import load_policy
     from rollout.images import image_grid, save_png
     from rollout.samplers import sample
     from rollout.tiny import ALL_PROMPTS
 
-    policy = load_policy(args.model, precision=args.precision)
+    policy = _load_policy(args, args.precision)
     pairs = [(p, s) for p in args.prompt for s in args.seed]
     out = sample(policy, [p for p, _ in pairs], [s for _, s in pairs], args.steps, solver=args.solver, batch_size=96, progress=True)
     out_dir = Path(args.out)
@@ -64,7 +78,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             print(f"  {prompt!r}: verifier reward {mine.mean():.3f}, strict pass {int((mine == 1.0).sum())}/{len(mine)}")
     if args.compare_precision:
         # The same prompts x seeds in a second precision; compare.png puts the two grids side by side.
-        other_policy = load_policy(args.model, precision=args.compare_precision)
+        other_policy = _load_policy(args, args.compare_precision)
         other = sample(other_policy, [p for p, _ in pairs], [s for _, s in pairs], args.steps, solver=args.solver, batch_size=96, progress=True)
         grids = [image_grid(images, columns=len(args.seed), scale=args.scale) for images in (out.images, other.images)]
         gap = np.full((grids[0].shape[0], 4 * args.scale, 3), 255, dtype=np.uint8)
@@ -77,10 +91,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from rollout import load_policy
     from rollout.tiny.evaluate import accuracy_table, evaluate_policy
 
-    policy = load_policy(args.model, precision=args.precision)
+    policy = _load_policy(args, args.precision)
     result = evaluate_policy(policy, seeds_per_prompt=args.seeds_per_prompt, steps=args.steps, solver=args.solver, progress=True)
     print(accuracy_table(result))
     if args.json:
@@ -121,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_model_args(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--model", default="tiny", help='"tiny" (the shipped testbed model), a local path or a hub id')
+        sub.add_argument("--lora", help="a LoRA trained by `solray train`: output_dir/checkpoints/step_N (or its lora/ folder)")
         sub.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "nvfp4"])
         sub.add_argument("--steps", type=int, default=10, help="sampler steps")
         sub.add_argument("--solver", default="euler", choices=["euler", "dpm2", "sde", "cps"])

@@ -187,6 +187,25 @@ class Recipe(Section):
         return self.algorithm.prompts_per_step * self.sol.pool_size if self.sol.enabled else 0
 
 
+# Sections and keys a resumed run may change: they do not alter what the run computes (cluster
+# sizes are checked separately, since learner state is sharded per rank).
+RESUMABLE_CHANGES = ("run.name", "run.steps", "run.output_dir", "run.resume", "cluster.", "logging.", "checkpoint.", "eval.")
+
+
+def recipe_changes(saved: dict[str, Any], recipe: Recipe) -> list[str]:
+    """Dotted keys whose value in `recipe` differs from the saved recipe dump, except RESUMABLE_CHANGES."""
+    current = recipe.model_dump(mode="json")
+
+    def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(tree, dict):
+            return {k: v for key, sub in tree.items() for k, v in leaves(sub, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: tree}
+
+    old, new = leaves(saved), leaves(current)
+    keys = sorted(set(old) | set(new))
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in keys if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)]
+
+
 class RecipeError(ValueError):
     """A recipe that does not validate; the message names the file and every bad key."""
 

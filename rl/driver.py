@@ -7,6 +7,7 @@ go worker -> object store -> worker.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -24,8 +25,8 @@ from actors.workers import LearnerWorker, RewardWorker, RolloutWorker
 from rewards import RewardError
 from quant.fidelity import spearman
 from rl.advantages import group_advantages, zero_variance_groups
-from rl.checkpoint import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
-from rl.config import Recipe
+from rl.checkpoint import CHECKPOINTS, checkpoint_recipe, latest_checkpoint, load_checkpoint, save_checkpoint
+from rl.config import Recipe, RecipeError, recipe_changes
 from rl.selection import select_contrastive
 from rl.tracking import Tracker
 from rollout.prompts import PromptSource, load_prompts
@@ -34,6 +35,7 @@ from rollout.tiny.world import TASKS, parse_prompt
 from rollout.samplers import seed_for
 
 
+logger = logging.getLogger(__name__)
 GRID_PROMPTS, GRID_SEEDS = 4, 4  # the image-grid probe: eval prompts x seeds, the same at every grid
 
 
@@ -216,6 +218,7 @@ class Driver:
         dropped = np.unique(groups[failed])
         rewards = rewards.copy()
         rewards[np.isin(groups, dropped)] = np.nan
+        logger.warning("step %d: %d images got no reward from %s; skipped their %d prompt groups (rewards.on_reward_error: skip)", step, int(failed.sum()), names, len(dropped))
         return rewards, len(dropped)
 
     def _shard_sizes(self, prompts: list[str]) -> list[tuple[str, int]]:
@@ -235,7 +238,8 @@ class Driver:
         """The learners' adapters, optimizer states and noise generators, and the run's position after `steps_done` iterations."""
         learner_states = ray.get(self.learner.call_all("checkpoint_state"))
         root = Path(self.recipe.run.output_dir) / CHECKPOINTS
-        return save_checkpoint(root, learner_states, {"step": steps_done, "version": self.version}, self.recipe.checkpoint.keep)
+        run_state = {"step": steps_done, "version": self.version, "recipe": self.recipe.model_dump(mode="json")}
+        return save_checkpoint(root, learner_states, run_state, self.recipe.checkpoint.keep)
 
     def restore(self, path: Path) -> int:
         """Load a checkpoint into the learners and bring the rollout workers to its weights; returns the step to continue at."""
@@ -288,6 +292,11 @@ def train(recipe: Recipe) -> RunResult:
     latest = latest_checkpoint(output_dir / CHECKPOINTS)
     if latest is not None and recipe.run.resume == "never":
         raise FileExistsError(f"{output_dir} holds a checkpoint of an earlier run ({latest.name}): set run.resume=auto to continue it, or another run.output_dir")
+    if latest is not None and (changes := recipe_changes(checkpoint_recipe(latest), recipe)):
+        raise RecipeError(
+            f"{latest} was written by a run with another recipe ({'; '.join(changes)}); resuming would mix the two. "
+            "Restore those values, or use another run.output_dir"
+        )
     driver = Driver(recipe)
     start = 0 if latest is None else driver.restore(latest)
     tracker = Tracker(recipe, start)

@@ -17,6 +17,7 @@ from actors.workers import LearnerWorker, RewardWorker
 from rl.advantages import group_advantages
 from rl.checkpoint import (
     adapter_state_dict,
+    attach_lora,
     checkpoint_steps,
     join_tensors,
     latest_checkpoint,
@@ -26,7 +27,7 @@ from rl.checkpoint import (
     save_lora,
     split_tensors,
 )
-from rl.config import load_recipe
+from rl.config import RecipeError, load_recipe, recipe_changes
 from rl.driver import train
 from rl.tracking import read_metrics
 from rollout import load_policy
@@ -175,12 +176,31 @@ def test_saved_lora_loads_with_diffusers_pipeline_loader_and_peft_config(tmp_pat
     assert (trained - base).abs().max() > 0.1
     torch.testing.assert_close(loaded, trained, rtol=0, atol=1e-6)
 
+    # What `solray sample/eval --lora` runs: a checkpoint directory or its lora/ folder.
+    attached = load_policy("tiny")
+    attach_lora(attached, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(attached.velocity(x_t, t, attached.encode_prompts(prompts)), trained, rtol=0, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match=r"holds no pytorch_lora_weights.safetensors: pass a checkpoint directory"):
+        attach_lora(load_policy("tiny"), tmp_path / "missing")
+
 
 def test_resume_never_refuses_an_output_dir_with_checkpoints(tmp_path):
     save_checkpoint(tmp_path / "checkpoints", _fake_learner_states(2), {"step": 2}, keep=1)
     recipe = load_recipe(REPO / "recipes/tiny_solrl.yaml", SMALL + [f"run.output_dir={tmp_path}", "run.resume=never"])
     with pytest.raises(FileExistsError, match=r"holds a checkpoint of an earlier run \(step_000002\): set run.resume=auto"):
         train(recipe)
+
+
+def test_resume_refuses_a_changed_recipe_and_names_the_keys(tmp_path):
+    recipe = load_recipe(REPO / "recipes/tiny_solrl.yaml", SMALL + [f"run.output_dir={tmp_path}"])
+    run_state = {"step": 2, "recipe": recipe.model_dump(mode="json")}
+    save_checkpoint(tmp_path / "checkpoints", _fake_learner_states(2), run_state, keep=1)
+    changed = load_recipe(REPO / "recipes/tiny_solrl.yaml", SMALL + [f"run.output_dir={tmp_path}", "optim.lr=0.01", "sol.pool_size=16", "run.steps=50"])
+    with pytest.raises(RecipeError, match=r"another recipe \(optim.lr: 0.0003 -> 0.01; sol.pool_size: 8 -> 16\); resuming would mix"):
+        train(changed)
+    # Changing only the length, logging, evaluation or cluster layout is a continuation.
+    assert recipe_changes(run_state["recipe"], load_recipe(REPO / "recipes/tiny_solrl.yaml", SMALL + ["run.steps=50", "eval.every=5", "logging.grid_every=0"])) == []
 
 
 def _wait_for(condition, process: subprocess.Popen, timeout: float = 300.0) -> None:

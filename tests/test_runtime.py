@@ -146,7 +146,7 @@ def test_reward_errors_fail_with_the_reward_name_or_become_nan_columns():
     assert scores.shape == (2, 2) and np.isfinite(scores[:, 0]).all() and np.isnan(scores[:, 1]).all()
 
 
-def test_on_reward_error_skip_drops_whole_groups_and_fail_names_the_prompt():
+def test_on_reward_error_skip_drops_whole_groups_and_fail_names_the_prompt(caplog):
     recipe = load_recipe("recipes/tiny_solrl.yaml", RUNTIME + IN_PROCESS)
     driver = Driver.__new__(Driver)  # check_rewards only reads the recipe
     driver.recipe = recipe
@@ -157,6 +157,7 @@ def test_on_reward_error_skip_drops_whole_groups_and_fail_names_the_prompt():
     driver.recipe = recipe.model_copy(update={"rewards": recipe.rewards.model_copy(update={"on_reward_error": "skip"})})
     kept, dropped = driver.check_rewards(rewards, prompts, [0, 0, 0, 1, 1, 1], step=3)
     assert dropped == 1
+    assert "step 3: 1 images got no reward from ['tiny_verifier']; skipped their 1 prompt groups" in caplog.text
     assert np.isnan(kept[:3]).all() and kept[3:, 0].tolist() == [0.9, 0.1, 0.3]
 
 
