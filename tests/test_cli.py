@@ -3,10 +3,13 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from rl.checkpoint import CHECKPOINTS
+from rl.checkpoint import CHECKPOINTS, adapter_state_dict, lora_config, save_lora
 from rl.cli import build_parser, main
+from rollout import load_policy
+from rollout.policy import TRAINABLE_ADAPTER
 
 
 def test_help_lists_every_command_with_a_description():
@@ -27,6 +30,22 @@ def test_sample_writes_pngs_grid_and_verifier_scores(tmp_path, capsys):
     assert grid.shape == (2 * (64 + 1) + 1, 3 * (64 + 1) + 1, 3)
     out = capsys.readouterr().out
     assert "wrote 6 images" in out and "'two squares': verifier reward" in out
+
+
+def test_sample_with_a_trained_lora_changes_the_images_in_every_precision(tmp_path, capsys):
+    policy = load_policy("tiny")
+    policy.add_lora(4, 8.0, init_seed=0)
+    with torch.no_grad():
+        for param in policy.adapter_parameters(TRAINABLE_ADAPTER).values():
+            param.add_(0.2 * torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())))
+    save_lora(adapter_state_dict(policy, TRAINABLE_ADAPTER), lora_config(policy, TRAINABLE_ADAPTER), tmp_path / "step_000001" / "lora")
+    args = ["sample", "--prompt", "a red circle", "--seed", "0-1", "--steps", "3", "--compare-precision", "nvfp4"]
+    main([*args, "--out", str(tmp_path / "base")])
+    main([*args, "--out", str(tmp_path / "lora"), "--lora", str(tmp_path / "step_000001")])
+    for name in ("grid.png", "compare.png"):
+        base, lora = (np.asarray(Image.open(tmp_path / run / name)).astype(int) for run in ("base", "lora"))
+        assert np.abs(base - lora).mean() > 1.0, name
+    assert "wrote" in capsys.readouterr().out
 
 
 def test_bad_seed_list_is_a_usage_error(capsys):
