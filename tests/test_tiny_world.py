@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from rollout.tiny import ALL_PROMPTS, TASKS, detect_objects, parse_prompt, prompt_set, render, strict_pass, verify
-from rollout.tiny.world import COLORS, SHAPES, shape_mask
+from rollout.tiny.world import COLORS, MAX_SIZE, MIN_SIZE, SHAPES, _aligned_corners, _quadrant_corners, draw, shape_mask
 
 
 def test_world_has_the_required_vocabulary():
@@ -77,3 +77,16 @@ def test_blank_and_noise_images_score_near_zero():
     noise = np.random.default_rng(0).integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8)
     scores = [verify(image, p) for image in noise for p in prompt_set("eval")]
     assert all(0.0 <= s < 1.0 for s in scores) and np.mean(scores) < 0.15  # measured 0.11
+
+
+@pytest.mark.parametrize("relation", ["left of", "right of", "above", "below"])
+def test_fallback_layouts_of_crowded_draws_hold_the_prompt(relation):
+    """The layouts used when random placement gives up: the largest objects still satisfy the prompt."""
+    rng = np.random.default_rng(0)
+    for size_a, size_b in [(MAX_SIZE, MAX_SIZE), (MIN_SIZE, MAX_SIZE), (MAX_SIZE, MIN_SIZE)]:
+        corners = _aligned_corners(rng, relation, size_a, size_b)
+        assert all(1 <= v <= 32 - 1 - MAX_SIZE for corner in corners for v in corner), corners
+        image = draw([("circle", "red", size_a), ("square", "blue", size_b)], corners)
+        assert strict_pass(image, f"a circle {relation} a square"), (size_a, size_b, corners)
+    image = draw([("triangle", color, MAX_SIZE) for color in ("red", "green", "blue")], _quadrant_corners(3))
+    assert strict_pass(image, "three triangles")

@@ -33,7 +33,7 @@ COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 RELATIONS = ("left of", "right of", "above", "below")
 TASKS = ("single_object", "colors", "counting", "two_object", "position")
 GAP = 2
-MIN_SIZE, MAX_SIZE = 7, 11
+MIN_SIZE, MAX_SIZE = 9, 13
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,13 @@ def _place_free(rng: np.random.Generator, sizes: list[int]) -> list[tuple[int, i
                 break
         if len(boxes) == len(sizes):
             return [(y, x) for y, x, _ in boxes]
-    raise RuntimeError(f"could not place {len(sizes)} objects without overlap")
+    return _quadrant_corners(len(sizes))
+
+
+def _quadrant_corners(count: int) -> list[tuple[int, int]]:
+    """For rare crowded draws: one object per quadrant (a quadrant fits MAX_SIZE + GAP)."""
+    half = IMAGE_SIZE // 2
+    return [(1 + half * (i // 2), 1 + half * (i % 2)) for i in range(count)]
 
 
 def _place_related(rng: np.random.Generator, relation: str, size_a: int, size_b: int) -> list[tuple[int, int]]:
@@ -161,7 +167,16 @@ def _place_related(rng: np.random.Generator, relation: str, size_a: int, size_b:
         axis_ok = {"left of": dx > 2 * abs(dy), "right of": -dx > 2 * abs(dy), "above": dy > 2 * abs(dx), "below": -dy > 2 * abs(dx)}[relation]
         if axis_ok and _free([(int(ya), int(xa), size_a)], int(yb), int(xb), size_b):
             return [(int(ya), int(xa)), (int(yb), int(xb))]
-    raise RuntimeError(f"could not place two objects {relation} each other")
+    return _aligned_corners(rng, relation, size_a, size_b)
+
+
+def _aligned_corners(rng: np.random.Generator, relation: str, size_a: int, size_b: int) -> list[tuple[int, int]]:
+    """For rare draws of two large objects: side by side along the relation's axis, centres aligned."""
+    size = max(size_a, size_b)
+    across = int(rng.integers(1, IMAGE_SIZE - size))
+    first, second = (1, 1 + size_a + GAP) if relation in ("left of", "above") else (1 + size_b + GAP, 1)
+    a, b = (across + (size - size_a) // 2, first), (across + (size - size_b) // 2, second)
+    return [a, b] if relation in ("left of", "right of") else [a[::-1], b[::-1]]
 
 
 def render(prompt: str, seed: int) -> np.ndarray:
@@ -178,8 +193,12 @@ def render(prompt: str, seed: int) -> np.ndarray:
         corners = _place_related(rng, parsed.relation, sizes[0], sizes[1])
     else:
         corners = _place_free(rng, sizes)
+    return draw([(shape, color, size) for (shape, color), size in zip(objects, sizes)], corners)
+
+
+def draw(objects: list[tuple[str, str, int]], corners: list[tuple[int, int]]) -> np.ndarray:
+    """uint8 [32, 32, 3]: each (shape, colour, size) drawn in its size x size box at its top-left corner."""
     image = np.broadcast_to(BACKGROUND, (IMAGE_SIZE, IMAGE_SIZE, 3)).copy()
-    for (shape, color), size, (y, x) in zip(objects, sizes, corners):
-        mask = shape_mask(shape, size, size)
-        image[y : y + size, x : x + size][mask] = COLORS[color]
+    for (shape, color, size), (y, x) in zip(objects, corners):
+        image[y : y + size, x : x + size][shape_mask(shape, size, size)] = COLORS[color]
     return image
