@@ -4,6 +4,13 @@ Rectified flow: x_t = (1 - t) x0 + t eps with t ~ logit-normal(0, 1) (as SD3 tra
 transformer and the text encoder learn v = eps - x0 jointly by MSE. Tasks are drawn uniformly,
 then a prompt of the task, then a fresh ground-truth render. The saved weights are an EMA of
 the training weights. Deterministic for a given seed and thread count.
+
+guidance > 1 bakes classifier-free guidance into the model (model guidance, Tang et al. 2025,
+"Diffusion Models without Classifier-free Guidance"): a fraction `uncond_prob` of prompts is
+replaced by the empty prompt, and conditional samples regress onto
+    v* = (eps - x0) + (1 - 1 / guidance) * sg(v(x_t, c) - v(x_t, empty)),
+whose fixed point is v = v_empty + guidance * (v_cond - v_empty): sampling at CFG 1.0 (the eval
+protocol) draws what CFG at `guidance` would.
 """
 
 from __future__ import annotations
@@ -28,6 +35,11 @@ def training_batch(rng: np.random.Generator, batch_size: int) -> tuple[list[str]
     return prompts, images
 
 
+def model_guidance_target(flow_target: torch.Tensor, v_cond: torch.Tensor, v_empty: torch.Tensor, guidance: float) -> torch.Tensor:
+    """v* = (eps - x0) + (1 - 1/w) (v_cond - v_empty); its fixed point is v_empty + w (E[eps - x0 | c] - v_empty)."""
+    return flow_target + (1 - 1 / guidance) * (v_cond - v_empty)
+
+
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak."""
     if step < warmup:
@@ -45,6 +57,8 @@ def pretrain_tiny(
     seed: int = 0,
     save_every: int = 0,
     init: str | Path | None = None,
+    guidance: float = 1.0,
+    uncond_prob: float = 0.1,
     progress: bool = True,
 ) -> list[float]:
     """Train (from scratch, or on from the policy saved at `init`) and save the EMA weights to out_dir.
@@ -74,8 +88,17 @@ def pretrain_tiny(
         eps = torch.randn(x0.shape, generator=noise_generator)
         t = torch.sigmoid(torch.randn(batch_size, generator=noise_generator))
         x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
+        target = eps - x0
+        if guidance != 1.0:
+            unconditional = torch.rand(batch_size, generator=noise_generator) < uncond_prob
+            prompts = ["" if drop else prompt for prompt, drop in zip(prompts, unconditional.tolist())]
         v = policy.velocity(x_t, t, policy.text_embeddings(policy.tokenize(prompts)))
-        loss = torch.nn.functional.mse_loss(v, eps - x0)
+        if guidance != 1.0:
+            with torch.no_grad():
+                v_empty = policy.velocity(x_t, t, policy.text_embeddings(policy.tokenize([""] * batch_size)))
+            guided = model_guidance_target(target, v.detach(), v_empty, guidance)
+            target = torch.where(unconditional[:, None, None, None], target, guided)
+        loss = torch.nn.functional.mse_loss(v, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
