@@ -1,9 +1,9 @@
 """Learning checks, single process (no Ray): the trainer's NFT and GRPO steps raise a reward from the
-shipped tiny policy, and QP balancing weighs three rewards differently from a weighted sum.
+shipped tiny policy. The script also compares QP balancing with a weighted sum on three rewards.
 
 The reward here is `brightness`, which the policy can raise by drawing smaller objects: a dense
 signal that shows the objectives, advantages and optimizer move the policy the right way within
-a few steps. What 30 steps do to the verifier's strict accuracy is reported in the README.
+a few steps. What RL does to the verifier's strict accuracy is the main job's figure (README).
 
 Run as a script for the figures: python tests/test_learning.py
 """
@@ -81,3 +81,8 @@ if __name__ == "__main__":
         policy, history = train_tiny(algorithm, iterations=12, lr=LEARNING_RATES[algorithm])
         print(f"{algorithm}: probe brightness {probe_reward(policy, adapter=None):.4f} -> {probe_reward(policy):.4f}; "
               f"train {history[:4, 0].mean():.4f} -> {history[-4:, 0].mean():.4f}", flush=True)
+    rewards = ("tiny_verifier", "brightness", "jpeg_compressibility")
+    for balance in ("weighted_sum", "qp"):
+        policy, _ = train_tiny("nft", iterations=12, reward_names=rewards, balance=balance)
+        changes = ", ".join(f"{name} {probe_reward(policy, name, adapter=None):.3f} -> {probe_reward(policy, name):.3f}" for name in rewards)
+        print(f"nft, 3 rewards, {balance}: probe {changes}", flush=True)
