@@ -22,10 +22,11 @@ from rollout import load_policy
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER
 from rollout.samplers import sample, timesteps
 from rollout.tiny import prompt_set
+from rollout.tiny.evaluate import EVAL_SEED_BASE
 
 STEPS = 10
 PROBE_PROMPTS = prompt_set("eval")[:8]
-PROBE_SEEDS = [10**6 + j for j in range(4)]
+PROBE_SEEDS = [EVAL_SEED_BASE + j for j in range(4)]
 
 
 def train_tiny(algorithm: str, iterations: int, reward_names=("brightness",), balance=None, prompts_per_step=2, group_size=8, lr=3e-4, seed=0):

@@ -1,8 +1,7 @@
 import numpy as np
-
-from rollout import load_policy
 import torch
 
+from rollout import load_policy
 from rollout.tiny.pretrain import learning_rate, model_guidance_target, pretrain_tiny
 
 
