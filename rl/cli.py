@@ -103,8 +103,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_pretrain_tiny(args: argparse.Namespace) -> None:
     from rollout.tiny.pretrain import pretrain_tiny
 
-    losses = pretrain_tiny(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every, init=args.init, guidance=args.guidance)
+    losses = pretrain_tiny(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every, init=args.init, guidance=args.guidance, task_weights=dict(args.task_weight))
     print(f"saved to {args.out}; loss {np.mean(losses[:50]):.4f} (first 50 steps) -> {np.mean(losses[-50:]):.4f} (last 50)")
+
+
+def _task_weight(text: str) -> tuple[str, int]:
+    """'two_object=3' -> ('two_object', 3)."""
+    task, sep, weight = text.partition("=")
+    if not sep or not weight.isdigit():
+        raise argparse.ArgumentTypeError(f"bad task weight {text!r}: use task=integer, e.g. two_object=3")
+    return task, int(weight)
 
 
 def _reward_kwarg(text: str) -> tuple[str, object]:
@@ -168,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--save-every", type=int, default=0, help="also save step-N snapshots every N steps")
     pretrain.add_argument("--init", help="continue from a saved tiny policy instead of a random init")
     pretrain.add_argument("--guidance", type=float, default=1.0, help="bake classifier-free guidance of this scale into the model (1 = none)")
+    pretrain.add_argument("--task-weight", type=_task_weight, action="append", default=[], help="draw a task this many times as often as the others (default 1 each): two_object=3; repeat")
     pretrain.set_defaults(run=cmd_pretrain_tiny)
 
     reward_server = commands.add_parser("reward-server", help="serve a registered reward over HTTP for the `remote` reward")

@@ -1,8 +1,9 @@
 """Pretrain the tiny testbed policy on the procedural world (`solray pretrain-tiny`).
 
 Rectified flow: x_t = (1 - t) x0 + t eps with t ~ logit-normal(0, 1) (as SD3 trains), the
-transformer and the text encoder learn v = eps - x0 jointly by MSE. Tasks are drawn uniformly,
-then a prompt of the task, then a fresh ground-truth render. The saved weights are an EMA of
+transformer and the text encoder learn v = eps - x0 jointly by MSE. Tasks are drawn in
+proportion to integer weights (uniform by default), then a prompt of the task, then a fresh
+ground-truth render. The saved weights are an EMA of
 the training weights. Deterministic for a given seed and thread count.
 
 guidance > 1 bakes classifier-free guidance into the model (model guidance, Tang et al. 2025,
@@ -28,9 +29,21 @@ from rollout.tiny.world import ALL_PROMPTS, TASKS, render
 PROMPTS_BY_TASK = {task: [p for p, parsed in ALL_PROMPTS.items() if parsed.task == task] for task in TASKS}
 
 
-def training_batch(rng: np.random.Generator, batch_size: int) -> tuple[list[str], np.ndarray]:
-    tasks = rng.integers(len(TASKS), size=batch_size)
-    prompts = [PROMPTS_BY_TASK[TASKS[k]][int(rng.integers(len(PROMPTS_BY_TASK[TASKS[k]])))] for k in tasks]
+def task_pool(task_weights: dict[str, int] | None) -> tuple[str, ...]:
+    """Each task repeated by its weight; drawing uniformly from the pool draws tasks in proportion."""
+    weights = {task: 1 for task in TASKS} | (task_weights or {})
+    unknown = sorted(set(weights) - set(TASKS))
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown} in task weights; tasks are {list(TASKS)}")
+    bad = {task: w for task, w in weights.items() if not isinstance(w, int) or w < 0}
+    if bad or not any(weights.values()):
+        raise ValueError(f"task weights must be non-negative integers, not all zero; got {weights}")
+    return tuple(task for task in TASKS for _ in range(weights[task]))
+
+
+def training_batch(rng: np.random.Generator, batch_size: int, tasks: tuple[str, ...] = TASKS) -> tuple[list[str], np.ndarray]:
+    drawn = [tasks[k] for k in rng.integers(len(tasks), size=batch_size)]
+    prompts = [PROMPTS_BY_TASK[task][int(rng.integers(len(PROMPTS_BY_TASK[task])))] for task in drawn]
     images = np.stack([render(p, int(s)) for p, s in zip(prompts, rng.integers(2**31, size=batch_size))])
     return prompts, images
 
@@ -59,6 +72,7 @@ def pretrain_tiny(
     init: str | Path | None = None,
     guidance: float = 1.0,
     uncond_prob: float = 0.1,
+    task_weights: dict[str, int] | None = None,
     progress: bool = True,
 ) -> list[float]:
     """Train (from scratch, or on from the policy saved at `init`) and save the EMA weights to out_dir.
@@ -66,6 +80,7 @@ def pretrain_tiny(
     Also saves out_dir/step-N every save_every steps. Returns the per-step training loss.
     """
     out_dir = Path(out_dir)
+    tasks = task_pool(task_weights)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     noise_generator = torch.Generator().manual_seed(seed)
@@ -83,7 +98,7 @@ def pretrain_tiny(
     losses: list[float] = []
     bar = tqdm(range(steps), desc="pretrain-tiny", disable=not progress)
     for step in bar:
-        prompts, images = training_batch(rng, batch_size)
+        prompts, images = training_batch(rng, batch_size, tasks)
         x0 = TinyPolicy.encode_images(images)
         eps = torch.randn(x0.shape, generator=noise_generator)
         t = torch.sigmoid(torch.randn(batch_size, generator=noise_generator))
