@@ -50,9 +50,9 @@ def _load_policy(args: argparse.Namespace, precision: str):
         return load_policy(args.model, precision=precision)
     from quant import quantize_policy
     from rl.checkpoint import attach_lora
-    from rollout.policy import TRAINABLE_ADAPTER
+    from rollout.policy import TRAINABLE_ADAPTER, base_precision
 
-    policy = load_policy(args.model, precision="bf16" if precision == "nvfp4" else precision)
+    policy = load_policy(args.model, precision=base_precision(precision))
     attach_lora(policy, args.lora)
     return quantize_policy(policy, "nvfp4", adapter=TRAINABLE_ADAPTER) if precision == "nvfp4" else policy
 

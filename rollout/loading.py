@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from rollout.policy import PRECISIONS, Policy
+from rollout.policy import Policy, base_precision
 from rollout.tiny.model import WEIGHTS_DIR, TinyPolicy
 
 # Family -> module and Policy class, imported on first use: a family's diffusers pipeline code is
@@ -67,21 +67,19 @@ def _pipeline_class_name(path: str) -> str | None:
 def load_policy(model: str | ModelConfig = "tiny", precision: str = "fp32", device: str | torch.device = "cpu") -> Policy:
     """A Policy for `model` ("tiny", a local path or hub id, or a ModelConfig) in fp32, bf16 or nvfp4."""
     config = ModelConfig(path=model) if isinstance(model, str) else model
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    load_precision = base_precision(precision)
     family = _family(config.path) if config.family == "auto" else config.family
-    base_precision = "bf16" if precision == "nvfp4" else precision
     options = {name: getattr(config, name) for name in PIPELINE_OPTIONS if getattr(config, name) != ModelConfig.model_fields[name].default}
     if family == "tiny":
         if options:
             raise ValueError(f"model options {sorted(options)} apply to the diffusers families {', '.join(PIPELINE_POLICIES)}, not to the tiny model")
-        policy: Policy = TinyPolicy.from_pretrained(WEIGHTS_DIR if config.path == "tiny" else config.path, base_precision, device)
+        policy: Policy = TinyPolicy.from_pretrained(WEIGHTS_DIR if config.path == "tiny" else config.path, load_precision, device)
     else:
         if "distilled_guidance" in options and family != "flux":
             raise ValueError(f"distilled_guidance applies to FLUX.1's guidance embedding only, not to family {family!r}")
         module_name, class_name = PIPELINE_POLICIES[family].split(":")
         policy_class = getattr(importlib.import_module(module_name), class_name)
-        policy = policy_class.from_pretrained(config.path, base_precision, device, **options)
+        policy = policy_class.from_pretrained(config.path, load_precision, device, **options)
     if config.shift is not None:
         policy.shift = config.shift
     if precision == "nvfp4":

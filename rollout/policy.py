@@ -25,6 +25,13 @@ TRAINABLE_ADAPTER = "policy"
 OLD_ADAPTER = "old"
 
 
+def base_precision(precision: str) -> str:
+    """The precision a policy loads in before any quantization: nvfp4 quantizes a bf16 copy."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return "bf16" if precision == "nvfp4" else precision
+
+
 def torch_dtype(precision: str) -> torch.dtype:
     """Compute dtype of a precision name; nvfp4 keeps bf16 outside the quantized linears."""
     if precision not in PRECISIONS:
