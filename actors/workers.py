@@ -15,7 +15,7 @@ import ray
 import torch
 
 from actors.learners import DeepSpeedTrainer, free_address, join_world, learner_rows
-from quant import lora_merged_weights, quantize_policy, requantize
+from quant import linear_weights, lora_update, merge_lora_update, quantize_policy, requantize
 from rewards import RewardError, build_reward
 from rl.balance import RewardBalancer
 from rl.checkpoint import adapter_state_dict, load_adapter_state_dict, lora_config
@@ -31,25 +31,45 @@ class StaleWeightsError(RuntimeError):
     """A rollout worker was asked to generate with weights other than the version it holds."""
 
 
+def worker_device(num_gpus: float) -> torch.device:
+    """cuda:0 (Ray shows an actor only its own GPUs) when the recipe gives the worker GPUs, else the CPU."""
+    if num_gpus == 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"the recipe gives this worker num_gpus={num_gpus}, but torch sees no CUDA device here (a CPU build of torch, or no GPU on the node)")
+    return torch.device("cuda", 0)
+
+
+def train_precision(setting: str, device: torch.device) -> str:
+    """algorithm.train_precision resolved: auto = bf16 on CUDA, fp32 on the CPU (which has no fast bf16)."""
+    if setting != "auto":
+        return setting
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
 class RolloutWorker:
     """An explore-precision copy of the policy; generates candidate pools with the ODE sampler."""
 
-    def __init__(self, model: dict[str, Any], precision: str, backend: str, torch_threads: int = 1) -> None:
+    def __init__(self, model: dict[str, Any], precision: str, backend: str, base_precision: str = "auto", num_gpus: float = 0.0, torch_threads: int = 1) -> None:
+        """base_precision: algorithm.train_precision, so that the base weights equal the learners'."""
         torch.set_num_threads(torch_threads)
-        self.policy = quantize_policy(load_policy(ModelConfig(**model), "fp32"), precision, backend)
+        device = worker_device(num_gpus)
+        source = load_policy(ModelConfig(**model), train_precision(base_precision, device), device)
+        self.base_weights = linear_weights(source.transformer)  # kept so that a sync ships only LoRA factors
+        self.policy = quantize_policy(source, precision, backend)
 
     @property
     def version(self) -> int:
         return self.policy.explore_state.version
 
-    def set_weights(self, weights: dict[str, torch.Tensor], version: int) -> float:
-        """Load merged weights of `version` and re-quantize; returns the seconds it took."""
-        return requantize(self.policy, weights, version)
+    def set_weights(self, update: dict[str, torch.Tensor], version: int) -> float:
+        """Merge the LoRA factors of `version` (`quant.lora_update`) into the base weights and re-quantize; returns the seconds it took."""
+        return requantize(self.policy, merge_lora_update(self.base_weights, update), version)
 
     def explore(self, prompts: list[str], seeds: list[int], steps: int, solver: str, shift: float | None, version: int, weights: list | None = None) -> np.ndarray:
         """uint8 images [B, H, W, 3] sampled with the weights of `version`.
 
-        weights: [ref] to that version's merged weights, wrapped in a list so that Ray does not fetch
+        weights: [ref] to that version's LoRA factors, wrapped in a list so that Ray does not fetch
         them for every call. A worker restarted after a crash holds the initial weights and catches up
         from them; any other mismatch (a request older than the weights held) is refused.
         """
@@ -107,7 +127,8 @@ class LearnerWorker:
         torch.set_num_threads(torch_threads)
         self.recipe = Recipe.model_validate(recipe)
         algorithm, optim = self.recipe.algorithm, self.recipe.optim
-        self.policy = load_policy(self.recipe.model, "fp32")
+        device = worker_device(self.recipe.cluster.learner_resources.num_gpus)
+        self.policy = load_policy(self.recipe.model, train_precision(algorithm.train_precision, device), device)
         self.policy.add_lora(algorithm.lora_rank, algorithm.lora_alpha, init_seed=self.recipe.run.seed)
         rewards = self.recipe.rewards.models
         balancer = None
@@ -182,8 +203,8 @@ class LearnerWorker:
         return metrics
 
     def explore_weights(self) -> dict[str, torch.Tensor]:
-        """The sampling ("old") adapter merged into the base weights: what rollout workers re-quantize."""
-        return {name: w.detach().clone() for name, w in lora_merged_weights(self.policy.transformer, OLD_ADAPTER).items()}
+        """The sampling ("old") adapter's LoRA factors: rollout workers merge them into their base weights and re-quantize."""
+        return lora_update(self.policy.transformer, OLD_ADAPTER)
 
     def sample_images(self, prompts: list[str], seeds: list[int], steps: int | None = None, solver: str | None = None) -> np.ndarray:
         """uint8 images of the trainable adapter (grids, evaluation); the recipe's sampler unless steps/solver are given. No state changes."""

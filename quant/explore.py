@@ -133,18 +133,58 @@ def requantize(explore: Policy, weights: dict[str, torch.Tensor], version: int) 
 
 
 @torch.no_grad()
-def lora_merged_weights(transformer: nn.Module, adapter: str = OLD_ADAPTER) -> dict[str, torch.Tensor]:
-    """W + delta_W(adapter) for every LoRA-wrapped linear, keyed as in the plain transformer."""
+def lora_update(transformer: nn.Module, adapter: str = OLD_ADAPTER) -> dict[str, torch.Tensor]:
+    """The adapter's factors per LoRA-wrapped linear: "<name>.weight" + ".lora_A" / ".lora_B" / ".lora_scaling".
+
+    What a weight sync ships, on the CPU (rank r: r (in + out) numbers per linear instead of
+    in x out); the receiver adds them to the base weights it holds with `merge_lora_update`.
+    """
     from peft.tuners.lora import LoraLayer
 
-    merged = {
-        f"{name}.weight": module.get_base_layer().weight + module.get_delta_weight(adapter)
-        for name, module in transformer.named_modules()
-        if isinstance(module, LoraLayer) and adapter in module.lora_A
-    }
-    if not merged:
+    update: dict[str, torch.Tensor] = {}
+    for name, module in transformer.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            if module.fan_in_fan_out:
+                raise ValueError(f"{name}: LoRA with fan_in_fan_out (Conv1D weights) is not supported by weight sync")
+            key = f"{name}.weight"
+            update[key + ".lora_A"] = module.lora_A[adapter].weight.detach().to("cpu", copy=True)
+            update[key + ".lora_B"] = module.lora_B[adapter].weight.detach().to("cpu", copy=True)
+            update[key + ".lora_scaling"] = torch.tensor(module.scaling[adapter], dtype=torch.float64)
+    if not update:
         raise ValueError(f"the transformer has no LoRA layers of adapter {adapter!r}")
+    return update
+
+
+def merge_lora_update(base: dict[str, torch.Tensor], update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """W = W_base + scaling * (B @ A) for every linear in a `lora_update`, keyed "<name>.weight"."""
+    keys = _updated_weights(update)
+    missing = [key for key in keys if key not in base]
+    if missing:
+        raise KeyError(f"{len(missing)} LoRA-updated weights have no base weight, e.g. {missing[:3]}")
+    merged = {}
+    for key in keys:
+        # delta in the order of peft's get_delta_weight; added in the wider dtype and rounded once.
+        delta = (update[key + ".lora_B"] @ update[key + ".lora_A"]) * update[key + ".lora_scaling"].item()
+        dtype = torch.promote_types(base[key].dtype, delta.dtype)
+        merged[key] = (base[key].to(dtype) + delta.to(base[key].device, dtype)).to(base[key].dtype)
     return merged
+
+
+@torch.no_grad()
+def lora_merged_weights(transformer: nn.Module, adapter: str = OLD_ADAPTER) -> dict[str, torch.Tensor]:
+    """W + delta_W(adapter) for every LoRA-wrapped linear, keyed as in the plain transformer."""
+    update = lora_update(transformer, adapter)
+    base = {key: transformer.get_submodule(key.removesuffix(".weight")).get_base_layer().weight for key in _updated_weights(update)}
+    return merge_lora_update(base, update)
+
+
+def _updated_weights(update: dict[str, torch.Tensor]) -> list[str]:
+    return sorted(key.removesuffix(".lora_A") for key in update if key.endswith(".lora_A"))
+
+
+def linear_weights(transformer: nn.Module) -> dict[str, torch.Tensor]:
+    """A host-memory copy of every nn.Linear weight, keyed "<name>.weight": the base a `lora_update` merges into."""
+    return {f"{name}.weight": module.weight.detach().to("cpu", copy=True) for name, module in transformer.named_modules() if isinstance(module, nn.Linear)}
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:

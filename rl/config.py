@@ -54,6 +54,9 @@ class AlgorithmConfig(Section):
     group_size: int = Field(8, ge=2, description="K: training samples per prompt (the contrastive subset in Sol-RL)")
     lora_rank: int = Field(32, ge=1)
     lora_alpha: float = Field(64.0, gt=0)
+    train_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="the learners' base weights, which rollout workers also merge into: auto = bf16 on CUDA, fp32 on CPU; LoRA weights stay fp32"
+    )
     global_std: bool = Field(True, description="advantage std over the whole batch (else per prompt group)")
     drop_zero_variance: bool = Field(False, description="drop groups whose rewards are all equal (Flow-GRPO)")
     micro_batch: int = Field(8, ge=1, description="samples per forward/backward pass on a learner")

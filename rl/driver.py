@@ -78,7 +78,7 @@ class Driver:
         if recipe.sol.enabled:
             self.rollout = WorkerGroup(
                 RolloutWorker, cluster.rollout_workers, cluster.rollout_resources, cluster.max_restarts,
-                model, recipe.sol.explore_precision, recipe.sol.quant_backend, cluster.torch_threads,
+                model, recipe.sol.explore_precision, recipe.sol.quant_backend, recipe.algorithm.train_precision, cluster.rollout_resources.num_gpus, cluster.torch_threads,
             )
         specs = [spec.model_dump() for spec in recipe.rewards.models]
         self.reward = WorkerGroup(RewardWorker, cluster.reward_workers, cluster.reward_resources, cluster.max_restarts, specs, recipe.rewards.retries, recipe.rewards.on_reward_error, cluster.torch_threads)
@@ -179,7 +179,8 @@ class Driver:
         return scores.reshape(len(prompts), pool_size, -1), failed
 
     def sync_weights(self, version: int) -> float:
-        """Learner rank 0 publishes the merged sampling weights once as `version`; every rollout worker re-quantizes.
+        """Learner rank 0 publishes the sampling adapter's LoRA factors once as `version`; every rollout worker
+        merges them into its base weights and re-quantizes.
 
         Returns the slowest worker's load + re-quantization seconds.
         """

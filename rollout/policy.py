@@ -122,6 +122,10 @@ class Policy(abc.ABC):
             torch.manual_seed(init_seed)
             self.transformer.add_adapter(config, adapter_name=TRAINABLE_ADAPTER)
         self.transformer.add_adapter(config, adapter_name=OLD_ADAPTER)
+        # LoRA weights stay fp32 over bf16 base weights: lr-sized updates would round away in bf16.
+        for adapter in (TRAINABLE_ADAPTER, OLD_ADAPTER):
+            for param in self.adapter_parameters(adapter).values():
+                param.data = param.data.float()
         self.copy_adapter(TRAINABLE_ADAPTER, OLD_ADAPTER)
         self.transformer.set_adapter(TRAINABLE_ADAPTER)
         for name, param in self.transformer.named_parameters():

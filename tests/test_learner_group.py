@@ -7,10 +7,11 @@ import ray
 import torch
 
 from actors.learners import LearnerGroup, learner_rows
-from actors.workers import LearnerWorker
+from actors.workers import LearnerWorker, RolloutWorker, worker_device
 from rl.checkpoint import load_checkpoint, save_checkpoint
 from rl.config import Resources, load_recipe
-from rollout.policy import TRAINABLE_ADAPTER
+from quant import lora_merged_weights
+from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER
 from rollout.samplers import seed_for
 from rollout.tiny import prompt_set
 
@@ -144,3 +145,29 @@ def test_grpo_learner_samples_a_trajectory_and_trains_on_it(cps):
     assert any(not torch.equal(before[name], p) for name, p in learner.trainer.params.items())
     with pytest.raises(RuntimeError, match="regenerate"):
         learner.train(np.zeros(8, dtype=np.float32))
+
+
+def test_bf16_learner_trains_fp32_lora_and_a_rollout_worker_merges_its_update_to_the_same_weights():
+    recipe = load_recipe("recipes/tiny_solrl.yaml", TINY + ["algorithm.train_precision=bf16"]).model_dump()
+    learner = LearnerWorker(recipe)
+    assert learner.policy.transformer.pos_embed.proj.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in learner.trainer.params.values()} == {torch.float32}
+    before = {name: p.detach().clone() for name, p in learner.trainer.params.items()}
+    learner.regenerate(PROMPTS, SEEDS)
+    metrics = learner.train(ADVANTAGES)
+    assert np.isfinite(metrics["loss/nft"])
+    assert max((p - before[name]).abs().max().item() for name, p in learner.trainer.params.items()) > 1e-4
+
+    rollout = RolloutWorker(recipe["model"], "bf16", "emulate", base_precision="bf16")
+    rollout.set_weights(learner.explore_weights(), version=1)
+
+    merged = lora_merged_weights(learner.policy.transformer, OLD_ADAPTER)
+    explore = dict(rollout.policy.transformer.named_parameters())
+    assert all(torch.equal(explore[key], weight) for key, weight in merged.items())
+    assert any(not torch.equal(rollout.base_weights[key].to(weight.dtype), weight) for key, weight in merged.items())
+
+
+def test_a_worker_given_gpus_without_cuda_says_so():
+    assert worker_device(0) == torch.device("cpu")
+    with pytest.raises(RuntimeError, match=r"num_gpus=0.5, but torch sees no CUDA device"):
+        worker_device(0.5)

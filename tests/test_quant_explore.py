@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import zlib
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 
-from quant import CalibrationSet, ExploreState, NVFP4Linear, lora_merged_weights, nvfp4_fake_quantize, quantize_policy, requantize
+from quant import CalibrationSet, ExploreState, NVFP4Linear, linear_weights, lora_merged_weights, lora_update, merge_lora_update, nvfp4_fake_quantize, quantize_policy, requantize
 from quant.selection import FAMILY_KEEP_PATTERNS, select_layers
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER, Conditioning, Policy
 
@@ -304,6 +305,34 @@ def test_requantize_after_a_lora_update_equals_a_fresh_copy():
 def test_lora_merged_weights_needs_the_adapter():
     with pytest.raises(ValueError, match="no LoRA layers of adapter 'old'"):
         lora_merged_weights(StubPolicy().transformer)
+    with pytest.raises(ValueError, match="no LoRA layers of adapter 'old'"):
+        lora_update(StubPolicy().transformer)
+
+
+def test_lora_update_merged_into_the_base_weights_is_peft_merge_to_the_bit():
+    policy = lora_policy()
+    base = linear_weights(StubPolicy().transformer)  # the receiver's copy: the same init, no adapters
+    update = lora_update(policy.transformer, OLD_ADAPTER)
+
+    merged = merge_lora_update(base, update)
+
+    layers = {name: module for name, module in policy.transformer.named_modules() if hasattr(module, "lora_A")}
+    assert sorted(merged) == sorted(f"{name}.weight" for name in layers)
+    for name, layer in layers.items():
+        with torch.no_grad():
+            peft_merged = layer.get_base_layer().weight + layer.get_delta_weight(OLD_ADAPTER)
+        assert torch.equal(merged[f"{name}.weight"], peft_merged), name
+        assert update[f"{name}.weight.lora_scaling"].item() == 8 / 4  # alpha / rank
+    assert sum(merged[k].numel() for k in merged) > 2 * sum(v.numel() for v in update.values())  # what a sync saves
+
+
+def test_merge_lora_update_names_a_weight_it_has_no_base_for():
+    update = lora_update(lora_policy().transformer, OLD_ADAPTER)
+    base = linear_weights(StubPolicy().transformer)
+    dropped = sorted(update)[0].removesuffix(".lora_A")
+    del base[dropped]
+    with pytest.raises(KeyError, match=re.escape(dropped)):
+        merge_lora_update(base, update)
 
 
 # --- calibration -------------------------------------------------------------------------------
