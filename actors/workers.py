@@ -8,6 +8,7 @@ through the object store and the driver only ever holds references to them.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -40,22 +41,15 @@ def worker_device(num_gpus: float) -> torch.device:
     return torch.device("cuda", 0)
 
 
-def train_precision(setting: str, device: torch.device) -> str:
-    """algorithm.train_precision resolved: auto = bf16 on CUDA, fp32 on the CPU (which has no fast bf16)."""
-    if setting != "auto":
-        return setting
-    return "bf16" if device.type == "cuda" else "fp32"
-
-
 class RolloutWorker:
     """An explore-precision copy of the policy; generates candidate pools with the ODE sampler."""
 
-    def __init__(self, model: dict[str, Any], precision: str, backend: str, base_precision: str = "auto", num_gpus: float = 0.0, torch_threads: int = 1) -> None:
-        """base_precision: algorithm.train_precision, so that the base weights equal the learners'."""
+    def __init__(self, model: dict[str, Any], precision: str, backend: str, base_precision: str = "fp32", num_gpus: float = 0.0, torch_threads: int = 1) -> None:
+        """base_precision: the learners' (Recipe.base_precision), so that merged updates equal theirs."""
         torch.set_num_threads(torch_threads)
-        device = worker_device(num_gpus)
-        source = load_policy(ModelConfig(**model), train_precision(base_precision, device), device)
-        self.base_weights = linear_weights(source.transformer)  # kept so that a sync ships only LoRA factors
+        source = load_policy(ModelConfig(**model), base_precision, worker_device(num_gpus))
+        # The LoRA-targeted base weights, in host memory: a sync then ships only LoRA factors.
+        self.base_weights = linear_weights(source.transformer, source.lora_target_modules)
         self.policy = quantize_policy(source, precision, backend)
 
     @property
@@ -63,8 +57,12 @@ class RolloutWorker:
         return self.policy.explore_state.version
 
     def set_weights(self, update: dict[str, torch.Tensor], version: int) -> float:
-        """Merge the LoRA factors of `version` (`quant.lora_update`) into the base weights and re-quantize; returns the seconds it took."""
-        return requantize(self.policy, merge_lora_update(self.base_weights, update), version)
+        """Merge the LoRA factors of `version` (`quant.lora_update`) into the base weights and re-quantize; returns the seconds both took."""
+        if version <= self.version:
+            raise StaleWeightsError(f"refusing weights of version {version}: the rollout worker already holds version {self.version}")
+        start = time.perf_counter()
+        merged = merge_lora_update(self.base_weights, update, self.policy.device)
+        return time.perf_counter() - start + requantize(self.policy, merged, version)
 
     def explore(self, prompts: list[str], seeds: list[int], steps: int, solver: str, shift: float | None, version: int, weights: list | None = None) -> np.ndarray:
         """uint8 images [B, H, W, 3] sampled with the weights of `version`.
@@ -127,9 +125,10 @@ class LearnerWorker:
         torch.set_num_threads(torch_threads)
         self.recipe = Recipe.model_validate(recipe)
         algorithm, optim = self.recipe.algorithm, self.recipe.optim
-        device = worker_device(self.recipe.cluster.learner_resources.num_gpus)
-        self.policy = load_policy(self.recipe.model, train_precision(algorithm.train_precision, device), device)
+        self.policy = load_policy(self.recipe.model, self.recipe.base_precision, worker_device(self.recipe.cluster.learner_resources.num_gpus))
         self.policy.add_lora(algorithm.lora_rank, algorithm.lora_alpha, init_seed=self.recipe.run.seed)
+        if algorithm.gradient_checkpointing:
+            self.policy.transformer.enable_gradient_checkpointing()
         rewards = self.recipe.rewards.models
         balancer = None
         if len(rewards) > 1:

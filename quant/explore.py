@@ -155,18 +155,23 @@ def lora_update(transformer: nn.Module, adapter: str = OLD_ADAPTER) -> dict[str,
     return update
 
 
-def merge_lora_update(base: dict[str, torch.Tensor], update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """W = W_base + scaling * (B @ A) for every linear in a `lora_update`, keyed "<name>.weight"."""
+def merge_lora_update(base: dict[str, torch.Tensor], update: dict[str, torch.Tensor], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """W = W_base + scaling * (B @ A) for every linear in a `lora_update`, keyed "<name>.weight".
+
+    Computed on `device` (default: each base weight's) in the wider of the two dtypes and not rounded
+    back: whoever loads the result rounds once, to its own precision.
+    """
     keys = _updated_weights(update)
     missing = [key for key in keys if key not in base]
     if missing:
         raise KeyError(f"{len(missing)} LoRA-updated weights have no base weight, e.g. {missing[:3]}")
     merged = {}
     for key in keys:
-        # delta in the order of peft's get_delta_weight; added in the wider dtype and rounded once.
-        delta = (update[key + ".lora_B"] @ update[key + ".lora_A"]) * update[key + ".lora_scaling"].item()
+        at = torch.device(device) if device is not None else base[key].device
+        down, up = update[key + ".lora_A"].to(at), update[key + ".lora_B"].to(at)
+        delta = (up @ down) * update[key + ".lora_scaling"].item()  # the order of peft's get_delta_weight
         dtype = torch.promote_types(base[key].dtype, delta.dtype)
-        merged[key] = (base[key].to(dtype) + delta.to(base[key].device, dtype)).to(base[key].dtype)
+        merged[key] = base[key].to(at, dtype) + delta.to(dtype)
     return merged
 
 
@@ -182,9 +187,13 @@ def _updated_weights(update: dict[str, torch.Tensor]) -> list[str]:
     return sorted(key.removesuffix(".lora_A") for key in update if key.endswith(".lora_A"))
 
 
-def linear_weights(transformer: nn.Module) -> dict[str, torch.Tensor]:
-    """A host-memory copy of every nn.Linear weight, keyed "<name>.weight": the base a `lora_update` merges into."""
-    return {f"{name}.weight": module.weight.detach().to("cpu", copy=True) for name, module in transformer.named_modules() if isinstance(module, nn.Linear)}
+def linear_weights(transformer: nn.Module, target_modules: tuple[str, ...] | list[str]) -> dict[str, torch.Tensor]:
+    """A host-memory copy of the weights of the linears LoRA targets (peft's rule: the name or a ".name" suffix): the base a `lora_update` merges into."""
+    return {
+        f"{name}.weight": module.weight.detach().to("cpu", copy=True)
+        for name, module in transformer.named_modules()
+        if isinstance(module, nn.Linear) and any(name == target or name.endswith(f".{target}") for target in target_modules)
+    }
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:

@@ -55,8 +55,9 @@ class AlgorithmConfig(Section):
     lora_rank: int = Field(32, ge=1)
     lora_alpha: float = Field(64.0, gt=0)
     train_precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="the learners' base weights, which rollout workers also merge into: auto = bf16 on CUDA, fp32 on CPU; LoRA weights stay fp32"
+        "auto", description="the learners' base weights, which rollout workers also merge into: auto = bf16 when learners have GPUs, else fp32; LoRA weights stay fp32"
     )
+    gradient_checkpointing: bool = Field(False, description="recompute the transformer's activations in backward (large models)")
     global_std: bool = Field(True, description="advantage std over the whole batch (else per prompt group)")
     drop_zero_variance: bool = Field(False, description="drop groups whose rewards are all equal (Flow-GRPO)")
     micro_batch: int = Field(8, ge=1, description="samples per forward/backward pass on a learner")
@@ -189,6 +190,13 @@ class Recipe(Section):
         """Explore-precision images per iteration, P * N (0 without Sol-RL)."""
         return self.algorithm.prompts_per_step * self.sol.pool_size if self.sol.enabled else 0
 
+    @property
+    def base_precision(self) -> str:
+        """Precision of the learners' (and the rollout workers' copy of the) base weights: train_precision, auto resolved."""
+        if self.algorithm.train_precision != "auto":
+            return self.algorithm.train_precision
+        return "bf16" if self.cluster.learner_resources.num_gpus > 0 else "fp32"
+
 
 # Sections and keys a resumed run may change: they do not alter what the run computes (cluster
 # sizes are checked separately, since learner state is sharded per rank).
@@ -196,7 +204,10 @@ RESUMABLE_CHANGES = ("run.name", "run.steps", "run.output_dir", "run.resume", "c
 
 
 def recipe_changes(saved: dict[str, Any], recipe: Recipe) -> list[str]:
-    """Dotted keys whose value in `recipe` differs from the saved recipe dump, except RESUMABLE_CHANGES."""
+    """Dotted keys whose value in `recipe` differs from the saved recipe dump, except RESUMABLE_CHANGES.
+
+    A key the saved dump lacks (added to the schema since) counts as its default.
+    """
     current = recipe.model_dump(mode="json")
 
     def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -204,7 +215,7 @@ def recipe_changes(saved: dict[str, Any], recipe: Recipe) -> list[str]:
             return {k: v for key, sub in tree.items() for k, v in leaves(sub, f"{prefix}{key}.").items()}
         return {prefix[:-1]: tree}
 
-    old, new = leaves(saved), leaves(current)
+    old, new = leaves(Recipe().model_dump(mode="json")) | leaves(saved), leaves(current)
     keys = sorted(set(old) | set(new))
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in keys if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)]
 

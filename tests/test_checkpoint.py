@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import signal
@@ -201,6 +202,11 @@ def test_resume_refuses_a_changed_recipe_and_names_the_keys(tmp_path):
         train(changed)
     # Changing only the length, logging, evaluation or cluster layout is a continuation.
     assert recipe_changes(run_state["recipe"], load_recipe(REPO / "recipes/tiny_solrl.yaml", SMALL + ["run.steps=50", "eval.every=5", "logging.grid_every=0"])) == []
+    # A checkpoint written before a key existed resumes when the key keeps its default.
+    older = copy.deepcopy(run_state["recipe"])
+    del older["algorithm"]["train_precision"]
+    assert recipe_changes(older, recipe) == []
+    assert recipe_changes(older, load_recipe(REPO / "recipes/tiny_solrl.yaml", SMALL + ["algorithm.train_precision=bf16"])) == ["algorithm.train_precision: 'auto' -> 'bf16'"]
 
 
 def _wait_for(condition, process: subprocess.Popen, timeout: float = 300.0) -> None:

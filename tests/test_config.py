@@ -17,6 +17,9 @@ def test_defaults_and_derived_sizes(tmp_path):
     assert recipe.samples_per_step == 12 and recipe.explored_per_step == 36
     assert load_recipe(_write(tmp_path, "sol:\n  enabled: false\n")).explored_per_step == 0
     assert Recipe().model.path == "tiny"
+    assert Recipe().base_precision == "fp32"  # auto, learners without GPUs
+    assert load_recipe(_write(tmp_path, "cluster:\n  learner_resources: {num_gpus: 1}\n")).base_precision == "bf16"
+    assert load_recipe(_write(tmp_path, "algorithm:\n  train_precision: fp32\ncluster:\n  learner_resources: {num_gpus: 1}\n")).base_precision == "fp32"
 
 
 def test_overrides_use_dotted_keys_and_yaml_types(tmp_path):

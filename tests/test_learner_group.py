@@ -7,7 +7,7 @@ import ray
 import torch
 
 from actors.learners import LearnerGroup, learner_rows
-from actors.workers import LearnerWorker, RolloutWorker, worker_device
+from actors.workers import LearnerWorker, RolloutWorker, StaleWeightsError, worker_device
 from rl.checkpoint import load_checkpoint, save_checkpoint
 from rl.config import Resources, load_recipe
 from quant import lora_merged_weights
@@ -148,8 +148,9 @@ def test_grpo_learner_samples_a_trajectory_and_trains_on_it(cps):
 
 
 def test_bf16_learner_trains_fp32_lora_and_a_rollout_worker_merges_its_update_to_the_same_weights():
-    recipe = load_recipe("recipes/tiny_solrl.yaml", TINY + ["algorithm.train_precision=bf16"]).model_dump()
+    recipe = load_recipe("recipes/tiny_solrl.yaml", TINY + ["algorithm.train_precision=bf16", "algorithm.gradient_checkpointing=true"]).model_dump()
     learner = LearnerWorker(recipe)
+    assert learner.policy.transformer.gradient_checkpointing
     assert learner.policy.transformer.pos_embed.proj.weight.dtype == torch.bfloat16
     assert {p.dtype for p in learner.trainer.params.values()} == {torch.float32}
     before = {name: p.detach().clone() for name, p in learner.trainer.params.items()}
@@ -163,11 +164,14 @@ def test_bf16_learner_trains_fp32_lora_and_a_rollout_worker_merges_its_update_to
 
     merged = lora_merged_weights(learner.policy.transformer, OLD_ADAPTER)
     explore = dict(rollout.policy.transformer.named_parameters())
-    assert all(torch.equal(explore[key], weight) for key, weight in merged.items())
-    assert any(not torch.equal(rollout.base_weights[key].to(weight.dtype), weight) for key, weight in merged.items())
+    assert all(torch.equal(explore[key], weight.to(torch.bfloat16)) for key, weight in merged.items())
+    assert any(not torch.equal(rollout.base_weights[key].float(), weight) for key, weight in merged.items())
+    with pytest.raises(StaleWeightsError, match="already holds version 1"):
+        rollout.set_weights(learner.explore_weights(), version=1)
 
 
-def test_a_worker_given_gpus_without_cuda_says_so():
+def test_a_worker_given_gpus_without_cuda_says_so(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert worker_device(0) == torch.device("cpu")
     with pytest.raises(RuntimeError, match=r"num_gpus=0.5, but torch sees no CUDA device"):
         worker_device(0.5)

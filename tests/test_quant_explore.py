@@ -311,13 +311,13 @@ def test_lora_merged_weights_needs_the_adapter():
 
 def test_lora_update_merged_into_the_base_weights_is_peft_merge_to_the_bit():
     policy = lora_policy()
-    base = linear_weights(StubPolicy().transformer)  # the receiver's copy: the same init, no adapters
+    base = linear_weights(StubPolicy().transformer, StubPolicy.lora_target_modules)  # the receiver's copy: the same init, no adapters
     update = lora_update(policy.transformer, OLD_ADAPTER)
 
     merged = merge_lora_update(base, update)
 
     layers = {name: module for name, module in policy.transformer.named_modules() if hasattr(module, "lora_A")}
-    assert sorted(merged) == sorted(f"{name}.weight" for name in layers)
+    assert sorted(merged) == sorted(base) == sorted(f"{name}.weight" for name in layers)  # only what LoRA targets is kept
     for name, layer in layers.items():
         with torch.no_grad():
             peft_merged = layer.get_base_layer().weight + layer.get_delta_weight(OLD_ADAPTER)
@@ -326,9 +326,16 @@ def test_lora_update_merged_into_the_base_weights_is_peft_merge_to_the_bit():
     assert sum(merged[k].numel() for k in merged) > 2 * sum(v.numel() for v in update.values())  # what a sync saves
 
 
+def test_merge_lora_update_adds_in_the_wider_dtype_and_leaves_the_rounding_to_the_loader():
+    update = {"l.weight.lora_A": torch.tensor([[1.0, 2.0]]), "l.weight.lora_B": torch.tensor([[1e-3]]), "l.weight.lora_scaling": torch.tensor(2.0, dtype=torch.float64)}
+    merged = merge_lora_update({"l.weight": torch.tensor([[1.0, 1.0]], dtype=torch.bfloat16)}, update)
+    assert merged["l.weight"].dtype == torch.float32
+    torch.testing.assert_close(merged["l.weight"], torch.tensor([[1.002, 1.004]]))  # bf16 would have kept 1.0, 1.0
+
+
 def test_merge_lora_update_names_a_weight_it_has_no_base_for():
     update = lora_update(lora_policy().transformer, OLD_ADAPTER)
-    base = linear_weights(StubPolicy().transformer)
+    base = linear_weights(StubPolicy().transformer, StubPolicy.lora_target_modules)
     dropped = sorted(update)[0].removesuffix(".lora_A")
     del base[dropped]
     with pytest.raises(KeyError, match=re.escape(dropped)):
