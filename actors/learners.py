@@ -55,6 +55,11 @@ def join_world(rank: int, world_size: int, master_addr: str, master_port: int) -
     """Join the learners' process group through DeepSpeed: nccl where CUDA is, else gloo."""
     # Ray gives each learner its own devices, so its accelerator is device 0 (DeepSpeed reads LOCAL_RANK).
     os.environ["LOCAL_RANK"] = "0"
+    if not torch.cuda.is_available():
+        # gloo does the all-reduce. Left alone, DeepSpeed JIT-compiles its shared-memory CPU op here:
+        # it needs a C++ compiler and half a minute, and a run killed mid-compile leaves a lock file
+        # on which every later run waits forever. DeepSpeed keeps this dict for such edits.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(
         dist_backend="nccl" if torch.cuda.is_available() else "gloo",
         auto_mpi_discovery=False,

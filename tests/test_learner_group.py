@@ -1,6 +1,11 @@
 """The learner world: 2 learner actors (gloo, DeepSpeed) regenerate and train their halves of a batch,
 stay identical, and take the step one in-process learner takes on the whole batch."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import ray
@@ -8,9 +13,9 @@ import torch
 
 from actors.learners import LearnerGroup, learner_rows
 from actors.workers import LearnerWorker, RolloutWorker, StaleWeightsError, worker_device
+from quant import lora_merged_weights
 from rl.checkpoint import load_checkpoint, save_checkpoint
 from rl.config import Resources, load_recipe
-from quant import lora_merged_weights
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER
 from rollout.samplers import seed_for
 from rollout.tiny import prompt_set
@@ -36,6 +41,7 @@ WORLD = [
     "cluster.zero_stage=2",
     f"optim.betas=[{BETAS[0]}, {BETAS[1]}]",
 ]
+REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [prompt for prompt in prompt_set("train")[:2] for _ in range(4)]
 SEEDS = [seed_for(0, 0, p, j) for p in range(2) for j in range(4)]
 ADVANTAGES = np.array([1.2, -0.4, 0.3, -1.1, 0.8, -0.9, np.nan, 0.1], dtype=np.float32)  # one sample dropped
@@ -175,3 +181,17 @@ def test_a_worker_given_gpus_without_cuda_says_so(monkeypatch):
     assert worker_device(0) == torch.device("cpu")
     with pytest.raises(RuntimeError, match=r"num_gpus=0.5, but torch sees no CUDA device"):
         worker_device(0.5)
+
+
+def test_joining_the_learner_world_on_cpu_compiles_nothing(tmp_path):
+    """DeepSpeed's shared-memory CPU op is not built: a lock left by a run killed while building it made every later run hang."""
+    (tmp_path / "extensions" / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / "deepspeed_shm_comm").mkdir(parents=True)
+    (tmp_path / "extensions" / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / "deepspeed_shm_comm" / "lock").touch()
+    code = (
+        "import socket; import deepspeed.comm as dist; from actors.learners import join_world\n"
+        "probe = socket.socket(); probe.bind(('127.0.0.1', 0)); port = probe.getsockname()[1]; probe.close()\n"
+        "join_world(0, 1, '127.0.0.1', port); print('world size', dist.get_world_size())\n"
+    )
+    env = os.environ | {"TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "world size 1" in done.stdout, done.stderr[-2000:]
