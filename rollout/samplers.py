@@ -28,6 +28,7 @@ from rl.grpo import Trajectory, sample_trajectory
 from rollout.policy import Conditioning, Policy
 
 SOLVERS = ("euler", "dpm2", "sde", "cps")
+MIN_ROWS = 16  # the fewest images per model call (see `sample`): measured on AVX2, 1-2 threads, 12 suffice
 
 
 @dataclass
@@ -138,8 +139,12 @@ def sample(
     def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         parts = []
         for start in range(0, len(x_t), chunk):
-            part = slice(start, start + chunk)
-            parts.append(policy.velocity(x_t[part], t[part], cond.index(part)).float())
+            rows = torch.arange(start, min(start + chunk, len(x_t)))
+            # CPU GEMMs take other kernels or thread splits for under ~12 rows (per-image linears such as the
+            # timestep embedding see one row per image), which round differently: small calls are padded
+            # with copies of their last row, so that an image does not depend on the size of its batch.
+            padded = torch.cat([rows, rows[-1:].expand(max(MIN_ROWS - len(rows), 0))])
+            parts.append(policy.velocity(x_t[padded], t[padded], cond.index(padded)).float()[: len(rows)])
         return torch.cat(parts)
 
     context = policy.adapter(adapter) if adapter != "current" else contextlib.nullcontext()

@@ -3,7 +3,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from rollout.samplers import dpm2_step, initial_noise, sample, step_noise, timesteps
+from rollout.samplers import MIN_ROWS, dpm2_step, initial_noise, sample, step_noise, timesteps
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
@@ -26,14 +26,16 @@ def test_initial_noise_is_per_seed_and_from_a_cpu_generator():
 
 
 def test_euler_matches_the_diffusers_scheduler_loop(tiny_policy):
-    prompts, seeds = ["a red circle", "two crosses", "a circle left of a square"], [0, 1, 2]
+    # MIN_ROWS images: the sampler's smallest model call, so that both loops run the same GEMM kernels
+    prompts = ["a red circle", "two crosses", "a circle left of a square", "a blue square"] * (MIN_ROWS // 4)
+    seeds = list(range(MIN_ROWS))
     cond = tiny_policy.encode_prompts(prompts)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     scheduler.set_timesteps(10)
     x = initial_noise(seeds, tiny_policy.latent_shape)
     with torch.no_grad():
         for t in scheduler.timesteps:
-            v = tiny_policy.velocity(x, torch.full((3,), float(t) / 1000), cond)
+            v = tiny_policy.velocity(x, torch.full((MIN_ROWS,), float(t) / 1000), cond)
             x = scheduler.step(v, t, x).prev_sample
     ours = sample(tiny_policy, prompts, seeds, steps=10, solver="euler", shift=3.0)
     assert (ours.x0 - x).abs().max() < 1e-5
@@ -45,7 +47,10 @@ def test_seed_alone_equals_seed_inside_a_batch_of_96(tiny_policy):
     batch = sample(tiny_policy, prompts, seeds, steps=10)
     for i in [0, 41, 95]:
         alone = sample(tiny_policy, [prompts[i]], [seeds[i]], steps=10)
+        assert torch.equal(alone.x0[0], batch.x0[i])  # not merely the same uint8 pixels
         assert np.array_equal(alone.images[0], batch.images[i])
+    shard = sample(tiny_policy, prompts[40:45], seeds[40:45], steps=10)  # a re-issued shard of 5
+    assert torch.equal(shard.x0, batch.x0[40:45])
     assert batch.images.shape == (96, 32, 32, 3) and batch.images.dtype == np.uint8
 
 
