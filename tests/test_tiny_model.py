@@ -1,5 +1,6 @@
 """The shipped tiny policy: small, loadable offline, and clearly better than an untrained model."""
 
+import tomllib
 from pathlib import Path
 
 import torch
@@ -25,3 +26,13 @@ def test_shipped_policy_beats_an_untrained_one_on_the_eval_protocol(tiny_policy)
     assert untrained["strict"] <= 0.025
     assert shipped["strict"] >= 0.15 and shipped["strict"] >= 5 * untrained["strict"]
     assert shipped["per_task"]["single_object"]["strict"] >= 0.75
+
+
+def test_every_shipped_weight_file_goes_into_the_wheel():
+    """pyproject's package-data globs must match every file under the weights (a wheel without them cannot load "tiny")."""
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["rollout.tiny"]
+    packaged = {path for glob in globs for path in WEIGHTS_DIR.parent.glob(glob)}  # "*" stops at "/", as in setuptools
+    shipped = {path for path in WEIGHTS_DIR.rglob("*") if path.is_file()}
+    assert any(path.suffix == ".safetensors" for path in shipped)
+    assert sorted(str(path.relative_to(WEIGHTS_DIR)) for path in shipped - packaged) == []
