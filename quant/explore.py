@@ -188,11 +188,15 @@ def _updated_weights(update: dict[str, torch.Tensor]) -> list[str]:
 
 
 def linear_weights(transformer: nn.Module, target_modules: tuple[str, ...] | list[str]) -> dict[str, torch.Tensor]:
-    """A host-memory copy of the weights of the linears LoRA targets (peft's rule: the name or a ".name" suffix): the base a `lora_update` merges into."""
+    """A host-memory copy of the weights of the linears LoRA targets (matched by peft itself): the base a `lora_update` merges into."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    config = LoraConfig(target_modules=list(target_modules))
     return {
         f"{name}.weight": module.weight.detach().to("cpu", copy=True)
         for name, module in transformer.named_modules()
-        if isinstance(module, nn.Linear) and any(name == target or name.endswith(f".{target}") for target in target_modules)
+        if isinstance(module, nn.Linear) and check_target_module_exists(config, name)
     }
 
 

@@ -139,12 +139,12 @@ def sample(
     def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         parts = []
         for start in range(0, len(x_t), chunk):
-            rows = torch.arange(start, min(start + chunk, len(x_t)))
+            stop = min(start + chunk, len(x_t))
             # CPU GEMMs take other kernels or thread splits for under ~12 rows (per-image linears such as the
             # timestep embedding see one row per image), which round differently: small calls are padded
             # with copies of their last row, so that an image does not depend on the size of its batch.
-            padded = torch.cat([rows, rows[-1:].expand(max(MIN_ROWS - len(rows), 0))])
-            parts.append(policy.velocity(x_t[padded], t[padded], cond.index(padded)).float()[: len(rows)])
+            rows = slice(start, stop) if stop - start >= MIN_ROWS else torch.arange(start, start + MIN_ROWS).clamp(max=stop - 1)
+            parts.append(policy.velocity(x_t[rows], t[rows], cond.index(rows)).float()[: stop - start])
         return torch.cat(parts)
 
     context = policy.adapter(adapter) if adapter != "current" else contextlib.nullcontext()
