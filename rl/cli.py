@@ -103,7 +103,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_pretrain_tiny(args: argparse.Namespace) -> None:
     from rollout.tiny.pretrain import pretrain_tiny
 
-    losses = pretrain_tiny(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every, init=args.init, guidance=args.guidance, task_weights=dict(args.task_weight))
+    losses = pretrain_tiny(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every, init=args.init, guidance=args.guidance, task_weights=_unique_keys(args.task_weight, "--task-weight"))
     print(f"saved to {args.out}; loss {np.mean(losses[:50]):.4f} (first 50 steps) -> {np.mean(losses[-50:]):.4f} (last 50)")
 
 
@@ -113,6 +113,16 @@ def _task_weight(text: str) -> tuple[str, int]:
     if not sep or not weight.isdigit():
         raise argparse.ArgumentTypeError(f"bad task weight {text!r}: use task=integer, e.g. two_object=3")
     return task, int(weight)
+
+
+def _unique_keys(pairs: list[tuple[str, object]], flag: str) -> dict[str, object]:
+    """Repeated key=value flags as a dict; a key given twice is an error rather than a silent overwrite."""
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise SystemExit(f"error: {flag} {key} given twice ({result[key]!r} and {value!r})")
+        result[key] = value
+    return result
 
 
 def _reward_kwarg(text: str) -> tuple[str, object]:
@@ -130,7 +140,7 @@ def cmd_reward_server(args: argparse.Namespace) -> None:
     from rewards import build_reward
     from rewards.server import RewardServer
 
-    reward = build_reward(args.reward, **dict(args.arg))
+    reward = build_reward(args.reward, **_unique_keys(args.arg, "--arg"))
     server = RewardServer(reward, args.host, args.port, args.max_batch, int(args.max_request_mb * 2**20), args.batch_wait_ms / 1000)
     print(f"serving reward {reward.name!r} on {server.url} (POST /score, GET /health)", flush=True)
     server.serve_forever()

@@ -84,3 +84,17 @@ def test_train_refusing_an_earlier_runs_checkpoint_is_a_usage_error(tmp_path, ca
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("solray train: ") and "holds a checkpoint of an earlier run (step_000004): set run.resume=auto" in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["pretrain-tiny", "--out", "{out}", "--task-weight", "two_object=3", "--task-weight", "two_object=5"], "--task-weight two_object given twice (3 and 5)"),
+        (["reward-server", "brightness", "--arg", "scale=1", "--arg", "scale=2"], "--arg scale given twice (1 and 2)"),
+    ],
+)
+def test_a_key_given_twice_is_refused_not_overwritten(argv, message, tmp_path):
+    with pytest.raises(SystemExit) as refused:
+        main([arg.format(out=tmp_path / "out") for arg in argv])
+    assert str(refused.value) == f"error: {message}"
+    assert not (tmp_path / "out").exists()
