@@ -5,7 +5,8 @@ Protocol (DESIGN.md sections 1 and 9; issue 4 items 4, 5, 7)
   seeds      N = 96 per prompt, EVAL_SEED_BASE + j, the same in every precision
   sampler    deterministic Euler ODE; explore 6 steps; references with the same solver and steps, and
              with 10 steps (what Sol-RL regenerates with)
-  reward     tiny_verifier partial credit (discrete: ties)
+  reward     tiny_verifier partial credit (discrete: ties); --reward brightness or jpeg_compressibility
+             are continuous and show how much of the rank loss the verifier's ties cause
   metrics    quant.fidelity.fidelity_summary, K = 24: Spearman on average ranks, Kendall tau-b, top-12
              overlap, best/worst agreement; prompts whose 96 rewards are all equal in either run have no
              ranking and are counted as undefined, not averaged
@@ -68,7 +69,8 @@ def main() -> None:
     parser.add_argument("--requant-repeats", type=int, default=3)
     parser.add_argument("--seeds", type=int, default=96, help="N seeds per prompt (96 for the reported figures)")
     parser.add_argument("--prompts", type=int, default=8, help="eval prompts (8 for the reported figures)")
-    parser.add_argument("--out", default="bench/results/quant_fidelity.json")
+    parser.add_argument("--reward", default="tiny_verifier", help="reward that ranks the seeds (any registered name)")
+    parser.add_argument("--out", default=None, help="default: bench/results/quant_fidelity.json, or quant_fidelity_REWARD.json for another reward")
     args = parser.parse_args()
     torch.manual_seed(0)
     prompts = prompt_set("eval")[::3][: args.prompts]
@@ -76,7 +78,8 @@ def main() -> None:
     fp32 = load_policy("tiny", precision="fp32")
     policies = {"fp32": fp32, "bf16": load_policy("tiny", precision="bf16")}
     policies["nvfp4"] = quantize_policy(policies["bf16"], "nvfp4", "emulate")
-    verifier = build_reward("tiny_verifier")
+    reward = build_reward(args.reward)
+    out = Path(args.out or ("bench/results/quant_fidelity.json" if args.reward == "tiny_verifier" else f"bench/results/quant_fidelity_{args.reward}.json"))
 
     rewards = {name: np.zeros((len(prompts), len(seeds))) for name in RUNS}
     seconds = {name: [] for name in RUNS}
@@ -85,13 +88,13 @@ def main() -> None:
             start = time.perf_counter()
             images = sample(policies[precision], [prompt] * len(seeds), seeds, steps).images
             seconds[name].append(time.perf_counter() - start)
-            rewards[name][p] = verifier.score(images, [prompt] * len(seeds))
+            rewards[name][p] = reward.score(images, [prompt] * len(seeds))
         print(f"{prompt!r}: " + ", ".join(f"{name} reward {rewards[name][p].mean():.3f}" for name in RUNS), flush=True)
 
     fidelity = {f"{a} vs {b}": pair_report(rewards[a], rewards[b], min(K, len(seeds))) for a, b in PAIRS}
     per_image = {name: float(np.median(seconds[name])) / len(seeds) for name in RUNS}
     result = {
-        "protocol": {"prompts": prompts, "seeds": f"{EVAL_SEED_BASE} + j, j < {len(seeds)}", "k": K, "solver": "euler", "reward": "tiny_verifier"},
+        "protocol": {"prompts": prompts, "seeds": f"{EVAL_SEED_BASE} + j, j < {len(seeds)}", "k": K, "solver": "euler", "reward": args.reward},
         "weights_commit": git_commit("rollout/tiny/weights"),
         "quantization": {
             **{k: v for k, v in policies["nvfp4"].explore_state.to_dict().items() if k not in ("quantized_layers", "kept_layers")},
@@ -112,11 +115,10 @@ def main() -> None:
         "requantize": requantize_cost(policies["nvfp4"], fp32, prompts, args.requant_repeats),
     }
     if args.ablate:
-        result["ablation"] = ablation(policies["bf16"], prompts, seeds, rewards["bf16@6"], verifier)
-    out = Path(args.out)
+        result["ablation"] = ablation(policies["bf16"], prompts, seeds, rewards["bf16@6"], reward)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(rewards, prompts, fidelity, out.with_suffix(".png"))
+    plot(rewards, prompts, fidelity, args.reward, out.with_suffix(".png"))
     print(json.dumps({k: result[k] for k in ("fidelity", "cpu_cost", "requantize")}, indent=2))
 
 
@@ -201,7 +203,7 @@ LAYER_GROUPS = {
 NOISE_SIGMAS = (0.01, 0.03, 0.1)
 
 
-def ablation(bf16: Policy, prompts: list[str], seeds: list[int], reference: np.ndarray, verifier) -> dict:
+def ablation(bf16: Policy, prompts: list[str], seeds: list[int], reference: np.ndarray, reward) -> dict:
     """Spearman etc. vs bf16@6 for partial NVFP4 copies (only the named linears quantized) and for noisy bf16."""
     k = min(K, len(seeds))
     only = {f"block_{b}": rf"^transformer_blocks\.{b}\." for b in range(len(bf16.transformer.transformer_blocks))} | LAYER_GROUPS
@@ -211,12 +213,12 @@ def ablation(bf16: Policy, prompts: list[str], seeds: list[int], reference: np.n
         source.quant_keep_patterns = (*bf16.quant_keep_patterns, rf"^(?!.*(?:{pattern}))")
         explore = quantize_policy(source, "nvfp4", "emulate")
         selection = explore.explore_state.selection
-        rewards = np.stack([verifier.score(sample(explore, [p] * len(seeds), seeds, EXPLORE_STEPS).images, [p] * len(seeds)) for p in prompts])
+        rewards = np.stack([reward.score(sample(explore, [p] * len(seeds), seeds, EXPLORE_STEPS).images, [p] * len(seeds)) for p in prompts])
         summary = fidelity_summary(torch.from_numpy(rewards), torch.from_numpy(reference), k)
         result[f"nvfp4_only_{name}"] = {"quantized_layers": len(selection.quantized), "linear_flop_share": linear_flop_share(bf16, selection.quantized), **summary}
         print(f"only {name} in NVFP4 ({len(selection.quantized)} linears): Spearman {summary['spearman']:.4f}", flush=True)
     for sigma in NOISE_SIGMAS:
-        rewards = np.stack([verifier.score(sample(NoisyVelocity(bf16, seeds, sigma), [p] * len(seeds), seeds, EXPLORE_STEPS).images, [p] * len(seeds)) for p in prompts])
+        rewards = np.stack([reward.score(sample(NoisyVelocity(bf16, seeds, sigma), [p] * len(seeds), seeds, EXPLORE_STEPS).images, [p] * len(seeds)) for p in prompts])
         summary = fidelity_summary(torch.from_numpy(rewards), torch.from_numpy(reference), k)
         result[f"bf16_velocity_noise_{sigma}"] = summary
         print(f"bf16 + {sigma} relative velocity noise: Spearman {summary['spearman']:.4f}", flush=True)
@@ -260,27 +262,30 @@ def linear_flop_share(policy: Policy, names: list[str]) -> float:
     return sum(flops[n] for n in names) / sum(flops.values())
 
 
-def plot(rewards: dict[str, np.ndarray], prompts: list[str], fidelity: dict, path: Path) -> None:
+def plot(rewards: dict[str, np.ndarray], prompts: list[str], fidelity: dict, reward_name: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rng = np.random.default_rng(0)
+    # the verifier's partial credit is discrete: jitter so that coinciding points stay visible
+    jitter = 0.02 if reward_name == "tiny_verifier" else 0.0
+    low = min(float(r.min()) for r in rewards.values())
+    high = max(float(r.max()) for r in rewards.values())
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.6), sharey=True)
     for ax, reference in zip(axes, ("bf16@6", "bf16@10")):
         x_all, y_all = rewards[reference], rewards["nvfp4@6"]
         for p, prompt in enumerate(prompts):
-            # rewards are discrete (partial credit): jitter so that coinciding points stay visible
-            x = x_all[p] + rng.uniform(-0.02, 0.02, x_all.shape[1])
-            y = y_all[p] + rng.uniform(-0.02, 0.02, x_all.shape[1])
+            x = x_all[p] + rng.uniform(-jitter, jitter, x_all.shape[1])
+            y = y_all[p] + rng.uniform(-jitter, jitter, x_all.shape[1])
             ax.scatter(x, y, s=9, alpha=0.45, label=prompt)
-        ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls="--")
+        ax.plot([low, high], [low, high], color="gray", lw=0.8, ls="--")
         report = fidelity[f"nvfp4@6 vs {reference}"]
         ax.set_title(f"NVFP4 (6 steps) vs {reference.replace('@', ', ')} steps\nSpearman {report['spearman']:.3f}, top-{report['topk']} overlap {report['topk_overlap']:.3f}")
-        ax.set_xlabel(f"{reference} reward (tiny_verifier, jittered)")
+        ax.set_xlabel(f"{reference} reward ({reward_name}{', jittered' if jitter else ''})")
         ax.set_aspect("equal")
-    axes[0].set_ylabel("NVFP4 explore reward (jittered)")
+    axes[0].set_ylabel(f"NVFP4 explore reward{' (jittered)' if jitter else ''}")
     axes[1].legend(fontsize=7, loc="lower right", markerscale=2)
     fig.suptitle(f"Same seeds ({x_all.shape[1]} per prompt x {len(prompts)} eval prompts), deterministic Euler ODE")
     fig.tight_layout()
