@@ -7,7 +7,8 @@ output_dir/checkpoints/step_000010/    10 iterations done: a resumed run continu
   old_lora/...                            the "old" adapter (DiffusionNFT's EMA sampling policy), same format
   trainer.safetensors                     each learner's trainer-state tensors (AdamW moments or their ZeRO
                                           shard, noise-generator state, balancer weights), keyed "<rank>/…"
-  state.json                              step, weights version, the recipe, and the trainer states without their tensors
+  state.json                              step, weights version, the recipe, the base transformer's fingerprint,
+                                          and the trainer states without their tensors
 
 The data position is the step: prompts and seeds are pure functions of (run seed, step).
 A checkpoint is written into a hidden temp dir, fsynced and renamed into place (an atomic rename),
@@ -16,6 +17,7 @@ so a kill mid-save leaves the earlier checkpoints intact; only then are the olde
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -35,6 +37,28 @@ LORA_PREFIX = "transformer"  # pipelines route keys with this prefix to pipe.tra
 LORA_METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps the LoraConfig in the safetensors header
 _STEP_DIR = re.compile(r"step_(\d+)")
 _TEMP_PREFIX = ".tmp-"
+
+
+# --- base weights -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def weights_fingerprint(module: torch.nn.Module, values_per_tensor: int = 4096) -> str:
+    """Hex digest of every tensor's name, shape and up to `values_per_tensor` evenly strided values rounded to bf16.
+
+    What a resume checks the base model against: reading a few thousand values per tensor costs little
+    even for a 12B transformer, and re-trained weights differ nearly everywhere. The bf16 rounding
+    makes fp32 and bf16 loads of the same files agree.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        values = flat[:: max(1, flat.numel() // values_per_tensor)][:values_per_tensor]
+        if values.is_floating_point():
+            values = values.to(torch.bfloat16).view(torch.int16)
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(values.cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 # --- LoRA adapters ----------------------------------------------------------------------------------

@@ -83,6 +83,7 @@ class Driver:
         specs = [spec.model_dump() for spec in recipe.rewards.models]
         self.reward = WorkerGroup(RewardWorker, cluster.reward_workers, cluster.reward_resources, cluster.max_restarts, specs, recipe.rewards.retries, recipe.rewards.on_reward_error, cluster.torch_threads)
         self.learner = LearnerGroup(LearnerWorker, cluster.learners, cluster.remote_learners, cluster.learner_resources, recipe.model_dump(), cluster.torch_threads)
+        self.base_fingerprint = ray.get(self.learner.call(0, "base_weights_fingerprint"))
         self.weights_ref = None
         self.version = 0
         self.timers = Timers()
@@ -239,12 +240,19 @@ class Driver:
         """The learners' adapters, optimizer states and noise generators, and the run's position after `steps_done` iterations."""
         learner_states = ray.get(self.learner.call_all("checkpoint_state"))
         root = Path(self.recipe.run.output_dir) / CHECKPOINTS
-        run_state = {"step": steps_done, "version": self.version, "recipe": self.recipe.model_dump(mode="json")}
+        run_state = {"step": steps_done, "version": self.version, "recipe": self.recipe.model_dump(mode="json"), "base_fingerprint": self.base_fingerprint}
         return save_checkpoint(root, learner_states, run_state, self.recipe.checkpoint.keep)
 
     def restore(self, path: Path) -> int:
         """Load a checkpoint into the learners and bring the rollout workers to its weights; returns the step to continue at."""
         learner_states, run_state = load_checkpoint(path)
+        saved = run_state.get("base_fingerprint")  # None in checkpoints written before it was recorded
+        if saved is not None and saved != self.base_fingerprint:
+            raise ValueError(
+                f"{path} was trained on other base weights: model.path {self.recipe.model.path!r} now loads a transformer with "
+                f"fingerprint {self.base_fingerprint}, the checkpoint's had {saved}. Its LoRA and optimizer state belong to "
+                "those weights: point model.path at them again, or start a new run.output_dir"
+            )
         if len(learner_states) != len(self.learner):
             # Optimizer states may be ZeRO shards, one per rank: they only fit a world of the same size.
             raise ValueError(f"{path} holds the state of {len(learner_states)} learners, this run has {len(self.learner)} (cluster.learners)")
@@ -299,10 +307,11 @@ def train(recipe: Recipe) -> RunResult:
             "Restore those values, or use another run.output_dir"
         )
     driver = Driver(recipe)
-    start = 0 if latest is None else driver.restore(latest)
-    tracker = Tracker(recipe, start)
+    tracker = None
     grid_every, checkpoint_every, eval_every = recipe.logging.grid_every, recipe.checkpoint.every, recipe.eval.every
     try:
+        start = 0 if latest is None else driver.restore(latest)
+        tracker = Tracker(recipe, start)
         if start == 0 and recipe.eval.enabled:
             tracker.log_eval(0, driver.evaluate())
         for step in range(start, recipe.run.steps):
@@ -318,7 +327,8 @@ def train(recipe: Recipe) -> RunResult:
                 with driver.timers("checkpoint"):
                     driver.save_checkpoint(step + 1)
     finally:
-        tracker.close()
+        if tracker is not None:
+            tracker.close()
         driver.shutdown()
     return RunResult(output_dir, tracker.history, tracker.evaluations)
 

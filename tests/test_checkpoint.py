@@ -1,6 +1,7 @@
 import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from rl.checkpoint import (
     save_checkpoint,
     save_lora,
     split_tensors,
+    weights_fingerprint,
 )
 from rl.config import RecipeError, load_recipe, recipe_changes
 from rl.driver import train
@@ -34,6 +36,7 @@ from rl.tracking import read_metrics
 from rollout import load_policy
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER
 from rollout.tiny import prompt_set
+from rollout.tiny.model import WEIGHTS_DIR
 
 REPO = Path(__file__).parents[1]
 # The in-process tiny Sol-RL run of tests/test_driver.py, a little shorter per step.
@@ -246,3 +249,28 @@ def test_run_killed_mid_way_resumes_to_the_metrics_of_an_uninterrupted_run(tmp_p
     assert sorted(checkpoint_steps(killed_dir / "checkpoints")) == [2, 4]
     assert not (killed_dir / "checkpoints" / ".tmp-step_000004").exists()
     assert resumed[3]["loss/nft"] != resumed[2]["loss/nft"]
+
+
+def test_weights_fingerprint_ignores_the_load_precision_and_sees_changed_weights():
+    fp32 = load_policy("tiny").transformer
+    fingerprint = weights_fingerprint(fp32)
+    assert weights_fingerprint(load_policy("tiny", precision="bf16").transformer) == fingerprint
+    with torch.no_grad():
+        fp32.transformer_blocks[2].attn.to_q.weight.mul_(1.01)  # 1%: about 2.5 bf16 steps
+    assert weights_fingerprint(fp32) != fingerprint
+
+
+def test_resume_refuses_other_base_weights_behind_the_same_model_path(tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(WEIGHTS_DIR, base)
+    overrides = SMALL + [f"model.path={base}", f"run.output_dir={tmp_path / 'run'}"]
+    train(load_recipe(REPO / "recipes/tiny_solrl.yaml", overrides + ["run.steps=1"]))
+    saved = json.loads((tmp_path / "run/checkpoints/step_000001/state.json").read_text())["base_fingerprint"]
+    assert saved == weights_fingerprint(load_policy(str(base)).transformer)
+
+    weights_file = base / "transformer/diffusion_pytorch_model.safetensors"
+    weights = load_file(weights_file)
+    weights["proj_out.weight"] = weights["proj_out.weight"] * 1.01  # as if model.path had been re-trained
+    save_file(weights, weights_file)
+    with pytest.raises(ValueError, match=rf"step_000001 was trained on other base weights: model.path '{base}' now loads a transformer with fingerprint [0-9a-f]{{16}}, the checkpoint's had {saved}"):
+        train(load_recipe(REPO / "recipes/tiny_solrl.yaml", overrides + ["run.steps=2"]))
