@@ -20,8 +20,9 @@ Protocol (DESIGN.md sections 1 and 9; issue 4 items 4, 5, 7)
   saturation share of quantized-linear inputs above their calibrated amax, over one explore batch
   ablation   (--ablate) which layers hurt: Spearman vs bf16@6 with only one transformer block, or only
              one group of linears (image / context stream x attention q,k,v / attention out / MLP), in
-             NVFP4 and the rest in bf16; and the testbed's sensitivity: bf16 with relative Gaussian
-             noise sigma * |v| added to every velocity (per-seed noise streams)
+             NVFP4 and the rest in bf16; what keeping one of them in bf16 buys (everything else in
+             NVFP4); and the testbed's sensitivity: bf16 with relative Gaussian noise sigma * |v|
+             added to every velocity (per-seed noise streams)
 
 Run: OMP_NUM_THREADS=1 python bench/quant_fidelity.py [--ablate]
 """
@@ -65,7 +66,7 @@ PAIRS = [("nvfp4@6", "bf16@6"), ("nvfp4@6", "fp32@6"), ("bf16@6", "fp32@6"), ("n
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ablate", action="store_true", help="also quantize one block / one layer group at a time, and measure noise sensitivity")
+    parser.add_argument("--ablate", action="store_true", help="also quantize only one block / layer group, or all but one, and measure noise sensitivity")
     parser.add_argument("--requant-repeats", type=int, default=3)
     parser.add_argument("--seeds", type=int, default=96, help="N seeds per prompt (96 for the reported figures)")
     parser.add_argument("--prompts", type=int, default=8, help="eval prompts (8 for the reported figures)")
@@ -206,17 +207,21 @@ NOISE_SIGMAS = (0.01, 0.03, 0.1)
 def ablation(bf16: Policy, prompts: list[str], seeds: list[int], reference: np.ndarray, reward) -> dict:
     """Spearman etc. vs bf16@6 for partial NVFP4 copies (only the named linears quantized) and for noisy bf16."""
     k = min(K, len(seeds))
-    only = {f"block_{b}": rf"^transformer_blocks\.{b}\." for b in range(len(bf16.transformer.transformer_blocks))} | LAYER_GROUPS
+    blocks = {f"block_{b}": rf"^transformer_blocks\.{b}\." for b in range(len(bf16.transformer.transformer_blocks))}
+    fine_groups = {name: pattern for name, pattern in LAYER_GROUPS.items() if not name.endswith("_stream")}
     result = {}
-    for name, pattern in only.items():
-        source = copy.copy(bf16)  # shallow: only the keep patterns change; keep every linear `pattern` does not match
-        source.quant_keep_patterns = (*bf16.quant_keep_patterns, rf"^(?!.*(?:{pattern}))")
+    variants = [("only", name, rf"^(?!.*(?:{pattern}))") for name, pattern in (blocks | LAYER_GROUPS).items()]  # keep what `pattern` does not match
+    variants += [("without", name, pattern) for name, pattern in (blocks | fine_groups).items()]  # keep what it matches
+    for kind, name, keep in variants:
+        source = copy.copy(bf16)  # shallow: only the keep patterns change
+        source.quant_keep_patterns = (*bf16.quant_keep_patterns, keep)
         explore = quantize_policy(source, "nvfp4", "emulate")
         selection = explore.explore_state.selection
         rewards = np.stack([reward.score(sample(explore, [p] * len(seeds), seeds, EXPLORE_STEPS).images, [p] * len(seeds)) for p in prompts])
         summary = fidelity_summary(torch.from_numpy(rewards), torch.from_numpy(reference), k)
-        result[f"nvfp4_only_{name}"] = {"quantized_layers": len(selection.quantized), "linear_flop_share": linear_flop_share(bf16, selection.quantized), **summary}
-        print(f"only {name} in NVFP4 ({len(selection.quantized)} linears): Spearman {summary['spearman']:.4f}", flush=True)
+        result[f"nvfp4_{kind}_{name}"] = {"quantized_layers": len(selection.quantized), "linear_flop_share": linear_flop_share(bf16, selection.quantized), **summary}
+        what = f"only {name} in NVFP4" if kind == "only" else f"all but {name} in NVFP4"
+        print(f"{what} ({len(selection.quantized)} linears): Spearman {summary['spearman']:.4f}", flush=True)
     for sigma in NOISE_SIGMAS:
         rewards = np.stack([reward.score(sample(NoisyVelocity(bf16, seeds, sigma), [p] * len(seeds), seeds, EXPLORE_STEPS).images, [p] * len(seeds)) for p in prompts])
         summary = fidelity_summary(torch.from_numpy(rewards), torch.from_numpy(reference), k)
@@ -238,7 +243,9 @@ class NoisyVelocity:
         from rollout.samplers import step_noise
 
         v = self.policy.velocity(x_t, t, cond).float()
-        noise = step_noise(self.seeds, 1000 + self.calls, self.policy.latent_shape)  # per (seed, step) streams
+        # per (seed, step) streams; the sampler pads small calls with copies of the last row (rollout.samplers.MIN_ROWS)
+        seeds = self.seeds + self.seeds[-1:] * (len(v) - len(self.seeds))
+        noise = step_noise(seeds, 1000 + self.calls, self.policy.latent_shape)
         self.calls += 1
         scale = self.sigma * v.flatten(1).norm(dim=1) / noise.flatten(1).norm(dim=1)
         return v + scale.view(-1, 1, 1, 1) * noise
