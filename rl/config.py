@@ -193,9 +193,14 @@ class Recipe(Section):
     @property
     def base_precision(self) -> str:
         """Precision of the learners' (and the rollout workers' copy of the) base weights: train_precision, auto resolved."""
-        if self.algorithm.train_precision != "auto":
-            return self.algorithm.train_precision
-        return "bf16" if self.cluster.learner_resources.num_gpus > 0 else "fp32"
+        return resolve_train_precision(self.algorithm.train_precision, self.cluster.learner_resources.num_gpus)
+
+
+def resolve_train_precision(train_precision: str, learner_gpus: float) -> str:
+    """algorithm.train_precision with "auto" resolved: bf16 when the learners have GPUs, else fp32."""
+    if train_precision != "auto":
+        return train_precision
+    return "bf16" if learner_gpus > 0 else "fp32"
 
 
 # Sections and keys a resumed run may change: they do not alter what the run computes (cluster
@@ -206,7 +211,8 @@ RESUMABLE_CHANGES = ("run.name", "run.steps", "run.output_dir", "run.resume", "c
 def recipe_changes(saved: dict[str, Any], recipe: Recipe) -> list[str]:
     """Dotted keys whose value in `recipe` differs from the saved recipe dump, except RESUMABLE_CHANGES.
 
-    A key the saved dump lacks (added to the schema since) counts as its default.
+    A key the saved dump lacks (added to the schema since) counts as its default. train_precision is
+    compared resolved: cluster.* may change, but not into learners that train in another precision.
     """
     current = recipe.model_dump(mode="json")
 
@@ -216,6 +222,9 @@ def recipe_changes(saved: dict[str, Any], recipe: Recipe) -> list[str]:
         return {prefix[:-1]: tree}
 
     old, new = leaves(Recipe().model_dump(mode="json")) | leaves(saved), leaves(current)
+    for tree in (old, new):
+        key = "algorithm.train_precision"
+        tree[key] = resolve_train_precision(tree[key], tree["cluster.learner_resources.num_gpus"])
     keys = sorted(set(old) | set(new))
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in keys if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)]
 

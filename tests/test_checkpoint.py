@@ -209,7 +209,11 @@ def test_resume_refuses_a_changed_recipe_and_names_the_keys(tmp_path):
     older = copy.deepcopy(run_state["recipe"])
     del older["algorithm"]["train_precision"]
     assert recipe_changes(older, recipe) == []
-    assert recipe_changes(older, load_recipe(REPO / "recipes/tiny_solrl.yaml", SMALL + ["algorithm.train_precision=bf16"])) == ["algorithm.train_precision: 'auto' -> 'bf16'"]
+    assert recipe_changes(older, load_recipe(REPO / "recipes/tiny_solrl.yaml", SMALL + ["algorithm.train_precision=bf16"])) == ["algorithm.train_precision: 'fp32' -> 'bf16'"]
+    # cluster.* may change, but "auto" must not resolve to another precision: a CPU run resumed on GPU learners.
+    on_gpus = SMALL + ["cluster.learner_resources.num_gpus=1"]
+    assert recipe_changes(run_state["recipe"], load_recipe(REPO / "recipes/tiny_solrl.yaml", on_gpus)) == ["algorithm.train_precision: 'fp32' -> 'bf16'"]
+    assert recipe_changes(run_state["recipe"], load_recipe(REPO / "recipes/tiny_solrl.yaml", on_gpus + ["algorithm.train_precision=fp32"])) == []
 
 
 def _wait_for(condition, process: subprocess.Popen, timeout: float = 300.0) -> None:
