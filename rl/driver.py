@@ -151,6 +151,7 @@ class Driver:
             regen_refs = self.learner.regenerate(flat_prompts, [s for row in seeds for s in row])
         with timer("rescore"):
             rewards = self.score(regen_refs, self.learner.split(flat_prompts))
+            metrics |= unscored_shares(rewards, [spec.name for spec in recipe.rewards.models])
             rewards, metrics["rewards/failed_groups"] = self.check_rewards(rewards, flat_prompts, group_ids, step)
         with timer("advantage"):
             # Over the whole batch (global std), before the learners split it.
@@ -357,6 +358,12 @@ def ranking_fidelity(explored: np.ndarray, regenerated: np.ndarray) -> dict[str,
     rho = spearman(torch.from_numpy(np.nan_to_num(explored)), torch.from_numpy(np.nan_to_num(regenerated)))
     valid = np.isfinite(explored).all(1) & np.isfinite(regenerated).all(1) & rho.isfinite().numpy()
     return {"explore/spearman_vs_regen": float(rho[torch.from_numpy(valid)].mean())} if valid.any() else {}
+
+
+def unscored_shares(rewards: np.ndarray, names: list[str]) -> dict[str, float]:
+    """Per reward, the share of a batch's images [B, R] it gave no score (NaN: not applicable, an unparsable
+    VLM answer, or a failed call under on_reward_error "skip")."""
+    return {f"rewards/{name}/unscored": float(np.isnan(rewards[:, r]).mean()) for r, name in enumerate(names)}
 
 
 def _driver_sized(value: Any) -> int:

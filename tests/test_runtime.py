@@ -8,7 +8,7 @@ import ray
 from actors.workers import RewardWorker
 from rewards import Reward, RewardError
 from rl.config import load_recipe
-from rl.driver import Driver, _driver_sized, train
+from rl.driver import Driver, _driver_sized, train, unscored_shares
 from rollout import load_policy
 from rollout.samplers import sample, seed_for
 
@@ -144,6 +144,11 @@ def test_reward_errors_fail_with_the_reward_name_or_become_nan_columns():
         RewardWorker([{"name": "test_runtime:FailingReward"}], retries=1, on_error="fail").score(images, prompts)
     scores = RewardWorker([{"name": "tiny_verifier"}, {"name": "test_runtime:FailingReward"}], retries=0, on_error="skip").score(images, prompts)
     assert scores.shape == (2, 2) and np.isfinite(scores[:, 0]).all() and np.isnan(scores[:, 1]).all()
+
+
+def test_unscored_shares_count_each_rewards_nans():
+    rewards = np.array([[0.5, np.nan], [np.nan, np.nan], [0.2, 1.0], [0.9, np.nan]])
+    assert unscored_shares(rewards, ["verifier", "vlm_judge"]) == {"rewards/verifier/unscored": 0.25, "rewards/vlm_judge/unscored": 0.75}
 
 
 def test_on_reward_error_skip_drops_whole_groups_and_fail_names_the_prompt(caplog):
