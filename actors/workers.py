@@ -44,13 +44,16 @@ def worker_device(num_gpus: float) -> torch.device:
 class RolloutWorker:
     """An explore-precision copy of the policy; generates candidate pools with the ODE sampler."""
 
-    def __init__(self, model: dict[str, Any], precision: str, backend: str, base_precision: str = "fp32", num_gpus: float = 0.0, torch_threads: int = 1) -> None:
-        """base_precision: the learners' (Recipe.base_precision), so that merged updates equal theirs."""
+    def __init__(
+        self, model: dict[str, Any], precision: str, backend: str, base_precision: str = "fp32", num_gpus: float = 0.0, torch_threads: int = 1, keep_patterns: tuple[str, ...] = ()
+    ) -> None:
+        """base_precision: the learners' (Recipe.base_precision), so that merged updates equal theirs;
+        keep_patterns: block linears kept in high precision besides the family's (sol.keep_high_precision)."""
         torch.set_num_threads(torch_threads)
         source = load_policy(ModelConfig(**model), base_precision, worker_device(num_gpus))
         # The LoRA-targeted base weights, in host memory: a sync then ships only LoRA factors.
         self.base_weights = linear_weights(source.transformer, source.lora_target_modules)
-        self.policy = quantize_policy(source, precision, backend)
+        self.policy = quantize_policy(source, precision, backend, keep_patterns=keep_patterns)
 
     @property
     def version(self) -> int:

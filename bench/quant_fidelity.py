@@ -30,7 +30,6 @@ Run: OMP_NUM_THREADS=1 python bench/quant_fidelity.py [--ablate]
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -213,9 +212,7 @@ def ablation(bf16: Policy, prompts: list[str], seeds: list[int], reference: np.n
     variants = [("only", name, rf"^(?!.*(?:{pattern}))") for name, pattern in (blocks | LAYER_GROUPS).items()]  # keep what `pattern` does not match
     variants += [("without", name, pattern) for name, pattern in (blocks | fine_groups).items()]  # keep what it matches
     for kind, name, keep in variants:
-        source = copy.copy(bf16)  # shallow: only the keep patterns change
-        source.quant_keep_patterns = (*bf16.quant_keep_patterns, keep)
-        explore = quantize_policy(source, "nvfp4", "emulate")
+        explore = quantize_policy(bf16, "nvfp4", "emulate", keep_patterns=(keep,))
         selection = explore.explore_state.selection
         rewards = np.stack([reward.score(sample(explore, [p] * len(seeds), seeds, EXPLORE_STEPS).images, [p] * len(seeds)) for p in prompts])
         summary = fidelity_summary(torch.from_numpy(rewards), torch.from_numpy(reference), k)

@@ -32,6 +32,7 @@ import copy
 import importlib.util
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -73,6 +74,7 @@ def quantize_policy(
     *,
     adapter: str = OLD_ADAPTER,
     min_features: int = MIN_FEATURES,
+    keep_patterns: Sequence[str] = (),
     version: int = 0,
     calibration: CalibrationSet | None = None,
 ) -> Policy:
@@ -80,6 +82,8 @@ def quantize_policy(
 
     adapter: when the transformer carries LoRA adapters, the one merged into the copy's weights
     (by default "old", the adapter DiffusionNFT samples with). The copy has no adapters.
+    keep_patterns: regular expressions of block linears to keep in high precision as well, on top of
+    the family's (quant.selection): trades NVFP4 coverage for ranking fidelity.
     calibration: the activation-amax calibration loop for nvfp4; None = the family's default
     (`quant.calibration.default_calibration_set`), whose steps should be the explore steps.
     """
@@ -96,7 +100,7 @@ def quantize_policy(
     if precision != "nvfp4":
         explore.explore_state = ExploreState(precision, "none", version, None)
         return explore
-    selection = select_layers(explore.transformer, policy.family, min_features, policy.quant_keep_patterns)
+    selection = select_layers(explore.transformer, policy.family, min_features, (*policy.quant_keep_patterns, *keep_patterns))
     if not selection.quantized:
         explore.explore_state = ExploreState(precision, backend, version, selection)
         return explore

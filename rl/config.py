@@ -7,11 +7,12 @@ the command line use dotted keys: `sol.pool_size=48`, `run.steps=3`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rollout.loading import ModelConfig
 
@@ -72,6 +73,21 @@ class SolConfig(Section):
     explore_steps: int = Field(6, ge=1, description="ODE steps of the exploration sampler")
     selection: Literal["best_worst", "random", "extremes_random", "mean_deviation"] = "best_worst"
     quant_backend: Literal["auto", "modelopt", "emulate"] = "auto"
+    keep_high_precision: list[str] = Field(
+        default_factory=list,
+        description="regexes of transformer-block linears that stay in high precision besides the family's defaults "
+        r"(e.g. '^transformer_blocks\.2\.'): less NVFP4, more faithful ranking",
+    )
+
+    @field_validator("keep_high_precision")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"{pattern!r} is not a regular expression: {error}") from None
+        return patterns
 
 
 class SamplerConfig(Section):

@@ -79,6 +79,7 @@ class Driver:
             self.rollout = WorkerGroup(
                 RolloutWorker, cluster.rollout_workers, cluster.rollout_resources, cluster.max_restarts,
                 model, recipe.sol.explore_precision, recipe.sol.quant_backend, recipe.base_precision, cluster.rollout_resources.num_gpus, cluster.torch_threads,
+                tuple(recipe.sol.keep_high_precision),
             )
         specs = [spec.model_dump() for spec in recipe.rewards.models]
         self.reward = WorkerGroup(RewardWorker, cluster.reward_workers, cluster.reward_resources, cluster.max_restarts, specs, recipe.rewards.retries, recipe.rewards.on_reward_error, cluster.torch_threads)

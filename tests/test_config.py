@@ -47,6 +47,7 @@ def test_optimizer_and_per_algorithm_keys_are_their_own(tmp_path):
         ("", ["cluster.learners=2", "cluster.remote_learners=false"], r"cluster.learners = 2 needs cluster.remote_learners: true"),
         ("", ["optim.betas=[0.9, 1.0]"], r"optim.betas.1: Input should be less than 1"),
         ("- a\n- b\n", [], r"a recipe is a mapping of sections, got list"),
+        ("sol:\n  keep_high_precision: ['blocks.(2']\n", [], r"sol.keep_high_precision: Value error, 'blocks.\(2' is not a regular expression: missing \)"),
     ],
 )
 def test_bad_recipes_name_the_key_and_the_file(tmp_path, text, overrides, message):

@@ -415,3 +415,21 @@ def test_tiny_calibration_is_deterministic(tiny_nvfp4):
     assert_same_state(input_amax(again), input_amax(tiny_nvfp4))
     requantize(again, source.transformer.state_dict(), version=1)  # a sync with unchanged weights
     assert_same_state(input_amax(again), input_amax(tiny_nvfp4))
+
+
+def test_extra_keep_patterns_leave_those_block_linears_in_high_precision(tiny_nvfp4):
+    from actors.workers import RolloutWorker
+    from rollout import load_policy
+
+    keep = r"^transformer_blocks\.2\."
+    default = tiny_nvfp4.explore_state.selection
+    explore = quantize_policy(load_policy("tiny", precision="bf16"), "nvfp4", "emulate", keep_patterns=(keep,))
+    selection = explore.explore_state.selection
+    in_block_2 = [name for name in default.quantized if name.startswith("transformer_blocks.2.")]
+    assert len(in_block_2) == 12
+    assert selection.quantized == [name for name in default.quantized if name not in in_block_2]
+    assert all(selection.kept[name] == f"keep_pattern:{keep}" for name in in_block_2)
+    assert not any(isinstance(module, NVFP4Linear) for module in explore.transformer.transformer_blocks[2].modules())
+    # what a recipe's sol.keep_high_precision reaches: the rollout worker's copy
+    worker = RolloutWorker({"path": "tiny"}, "nvfp4", "emulate", keep_patterns=(keep,))
+    assert worker.describe()["quantized_layers"] == selection.quantized
