@@ -24,7 +24,7 @@ Protocol (DESIGN.md sections 1 and 9; issue 4 items 4, 5, 7)
              NVFP4); and the testbed's sensitivity: bf16 with relative Gaussian noise sigma * |v|
              added to every velocity (per-seed noise streams)
 
-Run: OMP_NUM_THREADS=1 python bench/quant_fidelity.py [--ablate]
+Run: OMP_NUM_THREADS=1 python bench/quant_fidelity.py [--reward NAME] [--keep REGEX] [--ablate]
 """
 
 from __future__ import annotations
@@ -70,16 +70,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=96, help="N seeds per prompt (96 for the reported figures)")
     parser.add_argument("--prompts", type=int, default=8, help="eval prompts (8 for the reported figures)")
     parser.add_argument("--reward", default="tiny_verifier", help="reward that ranks the seeds (any registered name)")
-    parser.add_argument("--out", default=None, help="default: bench/results/quant_fidelity.json, or quant_fidelity_REWARD.json for another reward")
+    parser.add_argument("--keep", action="append", default=[], metavar="REGEX", help="keep matching block linears in bf16 in the NVFP4 copy (sol.keep_high_precision); repeat")
+    parser.add_argument("--out", default=None, help="default: bench/results/quant_fidelity[_REWARD][_keep].json (the reward unless tiny_verifier; _keep with --keep)")
     args = parser.parse_args()
     torch.manual_seed(0)
     prompts = prompt_set("eval")[::3][: args.prompts]
     seeds = [EVAL_SEED_BASE + j for j in range(args.seeds)]
     fp32 = load_policy("tiny", precision="fp32")
     policies = {"fp32": fp32, "bf16": load_policy("tiny", precision="bf16")}
-    policies["nvfp4"] = quantize_policy(policies["bf16"], "nvfp4", "emulate")
+    policies["nvfp4"] = quantize_policy(policies["bf16"], "nvfp4", "emulate", keep_patterns=args.keep)
     reward = build_reward(args.reward)
-    out = Path(args.out or ("bench/results/quant_fidelity.json" if args.reward == "tiny_verifier" else f"bench/results/quant_fidelity_{args.reward}.json"))
+    stem = "quant_fidelity" + ("" if args.reward == "tiny_verifier" else f"_{args.reward}") + ("_keep" if args.keep else "")
+    out = Path(args.out or f"bench/results/{stem}.json")
 
     rewards = {name: np.zeros((len(prompts), len(seeds))) for name in RUNS}
     seconds = {name: [] for name in RUNS}
@@ -94,7 +96,7 @@ def main() -> None:
     fidelity = {f"{a} vs {b}": pair_report(rewards[a], rewards[b], min(K, len(seeds))) for a, b in PAIRS}
     per_image = {name: float(np.median(seconds[name])) / len(seeds) for name in RUNS}
     result = {
-        "protocol": {"prompts": prompts, "seeds": f"{EVAL_SEED_BASE} + j, j < {len(seeds)}", "k": K, "solver": "euler", "reward": args.reward},
+        "protocol": {"prompts": prompts, "seeds": f"{EVAL_SEED_BASE} + j, j < {len(seeds)}", "k": K, "solver": "euler", "reward": args.reward, "keep_high_precision": args.keep},
         "weights_commit": git_commit("rollout/tiny/weights"),
         "quantization": {
             **{k: v for k, v in policies["nvfp4"].explore_state.to_dict().items() if k not in ("quantized_layers", "kept_layers")},
