@@ -129,7 +129,7 @@ class LearnerWorker:
         self.recipe = Recipe.model_validate(recipe)
         algorithm, optim = self.recipe.algorithm, self.recipe.optim
         self.policy = load_policy(self.recipe.model, self.recipe.base_precision, worker_device(self.recipe.cluster.learner_resources.num_gpus))
-        self.base_fingerprint = weights_fingerprint(self.policy.transformer)  # before LoRA wraps the linears
+        self._base_fingerprint = weights_fingerprint(self.policy.transformer)  # before LoRA wraps the linears
         self.policy.add_lora(algorithm.lora_rank, algorithm.lora_alpha, init_seed=self.recipe.run.seed)
         if algorithm.gradient_checkpointing:
             self.policy.transformer.enable_gradient_checkpointing()
@@ -161,9 +161,9 @@ class LearnerWorker:
         # (x0 or trajectory, prompts, rows, whole-batch size) of this learner's rows of the last regenerate()
         self.regen: tuple[torch.Tensor | Trajectory, list[str], slice, int] | None = None
 
-    def base_weights_fingerprint(self) -> str:
+    def base_fingerprint(self) -> str:
         """rl.checkpoint.weights_fingerprint of the base transformer as loaded: a resume refuses other base weights."""
-        return self.base_fingerprint
+        return self._base_fingerprint
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's IP and a free port: where rank 0 hosts the learner world's rendezvous."""

@@ -24,7 +24,7 @@ Protocol (DESIGN.md sections 1 and 9; issue 4 items 4, 5, 7)
              NVFP4); and the testbed's sensitivity: bf16 with relative Gaussian noise sigma * |v|
              added to every velocity (per-seed noise streams)
 
-Run: OMP_NUM_THREADS=1 python bench/quant_fidelity.py [--reward NAME] [--keep REGEX] [--ablate]
+Run: OMP_NUM_THREADS=1 python bench/quant_fidelity.py [--reward NAME] [--keep REGEX --out PATH] [--ablate]
 """
 
 from __future__ import annotations
@@ -71,8 +71,10 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8, help="eval prompts (8 for the reported figures)")
     parser.add_argument("--reward", default="tiny_verifier", help="reward that ranks the seeds (any registered name)")
     parser.add_argument("--keep", action="append", default=[], metavar="REGEX", help="keep matching block linears in bf16 in the NVFP4 copy (sol.keep_high_precision); repeat")
-    parser.add_argument("--out", default=None, help="default: bench/results/quant_fidelity[_REWARD][_keep].json (the reward unless tiny_verifier; _keep with --keep)")
+    parser.add_argument("--out", default=None, help="default: bench/results/quant_fidelity.json, or quant_fidelity_REWARD.json for another reward; required with --keep")
     args = parser.parse_args()
+    if args.keep and not args.out:
+        parser.error("--keep needs --out: runs with other kept layers must not overwrite each other")
     torch.manual_seed(0)
     prompts = prompt_set("eval")[::3][: args.prompts]
     seeds = [EVAL_SEED_BASE + j for j in range(args.seeds)]
@@ -80,8 +82,7 @@ def main() -> None:
     policies = {"fp32": fp32, "bf16": load_policy("tiny", precision="bf16")}
     policies["nvfp4"] = quantize_policy(policies["bf16"], "nvfp4", "emulate", keep_patterns=args.keep)
     reward = build_reward(args.reward)
-    stem = "quant_fidelity" + ("" if args.reward == "tiny_verifier" else f"_{args.reward}") + ("_keep" if args.keep else "")
-    out = Path(args.out or f"bench/results/{stem}.json")
+    out = Path(args.out or ("bench/results/quant_fidelity.json" if args.reward == "tiny_verifier" else f"bench/results/quant_fidelity_{args.reward}.json"))
 
     rewards = {name: np.zeros((len(prompts), len(seeds))) for name in RUNS}
     seconds = {name: [] for name in RUNS}

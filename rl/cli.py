@@ -119,8 +119,9 @@ def _unique_keys(pairs: list[tuple[str, object]], flag: str) -> dict[str, object
     """Repeated key=value flags as a dict; a key given twice is an error rather than a silent overwrite."""
     result: dict[str, object] = {}
     for key, value in pairs:
-        if key in result:
-            raise SystemExit(f"error: {flag} {key} given twice ({result[key]!r} and {value!r})")
+        if key in result:  # a usage error, exit status 2 like argparse's
+            print(f"solray: {flag} {key} given twice ({result[key]!r} and {value!r})", file=sys.stderr)
+            raise SystemExit(2)
         result[key] = value
     return result
 

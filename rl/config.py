@@ -238,11 +238,14 @@ def recipe_changes(saved: dict[str, Any], recipe: Recipe) -> list[str]:
         return {prefix[:-1]: tree}
 
     old, new = leaves(Recipe().model_dump(mode="json")) | leaves(saved), leaves(current)
-    for tree in (old, new):
-        key = "algorithm.train_precision"
-        tree[key] = resolve_train_precision(tree[key], tree["cluster.learner_resources.num_gpus"])
-    keys = sorted(set(old) | set(new))
-    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in keys if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)]
+    precision = "algorithm.train_precision"
+    keys = sorted((set(old) | set(new)) - {precision})
+    changes = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in keys if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)]
+    resolved = [resolve_train_precision(tree[precision], tree["cluster.learner_resources.num_gpus"]) for tree in (old, new)]
+    if resolved[0] != resolved[1]:
+        shown = [f"{tree[precision]!r}" + (f" ({value})" if tree[precision] == "auto" else "") for tree, value in zip((old, new), resolved)]
+        changes.append(f"{precision}: {shown[0]} -> {shown[1]}")
+    return sorted(changes)
 
 
 class RecipeError(ValueError):

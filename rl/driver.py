@@ -84,7 +84,7 @@ class Driver:
         specs = [spec.model_dump() for spec in recipe.rewards.models]
         self.reward = WorkerGroup(RewardWorker, cluster.reward_workers, cluster.reward_resources, cluster.max_restarts, specs, recipe.rewards.retries, recipe.rewards.on_reward_error, cluster.torch_threads)
         self.learner = LearnerGroup(LearnerWorker, cluster.learners, cluster.remote_learners, cluster.learner_resources, recipe.model_dump(), cluster.torch_threads)
-        self.base_fingerprint = ray.get(self.learner.call(0, "base_weights_fingerprint"))
+        self.base_fingerprint = ray.get(self.learner.call(0, "base_fingerprint"))
         self.weights_ref = None
         self.version = 0
         self.timers = Timers()
@@ -250,14 +250,14 @@ class Driver:
         learner_states, run_state = load_checkpoint(path)
         saved = run_state.get("base_fingerprint")  # None in checkpoints written before it was recorded
         if saved is not None and saved != self.base_fingerprint:
-            raise ValueError(
+            raise RecipeError(
                 f"{path} was trained on other base weights: model.path {self.recipe.model.path!r} now loads a transformer with "
                 f"fingerprint {self.base_fingerprint}, the checkpoint's had {saved}. Its LoRA and optimizer state belong to "
                 "those weights: point model.path at them again, or start a new run.output_dir"
             )
         if len(learner_states) != len(self.learner):
             # Optimizer states may be ZeRO shards, one per rank: they only fit a world of the same size.
-            raise ValueError(f"{path} holds the state of {len(learner_states)} learners, this run has {len(self.learner)} (cluster.learners)")
+            raise RecipeError(f"{path} holds the state of {len(learner_states)} learners, this run has {len(self.learner)} (cluster.learners)")
         ray.get([self.learner.call(rank, "restore_state", state) for rank, state in enumerate(learner_states)])
         if self.rollout is not None and run_state["version"] > 0:
             self.sync_weights(run_state["version"])
