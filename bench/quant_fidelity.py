@@ -207,7 +207,7 @@ NOISE_SIGMAS = (0.01, 0.03, 0.1)
 
 
 def ablation(bf16: Policy, prompts: list[str], seeds: list[int], reference: np.ndarray, reward) -> dict:
-    """Spearman etc. vs bf16@6 for partial NVFP4 copies (only the named linears quantized) and for noisy bf16."""
+    """Spearman etc. vs bf16@6 for partial NVFP4 copies (only the named linears quantized, or all but them) and for noisy bf16."""
     k = min(K, len(seeds))
     blocks = {f"block_{b}": rf"^transformer_blocks\.{b}\." for b in range(len(bf16.transformer.transformer_blocks))}
     fine_groups = {name: pattern for name, pattern in LAYER_GROUPS.items() if not name.endswith("_stream")}
