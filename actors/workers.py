@@ -25,7 +25,7 @@ from rl.grpo import Trajectory
 from rl.trainer import GRPOBatch, NFTBatch, Trainer, TrainerSettings
 from rollout import ModelConfig, load_policy
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER
-from rollout.samplers import sample, timesteps
+from rollout.samplers import sample
 
 
 class StaleWeightsError(RuntimeError):
@@ -155,7 +155,7 @@ class LearnerWorker:
             clip_range=algorithm.grpo.clip_range,
             grpo_kl_weight=algorithm.grpo.beta_kl,
         )
-        self.sampler_timesteps = timesteps(self.recipe.sampler.steps, self.recipe.sampler.shift or self.policy.shift)
+        self.sampler_timesteps = self.policy.sigmas(self.recipe.sampler.steps, self.recipe.sampler.shift)
         self.trainer = Trainer(self.policy, settings, self.sampler_timesteps, balancer, seed=self.recipe.run.seed)
         self.rank, self.world_size = 0, 1
         # (x0 or trajectory, prompts, rows, whole-batch size) of this learner's rows of the last regenerate()

@@ -98,7 +98,7 @@ class Trainer:
     ) -> None:
         self.policy = policy
         self.settings = settings
-        # rollout.samplers.timesteps(steps, shift): NFT trains on the timesteps the sampler visits.
+        # policy.sigmas(steps, shift): NFT trains on the timesteps the sampler visits.
         self.sampler_timesteps = sampler_timesteps
         self.balancer = balancer
         self.params = policy.adapter_parameters(TRAINABLE_ADAPTER)
@@ -156,7 +156,7 @@ class Trainer:
     def nft_plan(self, x0_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         """A random subset of the sampler's timesteps (t = 0 carries no signal: x_t = x0) and noise [n, B, ...]."""
         if self.sampler_timesteps is None:
-            raise ValueError("NFT needs the sampler's timesteps: Trainer(..., sampler_timesteps=timesteps(steps, shift))")
+            raise ValueError("NFT needs the sampler's timesteps: Trainer(..., sampler_timesteps=policy.sigmas(steps))")
         pool = self.sampler_timesteps[self.sampler_timesteps > 0].float()
         count = max(1, int(len(pool) * self.settings.timestep_fraction))
         chosen = pool[torch.randperm(len(pool), generator=self.generator)[:count]]

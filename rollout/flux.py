@@ -7,9 +7,9 @@ token sequence and unpacks its output.
 
 from __future__ import annotations
 
-import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
@@ -45,17 +45,17 @@ class FluxPolicy(PipelinePolicy):
     def default_resolution(self) -> int:
         return self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
 
-    def default_shift(self) -> float:
-        """FLUX shifts by exp(mu), mu linear in the image token count (what FluxPipeline's dynamic shifting computes)."""
+    def schedule_options(self, steps: int) -> dict[str, Any]:
+        """FluxPipeline's: sigmas = linspace(1, 1/steps, steps) and mu, linear in the image token count
+        (the scheduler applies mu only with use_dynamic_shifting; with use_flow_sigmas it takes no grid)."""
         config = self.pipeline.scheduler.config
-        if not config.get("use_dynamic_shifting", False):
-            return float(config.get("shift", 1.0))
         image_tokens = (self.latent_shape[1] // 2) * (self.latent_shape[2] // 2)
         mu = calculate_shift(
             image_tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
             config.get("base_shift", 0.5), config.get("max_shift", 1.15),
         )
-        return math.exp(mu)
+        grid = {} if config.get("use_flow_sigmas", False) else {"sigmas": np.linspace(1.0, 1 / steps, steps)}
+        return grid | {"mu": mu}
 
     def _encode(self, prompts: list[str]) -> Conditioning:
         prompt_embeds, pooled_prompt_embeds, _ = self.pipeline.encode_prompt(
@@ -69,7 +69,7 @@ class FluxPolicy(PipelinePolicy):
         guidance = None if self.distilled_guidance is None else torch.full((batch,), self.distilled_guidance, device=x_t.device)
         packed = self.transformer(
             hidden_states=FluxPipeline._pack_latents(x_t.to(self.dtype), batch, channels, height, width),
-            timestep=t.to(self.dtype),  # FLUX embeds t in [0, 1] (the pipeline passes timestep / 1000)
+            timestep=t.float(),  # in [0, 1] (the pipeline passes timestep / 1000); the transformer casts it to its dtype itself
             guidance=guidance,
             pooled_projections=cond.tensors["pooled_prompt_embeds"].to(self.dtype),
             encoder_hidden_states=prompt_embeds,

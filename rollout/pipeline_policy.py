@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from diffusers import DiffusionPipeline
 
 from rollout.images import to_uint8
 from rollout.policy import Conditioning, Policy, torch_dtype
+from rollout.schedules import scheduler_sigmas
 
 
 class PipelinePolicy(Policy):
@@ -57,7 +58,8 @@ class PipelinePolicy(Policy):
             raise ValueError(f"{self.family} needs a resolution divisible by {multiple} (VAE factor x latent multiple), got {self.resolution}")
         size = self.resolution // pipeline.vae_scale_factor
         self.latent_shape = (self.latent_channels(), size, size)
-        self.shift = self.default_shift()
+        self.shift = None  # the pipeline's own schedule; model.shift sets a static one
+        self._sigmas: dict[tuple[int, float | None], torch.Tensor] = {}
 
     @classmethod
     def from_pretrained(cls, path: str | Path, precision: str = "fp32", device: str | torch.device = "cpu", **options) -> PipelinePolicy:
@@ -72,16 +74,23 @@ class PipelinePolicy(Policy):
     def default_resolution(self) -> int:
         return self.transformer.config.sample_size * self.pipeline.vae_scale_factor
 
-    def default_shift(self) -> float:
-        """The timestep shift of the checkpoint's own scheduler config."""
-        config = self.pipeline.scheduler.config
-        return float(config.get("flow_shift", config.get("shift", 1.0)))
+    def schedule_options(self, steps: int) -> dict[str, Any]:
+        """What the family's pipeline passes to its scheduler's set_timesteps besides the step count."""
+        return {}
 
     @abc.abstractmethod
     def _predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """One transformer forward: the family's velocity v = eps - x0, without guidance."""
 
     # --- shared -----------------------------------------------------------------------------------
+
+    def sigmas(self, steps: int, shift: float | None = None) -> torch.Tensor:
+        """The pipeline's schedule for `steps` (rollout.schedules), from the checkpoint's scheduler config."""
+        shift = self.shift if shift is None else shift
+        if (steps, shift) not in self._sigmas:
+            scheduler = self.pipeline.scheduler
+            self._sigmas[steps, shift] = scheduler_sigmas(type(scheduler), scheduler.config, steps, shift, **self.schedule_options(steps))
+        return self._sigmas[steps, shift].clone()
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         if self.cfg_scale == 1.0:

@@ -74,8 +74,8 @@ class Policy(abc.ABC):
     lora_target_modules: tuple[str, ...]
     # Module-name patterns NVFP4 keeps in high precision (embedders, final layer, norms, ...).
     quant_keep_patterns: tuple[str, ...]
-    # Timestep shift the family's FlowMatchEulerDiscreteScheduler uses.
-    shift: float
+    # Static timestep shift of the sampling schedule; None (pipeline families) = the pipeline's own schedule.
+    shift: float | None
     precision: str
 
     def __init__(self) -> None:
@@ -96,6 +96,10 @@ class Policy(abc.ABC):
     @abc.abstractmethod
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """v(x_t, t | cond) with t in [0, 1] of shape [B]; returns a tensor shaped like x_t."""
+
+    @abc.abstractmethod
+    def sigmas(self, steps: int, shift: float | None = None) -> torch.Tensor:
+        """The sampling schedule, sigmas [steps + 1] from noise to 0 (rollout.schedules); shift overrides the policy's."""
 
     @abc.abstractmethod
     def decode(self, x0: torch.Tensor) -> np.ndarray:

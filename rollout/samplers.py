@@ -15,13 +15,11 @@ time, so a seed gives the same image alone or inside any batch.
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
 from rl.grpo import Trajectory, sample_trajectory
@@ -62,20 +60,6 @@ def _mix(*values: int) -> int:
 def seed_for(run_seed: int, step: int, prompt_index: int, j: int) -> int:
     """The noise seed of candidate j of prompt prompt_index at iteration step (31 bits, stable across runs)."""
     return _mix(run_seed, step, prompt_index, j) & 0x7FFFFFFF
-
-
-@functools.lru_cache(maxsize=64)
-def _schedule(steps: int, shift: float) -> tuple[float, ...]:
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
-    scheduler.set_timesteps(steps)
-    return tuple(scheduler.sigmas.tolist())
-
-
-def timesteps(steps: int, shift: float = 1.0) -> torch.Tensor:
-    """Sigmas [steps + 1] from 1 to 0, exactly as FlowMatchEulerDiscreteScheduler(shift).set_timesteps(steps)."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    return torch.tensor(_schedule(steps, float(shift)), dtype=torch.float32)
 
 
 def euler_step(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
@@ -121,6 +105,7 @@ def sample(
 ) -> SampleOutput:
     """Generate one image per (prompt, seed) pair with `steps` solver steps (CFG 1.0: no guidance).
 
+    shift: a static timestep shift in place of the policy's own schedule's (None: the policy's, `Policy.sigmas`).
     adapter: "current" keeps the policy's active LoRA adapter; a name ("old", "policy") or None
     (the reference model, adapters off) runs under that adapter. batch_size splits the forward
     passes to bound memory; it changes results only by float rounding (CPU GEMMs may round
@@ -130,7 +115,7 @@ def sample(
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if len(prompts) != len(seeds):
         raise ValueError(f"sample needs one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
-    sigmas = timesteps(steps, policy.shift if shift is None else shift)
+    sigmas = policy.sigmas(steps, shift)
     cond = policy.encode_prompts(prompts) if cond is None else cond
     x = initial_noise(seeds, policy.latent_shape).to(policy.device)
     chunk = batch_size or len(seeds)

@@ -45,7 +45,7 @@ class SanaPolicy(PipelinePolicy):
             x_t.to(self.dtype),
             encoder_hidden_states=cond.tensors["prompt_embeds"].to(self.dtype),
             encoder_attention_mask=cond.tensors["prompt_attention_mask"],
-            timestep=(t * 1000 * config.timestep_scale).to(self.dtype),
+            timestep=t.float() * 1000 * config.timestep_scale,  # fp32: the time embedding rounds to its own dtype
             return_dict=False,
         )[0]
         # Checkpoints trained with learned sigma predict [v, sigma] stacked on channels.

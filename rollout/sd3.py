@@ -36,6 +36,6 @@ class SD3Policy(PipelinePolicy):
             hidden_states=x_t.to(self.dtype),
             encoder_hidden_states=cond.tensors["prompt_embeds"].to(self.dtype),
             pooled_projections=cond.tensors["pooled_prompt_embeds"].to(self.dtype),
-            timestep=(t * 1000).to(self.dtype),
+            timestep=t.float() * 1000,  # fp32 as StableDiffusion3Pipeline passes it (bf16 would round 913.3 to 912)
             return_dict=False,
         )[0]

@@ -43,7 +43,7 @@ from rollout import ModelConfig, load_policy
 from rollout.loading import PIPELINE_FAMILIES, PIPELINE_POLICIES
 from rollout.flux import FluxPolicy
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER
-from rollout.samplers import initial_noise, sample, timesteps
+from rollout.samplers import initial_noise, sample
 from rollout.sana import SanaPolicy
 from rollout.sd3 import SD3Policy
 from tiny_tokenizers import clip_tokenizer, gemma_tokenizer, t5_tokenizer
@@ -162,13 +162,12 @@ def policy(saved):
 
 
 # Checkpoint defaults: SD3 and SANA read the resolution from the transformer's sample_size (8 latents
-# x VAE factor 2), FLUX from FluxPipeline's 128 latents; shifts come from each scheduler config, FLUX's
-# as exp(mu) of its dynamic shifting at the image token count (64 x 64 packed tokens at 256 px).
+# x VAE factor 2), FLUX from FluxPipeline's 128 latents.
 # The resolution must be a multiple of the VAE factor (2) times the patch (SD3: 2, SANA: 1) or FLUX's 2x2 packing.
 DEFAULTS = {
-    "sd3": {"resolution": 16, "latent_shape": (4, 8, 8), "shift": 3.0, "multiple": 4, "conditioning": {"prompt_embeds", "pooled_prompt_embeds"}},
-    "flux": {"resolution": 256, "latent_shape": (4, 128, 128), "shift": math.exp(1.15), "multiple": 4, "conditioning": {"prompt_embeds", "pooled_prompt_embeds"}},
-    "sana": {"resolution": 16, "latent_shape": (4, 8, 8), "shift": 3.0, "multiple": 2, "conditioning": {"prompt_embeds", "prompt_attention_mask"}},
+    "sd3": {"resolution": 16, "latent_shape": (4, 8, 8), "multiple": 4, "conditioning": {"prompt_embeds", "pooled_prompt_embeds"}},
+    "flux": {"resolution": 256, "latent_shape": (4, 128, 128), "multiple": 4, "conditioning": {"prompt_embeds", "pooled_prompt_embeds"}},
+    "sana": {"resolution": 16, "latent_shape": (4, 8, 8), "multiple": 2, "conditioning": {"prompt_embeds", "prompt_attention_mask"}},
 }
 
 
@@ -178,12 +177,82 @@ def test_load_policy_detects_the_family_and_reads_the_checkpoint_defaults(saved)
     expected = DEFAULTS[family]
     assert isinstance(policy, BUILDERS[family][1]) and policy.family == family
     assert policy.resolution == expected["resolution"] and policy.latent_shape == expected["latent_shape"]
-    assert policy.shift == pytest.approx(expected["shift"])
+    assert policy.shift is None  # the pipeline's own schedule
     assert policy.cfg_scale == 1.0 and policy.dtype == torch.float32
     # the pipeline holds no transformer: an explore copy must not keep the original alive through it
     assert policy.pipeline.transformer is None
     assert not any(p.requires_grad for p in policy.transformer.parameters())
     assert not any(p.requires_grad for p in policy.pipeline.vae.parameters())
+
+
+# Each family's sampling schedule, written from its pipeline's code (diffusers 0.42; the references
+# call these pipelines): StableDiffusion3Pipeline and SanaPipeline pass the step count alone;
+# FluxPipeline (pipeline_flux.py, "5. Prepare timesteps"; flow_grpo and DiffusionNFT's FLUX
+# pipelines copy it) passes sigmas = linspace(1, 1/N, N) and mu = m * image_tokens + b, with
+# m = (1.15 - 0.5) / (4096 - 256), b = 0.5 - 256 m. Resolutions give FLUX 1024, 2304 and 4096 image
+# tokens: what 512, 768 and 1024 px give the real model (VAE factor 8, 2x2 packing).
+SCHEDULE_RESOLUTIONS = {"sd3": (16, 24, 32), "flux": (128, 192, 256), "sana": (16, 24, 32)}
+
+
+def expected_sigmas(family: str, steps: int, latent_size: int, shift: float | None = None) -> torch.Tensor:
+    """The reference schedule from its formula, then with the pipeline's own retrieve_timesteps (both must agree)."""
+    if family == "flux":
+        grid = np.linspace(1.0, 1 / steps, steps)
+        tokens = (latent_size // 2) ** 2
+        m = (1.15 - 0.5) / (4096 - 256)
+        mu = m * tokens + (0.5 - 256 * m)
+        scale = math.exp(mu) if shift is None else shift
+        formula = scale / (scale + (1 / grid - 1))
+    elif family == "sana":  # DPMSolverMultistepScheduler with use_flow_sigmas: N + 1 alphas, the last (sigma 0) dropped
+        sigma = 1 - np.linspace(1, 1 / 1000, steps + 1)
+        scale = 3.0 if shift is None else shift
+        formula = np.flip(scale * sigma / (1 + (scale - 1) * sigma))[:-1]
+    else:  # FlowMatchEulerDiscreteScheduler(shift=3): linspace(1, shifted 1/1000, N), shifted once more
+        scale = 3.0 if shift is None else shift
+        shifted = lambda sigma: scale * sigma / (1 + (scale - 1) * sigma)  # noqa: E731
+        formula = shifted(np.linspace(1.0, shifted(1e-3), steps))
+    return torch.tensor(np.append(formula, 0.0), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("steps", [6, 10, 28])
+def test_sampling_schedule_is_the_pipelines(saved, steps):
+    family, path = saved
+    module = importlib.import_module(type(BUILDERS[family][0]()).__module__)
+    for resolution in SCHEDULE_RESOLUTIONS[family]:
+        policy = load_policy(ModelConfig(path=path, resolution=resolution, max_sequence_length=TEXT_TOKENS))
+        scheduler = type(policy.pipeline.scheduler).from_config(policy.pipeline.scheduler.config)
+        if family == "flux":
+            tokens = (policy.latent_shape[1] // 2) ** 2
+            config = scheduler.config
+            mu = module.calculate_shift(tokens, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
+            module.retrieve_timesteps(scheduler, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+        else:
+            module.retrieve_timesteps(scheduler, steps, "cpu")
+        sigmas = policy.sigmas(steps)
+        assert torch.equal(sigmas, scheduler.sigmas.float())
+        torch.testing.assert_close(sigmas, expected_sigmas(family, steps, policy.latent_shape[1]), rtol=0, atol=1e-6)
+        # a static shift override keeps the pipeline's grid and replaces its shift
+        torch.testing.assert_close(policy.sigmas(steps, shift=2.0), expected_sigmas(family, steps, policy.latent_shape[1], shift=2.0), rtol=0, atol=1e-6)
+    if family == "flux" and steps == 10:
+        # 512 px: the last non-zero sigma is 0.1726 (a static exp(mu) shift on set_timesteps(10) gave 0.0035)
+        low = load_policy(ModelConfig(path=path, resolution=128, max_sequence_length=TEXT_TOKENS)).sigmas(10)[-2]
+        assert float(low) == pytest.approx(0.1726, abs=1e-4)
+
+
+def test_timesteps_reach_the_transformer_in_fp32(saved):
+    """flow_grpo / DiffusionNFT / the diffusers pipelines pass t * 1000 in fp32; in bf16, 913.3 would become 912."""
+    family, path = saved
+    policy = load(path, "bf16")
+    seen = {}
+    hook = policy.transformer.register_forward_pre_hook(lambda module, args, kwargs: seen.update(t=kwargs["timestep"]), with_kwargs=True)
+    x_t = torch.randn(2, *policy.latent_shape)
+    t = torch.tensor([0.9133, 0.4])
+    with torch.no_grad():
+        policy.velocity(x_t, t, policy.encode_prompts(PROMPTS[:2]))
+    hook.remove()
+    assert seen["t"].dtype == torch.float32
+    scale = 1.0 if family == "flux" else 1000.0 * getattr(policy.transformer.config, "timestep_scale", 1.0)  # FLUX embeds t in [0, 1]
+    torch.testing.assert_close(seen["t"], t * scale, rtol=0, atol=0)
 
 
 def test_prompt_embeddings_are_cached_batch_first(policy, saved):
@@ -216,7 +285,7 @@ def test_euler_sampling_matches_the_diffusers_pipeline(saved, policy):
     conditioning, latent packing, timestep scaling, guidance embedding and VAE decode must all agree.
     """
     family, path = saved
-    sigmas = timesteps(STEPS, policy.shift)
+    sigmas = policy.sigmas(STEPS)
     ours = sample(policy, PROMPTS, SEEDS, STEPS, solver="euler")
     pipeline = type(policy.pipeline).from_pretrained(path)
     pipeline.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)  # takes the given sigmas as they are
@@ -264,7 +333,7 @@ def test_lora_targets_match_and_one_nft_step_lowers_the_loss(saved):
     # Every sample positive (r = 1): NFT is then flow matching on the policy's own samples, so one
     # small step must lower the loss on the same timesteps and noise.
     batch = NFTBatch(x0=x0, prompts=PROMPTS, advantages=torch.full((3,), 5.0))
-    trainer = Trainer(policy, TrainerSettings(lr=1e-3), sampler_timesteps=timesteps(STEPS, policy.shift))
+    trainer = Trainer(policy, TrainerSettings(lr=1e-3), sampler_timesteps=policy.sigmas(STEPS))
     rng_state = trainer.generator.get_state()
     plan = trainer.nft_plan(x0.shape)
     trainer.generator.set_state(rng_state)  # nft_step draws this same plan
@@ -367,7 +436,7 @@ def test_real_checkpoint_samples_explores_in_nvfp4_and_trains(family, tmp_path):
 
     policy.add_lora(rank=32, alpha=64)
     policy.transformer.enable_gradient_checkpointing()
-    trainer = Trainer(policy, TrainerSettings(microbatch_size=1), sampler_timesteps=timesteps(10, policy.shift))
+    trainer = Trainer(policy, TrainerSettings(microbatch_size=1), sampler_timesteps=policy.sigmas(10))
     metrics = trainer.nft_step(NFTBatch(x0=bf16.x0, prompts=prompts, advantages=torch.tensor([1.0, -1.0, 1.0, -1.0])))
     assert np.isfinite(metrics["loss/nft"]) and metrics["train/grad_norm"] > 0
 

@@ -20,7 +20,7 @@ from rl.balance import RewardBalancer
 from rl.trainer import GRPOBatch, NFTBatch, Trainer, TrainerSettings
 from rollout import load_policy
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER
-from rollout.samplers import sample, timesteps
+from rollout.samplers import sample
 from rollout.tiny import prompt_set
 from rollout.tiny.evaluate import EVAL_SEED_BASE
 
@@ -36,7 +36,7 @@ def train_tiny(algorithm: str, iterations: int, reward_names=("brightness",), ba
     rewards = [build_reward(name) for name in reward_names]
     balancer = None if balance is None else RewardBalancer(len(rewards), method=balance, full_every=5)
     settings = TrainerSettings(lr=lr, nft_beta=1.0 if balancer is None else 0.1, microbatch_size=16)
-    trainer = Trainer(policy, settings, sampler_timesteps=timesteps(STEPS, policy.shift), balancer=balancer, seed=seed)
+    trainer = Trainer(policy, settings, sampler_timesteps=policy.sigmas(STEPS), balancer=balancer, seed=seed)
     train_prompts = prompt_set("train")
     rng = np.random.default_rng(seed)
     history = []

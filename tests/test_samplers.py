@@ -3,18 +3,19 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from rollout.samplers import MIN_ROWS, dpm2_step, initial_noise, sample, step_noise, timesteps
+from rollout.samplers import MIN_ROWS, dpm2_step, initial_noise, sample, step_noise
+from rollout.schedules import flow_match_sigmas
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_schedule_matches_diffusers(shift):
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
     scheduler.set_timesteps(10)
-    sigmas = timesteps(10, shift)
+    sigmas = flow_match_sigmas(10, shift)
     assert sigmas.shape == (11,) and sigmas[0] == 1.0 and sigmas[-1] == 0.0
     assert torch.equal(sigmas, scheduler.sigmas.float())
     if shift > 1:  # shift pushes the schedule towards noise
-        assert (sigmas[1:-1] > timesteps(10, 1.0)[1:-1]).all()
+        assert (sigmas[1:-1] > flow_match_sigmas(10, 1.0)[1:-1]).all()
 
 
 def test_initial_noise_is_per_seed_and_from_a_cpu_generator():

@@ -36,3 +36,16 @@ def test_every_shipped_weight_file_goes_into_the_wheel():
     shipped = {path for path in WEIGHTS_DIR.rglob("*") if path.is_file()}
     assert any(path.suffix == ".safetensors" for path in shipped)
     assert sorted(str(path.relative_to(WEIGHTS_DIR)) for path in shipped - packaged) == []
+
+
+def test_timesteps_reach_the_transformer_in_fp32():
+    """As the reference pipelines pass t * 1000 (bf16 would turn 913.3 into 912); explore copies run in bf16."""
+    policy = load_policy("tiny", "bf16")
+    seen = {}
+    hook = policy.transformer.register_forward_pre_hook(lambda module, args, kwargs: seen.update(t=kwargs["timestep"]), with_kwargs=True)
+    t = torch.tensor([0.9133, 0.4])
+    with torch.no_grad():
+        policy.velocity(torch.randn(2, *policy.latent_shape), t, policy.encode_prompts(["a circle", "a square"]))
+    hook.remove()
+    assert seen["t"].dtype == torch.float32
+    torch.testing.assert_close(seen["t"], t * 1000, rtol=0, atol=0)

@@ -22,6 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from rollout.images import to_uint8
 from rollout.policy import Conditioning, Policy, torch_dtype
+from rollout.schedules import flow_match_sigmas
 from rollout.tiny.world import ALL_PROMPTS, IMAGE_SIZE
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -131,9 +132,12 @@ class TinyPolicy(Policy):
             hidden_states=x_t.to(self.dtype),
             encoder_hidden_states=cond.tensors["prompt_embeds"].to(self.dtype),
             pooled_projections=cond.tensors["pooled_prompt_embeds"].to(self.dtype),
-            timestep=(t * 1000).to(self.dtype),
+            timestep=t.float() * 1000,  # fp32, as the reference pipelines pass it: bf16 would round 913.3 to 912
             return_dict=False,
         )[0]
+
+    def sigmas(self, steps: int, shift: float | None = None) -> torch.Tensor:
+        return flow_match_sigmas(steps, self.shift if shift is None else shift)
 
     def decode(self, x0: torch.Tensor) -> np.ndarray:
         return to_uint8(x0)
