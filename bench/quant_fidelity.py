@@ -24,7 +24,12 @@ Protocol (DESIGN.md sections 1 and 9; issue 4 items 4, 5, 7)
              NVFP4); and the testbed's sensitivity: bf16 with relative Gaussian noise sigma * |v|
              added to every velocity (per-seed noise streams)
 
-Run: OMP_NUM_THREADS=1 python bench/quant_fidelity.py [--reward NAME] [--keep REGEX --out PATH] [--ablate]
+coverage   the family's rule (quant.selection, Sol-RL's skip list and min_dim; for the tiny testbed only the
+             image stream's feed-forward) unless --skip / --min-dim / --keep say otherwise; activation
+             scaling static (calibrated) or --activation-scaling delayed (Sol-RL's TE recipe)
+
+Run: OMP_NUM_THREADS=1 python bench/quant_fidelity.py [--reward NAME] [--skip REGEX --min-dim N --keep REGEX
+     --activation-scaling delayed --out PATH] [--ablate]
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quant import NVFP4Linear, quantize_policy, requantize
+from quant import DelayedScaling, NVFP4Linear, quantize_policy, requantize
 from quant.fidelity import fidelity_summary, spearman
 from rewards import build_reward
 from rollout import load_policy
@@ -70,17 +75,22 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=96, help="N seeds per prompt (96 for the reported figures)")
     parser.add_argument("--prompts", type=int, default=8, help="eval prompts (8 for the reported figures)")
     parser.add_argument("--reward", default="tiny_verifier", help="reward that ranks the seeds (any registered name)")
-    parser.add_argument("--keep", action="append", default=[], metavar="REGEX", help="keep matching block linears in bf16 in the NVFP4 copy (sol.keep_high_precision); repeat")
-    parser.add_argument("--out", default=None, help="default: bench/results/quant_fidelity.json, or quant_fidelity_REWARD.json for another reward; required with --keep")
+    parser.add_argument("--keep", action="append", default=[], metavar="REGEX", help="keep matching linears in bf16 in the NVFP4 copy (sol.keep_high_precision); repeat")
+    parser.add_argument("--skip", action="append", default=None, metavar="REGEX", help="the skip list in place of the family's (sol.skip_modules); repeat")
+    parser.add_argument("--min-dim", type=int, default=None, help="sol.min_dim in place of the family's")
+    parser.add_argument("--activation-scaling", choices=("static", "delayed"), default="static", help="sol.activation_scaling")
+    parser.add_argument("--amax-history-len", type=int, default=16, help="sol.amax_history_len (delayed scaling)")
+    parser.add_argument("--out", default=None, help="default: bench/results/quant_fidelity.json, or quant_fidelity_REWARD.json for another reward; required with other coverage or scaling")
     args = parser.parse_args()
-    if args.keep and not args.out:
-        parser.error("--keep needs --out: runs with other kept layers must not overwrite each other")
+    if (args.keep or args.skip is not None or args.min_dim is not None or args.activation_scaling != "static") and not args.out:
+        parser.error("--keep, --skip, --min-dim and --activation-scaling need --out: runs of other explore copies must not overwrite each other")
     torch.manual_seed(0)
     prompts = prompt_set("eval")[::3][: args.prompts]
     seeds = [EVAL_SEED_BASE + j for j in range(args.seeds)]
     fp32 = load_policy("tiny", precision="fp32")
     policies = {"fp32": fp32, "bf16": load_policy("tiny", precision="bf16")}
-    policies["nvfp4"] = quantize_policy(policies["bf16"], "nvfp4", "emulate", keep_patterns=args.keep)
+    delayed = DelayedScaling(args.amax_history_len) if args.activation_scaling == "delayed" else None
+    policies["nvfp4"] = quantize_policy(policies["bf16"], "nvfp4", "emulate", skip_modules=args.skip, min_dim=args.min_dim, keep_patterns=args.keep, delayed=delayed)
     reward = build_reward(args.reward)
     out = Path(args.out or ("bench/results/quant_fidelity.json" if args.reward == "tiny_verifier" else f"bench/results/quant_fidelity_{args.reward}.json"))
 
@@ -97,7 +107,7 @@ def main() -> None:
     fidelity = {f"{a} vs {b}": pair_report(rewards[a], rewards[b], min(K, len(seeds))) for a, b in PAIRS}
     per_image = {name: float(np.median(seconds[name])) / len(seeds) for name in RUNS}
     result = {
-        "protocol": {"prompts": prompts, "seeds": f"{EVAL_SEED_BASE} + j, j < {len(seeds)}", "k": K, "solver": "euler", "reward": args.reward, "keep_high_precision": args.keep},
+        "protocol": {"prompts": prompts, "seeds": f"{EVAL_SEED_BASE} + j, j < {len(seeds)}", "k": K, "solver": "euler", "reward": args.reward},
         "weights_commit": git_commit("rollout/tiny/weights"),
         "quantization": {
             **{k: v for k, v in policies["nvfp4"].explore_state.to_dict().items() if k not in ("quantized_layers", "kept_layers")},
@@ -114,7 +124,8 @@ def main() -> None:
             "cpu_count": os.cpu_count(),
             "machine": platform.processor() or platform.machine(),
         },
-        "saturation": saturation(policies["nvfp4"], prompts[:1] * len(seeds), seeds),  # before requantize moves the weights
+        # before requantize moves the weights; a delayed amax has no fixed value to saturate against
+        "saturation": saturation(policies["nvfp4"], prompts[:1] * len(seeds), seeds) if delayed is None else None,
         "requantize": requantize_cost(policies["nvfp4"], fp32, prompts, args.requant_repeats),
     }
     if args.ablate:
@@ -143,14 +154,14 @@ def requantize_cost(explore: Policy, source: Policy, prompts: list[str], repeats
         requant_s.append(requantize(explore, weights, explore.explore_state.version + 1))
         timings = explore.explore_state.timings
         load_s.append(timings["load_quantize_weights_s"])
-        calibrate_s.append(timings["calibrate_s"])
+        calibrate_s.append(timings["calibrate_s"])  # 0 without a calibration loop (delayed scaling)
         start = time.perf_counter()
         sample(explore, [p for p, _ in pairs], [s for _, s in pairs], EXPLORE_STEPS)
         explore_s.append(time.perf_counter() - start)
     median = {name: float(np.median(values)) for name, values in [("requantize_s", requant_s), ("load_quantize_weights_s", load_s), ("calibrate_s", calibrate_s), ("explore_batch_s", explore_s)]}
     return {
         "explore_batch": f"{len(pairs)} images x {EXPLORE_STEPS} steps (P * N / workers = 4 * 96 / 2)",
-        "calibration_images": explore.explore_state.calibration.num_images,
+        "calibration_images": None if explore.explore_state.calibration is None else explore.explore_state.calibration.num_images,
         **median,
         "requantize_over_explore_batch": median["requantize_s"] / median["explore_batch_s"],
         "all_requantize_s": requant_s,

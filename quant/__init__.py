@@ -2,18 +2,19 @@
 
 from quant.calibration import CalibrationSet, default_calibration_set
 from quant.explore import BACKENDS, ExploreState, linear_weights, lora_merged_weights, lora_update, merge_lora_update, quantize_policy, requantize
-from quant.layers import NVFP4Linear
+from quant.layers import DelayedScaling, NVFP4Linear
 from quant.nvfp4 import nvfp4_fake_quantize
-from quant.selection import FAMILY_KEEP_PATTERNS, MIN_FEATURES, LayerSelection, select_layers
+from quant.selection import FAMILY_RULES, LayerSelection, QuantRule, select_layers
 
 __all__ = [
     "BACKENDS",
-    "FAMILY_KEEP_PATTERNS",
-    "MIN_FEATURES",
+    "FAMILY_RULES",
     "CalibrationSet",
+    "DelayedScaling",
     "ExploreState",
     "LayerSelection",
     "NVFP4Linear",
+    "QuantRule",
     "default_calibration_set",
     "linear_weights",
     "lora_merged_weights",

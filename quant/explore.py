@@ -4,8 +4,8 @@ An explore copy is the policy with its own transformer (a deep copy; LoRA merged
 explore precision. Frozen parts (text encoders, tokenizer) are shared with the source, read-only.
 
 Precisions
-  fp32, bf16  a dtype cast, nothing quantized
-  nvfp4       bf16 everywhere, with the linears `quant.selection` picks in NVFP4 W4A4
+  fp32, bf16  a dtype cast, nothing quantized (on CPU, bf16 linears accumulate in fp32 as ExploreLinear)
+  nvfp4       bf16 everywhere, with the linears `quant.selection` picks (Sol-RL's rule) in NVFP4 W4A4
 
 NVFP4 backends
   emulate   pure torch (`quant.layers.NVFP4Linear`), any device. Weights are fake-quantized once per
@@ -15,11 +15,12 @@ NVFP4 backends
             quantizer asserts CUDA tensors and its FP4 Triton kernel needs FP8 hardware. mtq
             fake-quantizes the weights in every forward; its input quantizers hold the calibrated amax.
   auto      modelopt where it can run, emulate elsewhere; the choice is logged and recorded.
-Activation scales are static in both: `quant.calibration` runs a fixed calibration forward loop
-(a few fixed prompts x seeds sampled at the explore timesteps, quantizers off) and keeps the max
-|input| of every quantized linear, in `quantize_policy` and again in `requantize` after every sync.
-So a seed's explore image does not depend on its batch-mates, and re-issuing a shard in another
-order or split gives the same images.
+Activation scales are static by default in both: `quant.calibration` runs a fixed calibration
+forward loop (a few fixed prompts x seeds sampled at the explore timesteps, quantizers off) and keeps
+the max |input| of every quantized linear, in `quantize_policy` and again in `requantize` after every
+sync. So a seed's explore image does not depend on its batch-mates, and re-issuing a shard in another
+order or split gives the same images. `delayed` (quant.layers.DelayedScaling) runs Sol-RL's
+Transformer Engine recipe instead, a running amax history per input, which keeps neither guarantee.
 Both backends compute NVFP4QTensor's numerics, with two exceptions read in modelopt 0.47's CUDA
 (Triton) kernel: it zeroes a 16-block whose scale underflows, i.e. whose amax is below 6e-5 (a 1e-5
 floor on the block scale) or below 2.2e-6 x the tensor's amax (no 2^-9 floor before its E4M3 cast),
@@ -33,14 +34,14 @@ import importlib.util
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from quant.calibration import CalibrationSet, default_calibration_set
-from quant.layers import NVFP4Linear
-from quant.selection import MIN_FEATURES, LayerSelection, select_layers
+from quant.layers import DelayedAmax, DelayedScaling, ExploreLinear, NVFP4Linear
+from quant.selection import LayerSelection, select_layers
 from rollout.policy import OLD_ADAPTER, PRECISIONS, Policy, torch_dtype
 
 logger = logging.getLogger(__name__)
@@ -58,13 +59,15 @@ class ExploreState:
     backend: str  # "emulate" | "modelopt" for nvfp4, "none" for a plain dtype cast
     version: int  # version of the weights it holds; requantize only accepts newer ones
     selection: LayerSelection | None  # the quantization report (nvfp4 only)
-    calibration: CalibrationSet | None = None  # the activation-amax calibration loop (nvfp4 with quantized layers only)
+    calibration: CalibrationSet | None = None  # the static activation-amax calibration loop (nvfp4 with quantized layers, static scaling)
+    delayed: DelayedScaling | None = None  # the delayed activation scaling, in place of calibration
     timings: dict[str, float] = field(default_factory=dict)  # seconds of the last quantize_policy / requantize, by phase
 
     def to_dict(self) -> dict:
         report = self.selection.to_dict() if self.selection is not None else {}
         calibration = {"calibration": self.calibration.to_dict()} if self.calibration is not None else {}
-        return {"precision": self.precision, "backend": self.backend, "version": self.version, **report, **calibration, "timings": dict(self.timings)}
+        scaling = {"activation_scaling": "static" if self.delayed is None else asdict(self.delayed) | {"mode": "delayed"}}
+        return {"precision": self.precision, "backend": self.backend, "version": self.version, **report, **calibration, **scaling, "timings": dict(self.timings)}
 
 
 def quantize_policy(
@@ -73,19 +76,25 @@ def quantize_policy(
     backend: str = "auto",
     *,
     adapter: str = OLD_ADAPTER,
-    min_features: int = MIN_FEATURES,
+    skip_modules: Sequence[str] | None = None,
+    min_dim: int | None = None,
     keep_patterns: Sequence[str] = (),
     version: int = 0,
     calibration: CalibrationSet | None = None,
+    delayed: DelayedScaling | None = None,
 ) -> Policy:
     """The explore copy of `policy` in `precision`; `policy` itself is left untouched.
 
     adapter: when the transformer carries LoRA adapters, the one merged into the copy's weights
     (by default "old", the adapter DiffusionNFT samples with). The copy has no adapters.
-    keep_patterns: regular expressions of block linears to keep in high precision as well, on top of
-    the family's (quant.selection): trades NVFP4 coverage for ranking fidelity.
+    skip_modules, min_dim: Sol-RL's coverage rule (quant.selection); None = the family's.
+    keep_patterns: regular expressions of linears to keep in high precision as well, on top of
+    skip_modules: trades NVFP4 coverage for ranking fidelity.
     calibration: the activation-amax calibration loop for nvfp4; None = the family's default
     (`quant.calibration.default_calibration_set`), whose steps should be the explore steps.
+    delayed: quantize activations with Transformer Engine's delayed scaling (quant.layers) instead of
+    the calibrated static amax (emulate: no calibration loop; modelopt: the delayed amax overrides
+    the calibrated one in every forward).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -97,15 +106,20 @@ def quantize_policy(
     explore._prompt_cache = {}  # cached embeddings are in the source's dtype
     explore.transformer = _plain_copy(policy.transformer, adapter).to(dtype=torch_dtype(precision))
     explore.precision = precision
+    if precision != "fp32" and explore.device.type == "cpu":
+        _fp32_accumulating_linears(explore.transformer)
     if precision != "nvfp4":
         explore.explore_state = ExploreState(precision, "none", version, None)
         return explore
-    selection = select_layers(explore.transformer, policy.family, min_features, (*policy.quant_keep_patterns, *keep_patterns))
+    selection = select_layers(explore.transformer, policy.family, skip_modules=skip_modules, min_dim=min_dim, keep_patterns=keep_patterns)
     if not selection.quantized:
         explore.explore_state = ExploreState(precision, backend, version, selection)
         return explore
-    calibration = calibration or default_calibration_set(policy.family)
-    explore.explore_state = state = ExploreState(precision, backend, version, selection, calibration)
+    if delayed is None or backend == "modelopt":  # modelopt's quantizers need an amax to start from
+        calibration = calibration or default_calibration_set(policy.family)
+    else:
+        calibration = None
+    explore.explore_state = state = ExploreState(precision, backend, version, selection, calibration, delayed)
     start = time.perf_counter()
     _QUANTIZERS[backend](explore, selection.quantized)
     state.timings = {"quantize_calibrate_s": _elapsed(start, explore.device)}
@@ -260,6 +274,13 @@ def _load_weights(transformer: nn.Module, weights: dict[str, torch.Tensor]) -> N
             target.copy_(value)
 
 
+def _fp32_accumulating_linears(transformer: nn.Module) -> None:
+    """Every nn.Linear becomes an ExploreLinear: the same bf16 values, computed 5x faster on CPUs without native bf16."""
+    for name, module in list(transformer.named_modules()):
+        if type(module) is nn.Linear:
+            transformer.set_submodule(name, ExploreLinear.from_linear(module))
+
+
 def _elapsed(start: float, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -267,10 +288,14 @@ def _elapsed(start: float, device: torch.device) -> float:
 
 
 def _emulate_quantize(explore: Policy, layer_names: list[str]) -> None:
-    transformer = explore.transformer
+    transformer, delayed = explore.transformer, explore.explore_state.delayed
     for name in layer_names:
-        transformer.set_submodule(name, NVFP4Linear.from_linear(transformer.get_submodule(name)))
-    _emulate_calibrate(explore)
+        layer = NVFP4Linear.from_linear(transformer.get_submodule(name))
+        if delayed is not None:
+            layer.use_delayed_scaling(delayed)
+        transformer.set_submodule(name, layer)
+    if delayed is None:
+        _emulate_calibrate(explore)
 
 
 def _emulate_calibrate(explore: Policy) -> None:
@@ -298,6 +323,19 @@ def _modelopt_quantize(explore: Policy, layer_names: list[str]) -> None:
     # "max": weight quantizers take their amax from the weights, input quantizers from the loop.
     mtq.quantize(explore.transformer, {"quant_cfg": quant_cfg, "algorithm": "max"}, forward_loop=_forward_loop(explore))
     _check_amax(_modelopt_input_amax(explore.transformer, layer_names))
+    if explore.explore_state.delayed is not None:
+        for name in layer_names:
+            _delay_modelopt_input_amax(explore.transformer.get_submodule(name), explore.explore_state.delayed)
+
+
+def _delay_modelopt_input_amax(layer: nn.Module, recipe: DelayedScaling) -> None:
+    """Before every forward, set the layer's input quantizer amax from its delayed-scaling history."""
+    amax = DelayedAmax(recipe)
+
+    def set_amax(module: nn.Module, args: tuple) -> None:
+        module.input_quantizer.amax = amax(args[0])
+
+    layer.register_forward_pre_hook(set_amax)
 
 
 def _modelopt_recalibrate(explore: Policy) -> None:

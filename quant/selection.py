@@ -1,44 +1,59 @@
-"""Which linear layers of a transformer run in NVFP4 (W4A4), and which stay in high precision.
+"""Which linear layers of a transformer run in NVFP4 (W4A4), and which stay in high precision: Sol-RL's rule.
 
-Rule (DESIGN.md section 5), applied to every nn.Linear of the transformer, first match wins:
-  1. outside the transformer blocks (embedders, final norm and projection)   kept  "outside_blocks"
-  2. name matches one of the family's keep patterns                          kept  "keep_pattern:<p>"
-  3. in_features or out_features <= min_features                             kept  "small"
-  4. otherwise                                                                quantized
-Keep patterns are regular expressions searched in the module's qualified name (re.search): a plain
-word such as "norm" matches as a substring, "^proj_out$" only the top-level layer of that name.
-Convolutions, norms, embeddings and every other non-linear module always stay in high precision.
+Sol-RL (NVlabs/Sana train_scripts/sol_rl/train_utils.py, replace_linear_with_te; values in
+configs/sol_rl/{sd3,flux1,sana}.py) swaps every nn.Linear of the transformer for an FP4 one except
+  1. a linear whose qualified name contains one of the family's `skip_modules`   kept  "skip:<p>"
+  2. a linear with max(in_features, out_features) <= `min_dim`                   kept  "small"
+solray applies that rule, with the recipe's `sol.keep_high_precision` patterns as one more skip list
+(kept "keep:<p>") checked after the family's. Patterns are regular expressions searched in the
+name (re.search): a plain name such as "norm1" matches as a substring, as in Sol-RL ("norm1" also
+matches "norm1_context"). Convolutions, norms, embeddings and every other non-linear module stay in
+high precision.
 
-Defaults
-  * The blocks are the `transformer_blocks` / `single_transformer_blocks` ModuleLists that SD3,
-    FLUX and SANA share in diffusers.
-  * "norm" keeps the adaLN modulation linears (norm1.linear, norm1_context.linear, norm.linear):
-    they turn the timestep embedding into every block's scale, shift and gate, and they see one row
-    per sample, so FP4 would save nothing there and add error where it multiplies everything.
-  * MIN_FEATURES = 64: a linear with a side of 64 or less has at most 4 blocks per row and costs a
-    negligible share of compute. Every block linear of SD3.5, FLUX.1 and SANA is >= 1152 wide and the
-    tiny testbed's are 128, so the threshold only spares toy-sized layers (tests pass their own).
-The expected transformer is a plain one: quant.explore merges LoRA adapters before selecting.
+Family rules (diffusers' module names; Sol-RL's are the original code's where they differ)
+  sd3   skip pos_embed, context_embedder, time_text_embed, norm_out, norm1, ff_context; min_dim 2432
+        (SD3.5-L's width): on SD3.5-L only the image stream's feed-forward is left in NVFP4
+  flux  skip x_embedder, context_embedder, time_text_embed, norm_out; min_dim 1000: every block
+        linear of FLUX.1 (the adaLN modulation linears too) and the final proj_out
+  sana  Sol-RL skips t_embedder, t_block, cfg_embedder, y_embedder, x_embedder, final_layer,
+        logvar_linear and attn.qkv with min_dim 2240. Diffusers' names for those are time_embed,
+        caption_projection, patch_embed, the final proj_out and attn1.to_q/k/v (SANA's code fuses
+        q, k, v into one linear). Its cross-attention kv_linear (2240 -> 4480) is attn2.to_k and
+        attn2.to_v here (2240 -> 2240 each): `fused` makes siblings that are one linear in the
+        reference count as one for the size test (their outputs add up), so they stay in NVFP4 as in
+        Sol-RL, while attn2.to_q, both out projections (2240 x 2240) stay in BF16. The feed-forward
+        is convolutional (GLUMBConv): in BF16, as in Sol-RL since 4b72423 dropped replace_conv1x1.
+  tiny  the sd3 rule scaled to the testbed: its skip list, and min_dim 128 = the tiny width (as 2432
+        is SD3.5-L's), so again only the image stream's feed-forward runs in NVFP4.
 """
 
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
 
-BLOCK_PATTERN = r"^(single_)?transformer_blocks\.\d+\."
-MIN_FEATURES = 64
 
-_SD3_KEEP = ("pos_embed", "time_text_embed", "context_embedder", "norm", "^proj_out$")
-FAMILY_KEEP_PATTERNS: dict[str, tuple[str, ...]] = {
-    "tiny": _SD3_KEEP,
-    "sd3": _SD3_KEEP,
-    # Only the top-level proj_out: each FLUX single block has its own proj_out, which is quantized.
-    "flux": ("x_embedder", "time_text_embed", "context_embedder", "norm", "^proj_out$"),
-    "sana": ("patch_embed", "time_embed", "caption_projection", "caption_norm", "norm", "^proj_out$"),
+@dataclass(frozen=True)
+class QuantRule:
+    """One family's NVFP4 coverage: Sol-RL's skip list and min_dim, and the siblings fused in the reference."""
+
+    skip_modules: tuple[str, ...]
+    min_dim: int
+    fused: tuple[str, ...] = ()
+
+
+_SD3_SKIP = ("pos_embed", "context_embedder", "time_text_embed", "norm_out", "norm1", "ff_context")
+FAMILY_RULES: dict[str, QuantRule] = {
+    "sd3": QuantRule(_SD3_SKIP, 2432),
+    "flux": QuantRule(("x_embedder", "context_embedder", "time_text_embed", "norm_out"), 1000),
+    "sana": QuantRule(
+        ("time_embed", "caption_projection", "patch_embed", "^proj_out$", r"attn1\.to_[qkv]$"), 2240, fused=(r"attn2\.to_[kv]$",)
+    ),
+    "tiny": QuantRule(_SD3_SKIP, 128),
 }
 
 
@@ -47,7 +62,8 @@ class LayerSelection:
     """The quantization report of one transformer: which linears run in NVFP4 and how much of it that is."""
 
     family: str
-    min_features: int
+    skip_modules: tuple[str, ...]
+    min_dim: int
     keep_patterns: tuple[str, ...]
     quantized: list[str] = field(default_factory=list)  # qualified names of the NVFP4 linears
     kept: dict[str, str] = field(default_factory=dict)  # every other linear -> reason it stays high precision
@@ -66,7 +82,8 @@ class LayerSelection:
         """Plain, JSON-serialisable form for run logs."""
         return {
             "family": self.family,
-            "min_features": self.min_features,
+            "skip_modules": list(self.skip_modules),
+            "min_dim": self.min_dim,
             "keep_patterns": list(self.keep_patterns),
             "quantized_layers": list(self.quantized),
             "kept_layers": dict(self.kept),
@@ -78,23 +95,34 @@ class LayerSelection:
         }
 
 
+def family_rule(family: str) -> QuantRule:
+    if family not in FAMILY_RULES:
+        raise ValueError(f"no NVFP4 rule for family {family!r} (known: {', '.join(FAMILY_RULES)}); pass skip_modules and min_dim")
+    return FAMILY_RULES[family]
+
+
 def select_layers(
     transformer: nn.Module,
     family: str,
-    min_features: int = MIN_FEATURES,
-    keep_patterns: Sequence[str] | None = None,
+    *,
+    skip_modules: Sequence[str] | None = None,
+    min_dim: int | None = None,
+    keep_patterns: Sequence[str] = (),
 ) -> LayerSelection:
-    """Apply the module's rule to every linear of `transformer`; keep_patterns default to the family's."""
-    if keep_patterns is None:
-        if family not in FAMILY_KEEP_PATTERNS:
-            raise ValueError(f"no default keep patterns for family {family!r} (known: {', '.join(FAMILY_KEEP_PATTERNS)}); pass keep_patterns")
-        keep_patterns = FAMILY_KEEP_PATTERNS[family]
-    selection = LayerSelection(family, min_features, tuple(keep_patterns))
+    """Apply the module's rule to every linear of `transformer`; skip_modules and min_dim default to the family's."""
+    rule = family_rule(family) if skip_modules is None or min_dim is None else None
+    fused = FAMILY_RULES[family].fused if family in FAMILY_RULES else ()
+    selection = LayerSelection(
+        family,
+        tuple(rule.skip_modules if skip_modules is None else skip_modules),
+        rule.min_dim if min_dim is None else min_dim,
+        tuple(keep_patterns),
+    )
     selection.total_params = sum(p.numel() for p in transformer.parameters())
-    for name, module in transformer.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        reason = _keep_reason(name, module, selection.keep_patterns, min_features)
+    linears = {name: module for name, module in transformer.named_modules() if isinstance(module, nn.Linear)}
+    sizes = _reference_sizes(linears, fused)
+    for name, module in linears.items():
+        reason = _keep_reason(name, sizes[name], selection)
         if reason is None:
             selection.quantized.append(name)
             selection.quantized_params += module.weight.numel()
@@ -103,13 +131,29 @@ def select_layers(
     return selection
 
 
-def _keep_reason(name: str, linear: nn.Linear, keep_patterns: tuple[str, ...], min_features: int) -> str | None:
-    """Why `linear` stays in high precision, or None when it is quantized."""
-    if not re.match(BLOCK_PATTERN, name):
-        return "outside_blocks"
-    for pattern in keep_patterns:
+def _reference_sizes(linears: dict[str, nn.Linear], fused: tuple[str, ...]) -> dict[str, int]:
+    """max(in, out) of each linear as the reference sees it: siblings matching one `fused` pattern are one linear."""
+    out_features: dict[tuple[str, str], int] = defaultdict(int)
+    groups = {}
+    for name, linear in linears.items():
+        pattern = next((p for p in fused if re.search(p, name)), None)
+        if pattern is not None:
+            groups[name] = (name.rsplit(".", 2)[0], pattern)  # the attention module holding to_q / to_k / to_v
+            out_features[groups[name]] += linear.out_features
+    return {
+        name: max(linear.in_features, out_features[groups[name]] if name in groups else linear.out_features)
+        for name, linear in linears.items()
+    }
+
+
+def _keep_reason(name: str, size: int, selection: LayerSelection) -> str | None:
+    """Why a linear stays in high precision, or None when it is quantized."""
+    for pattern in selection.skip_modules:
         if re.search(pattern, name):
-            return f"keep_pattern:{pattern}"
-    if min(linear.in_features, linear.out_features) <= min_features:
+            return f"skip:{pattern}"
+    for pattern in selection.keep_patterns:
+        if re.search(pattern, name):
+            return f"keep:{pattern}"
+    if size <= selection.min_dim:
         return "small"
     return None

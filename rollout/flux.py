@@ -25,8 +25,6 @@ class FluxPolicy(PipelinePolicy):
     pipeline_class = FluxPipeline
     # "attn.*" also matches the single-stream blocks' attention (to_q/to_k/to_v; they have no to_out).
     lora_target_modules = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
-    # "^proj_out$" is the final layer only: each single block's own proj_out is quantized.
-    quant_keep_patterns = ("x_embedder", "time_text_embed", "context_embedder", "norm", "^proj_out$")
     default_max_sequence_length: ClassVar[int] = 512
     latent_multiple = 2
 

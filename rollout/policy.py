@@ -72,8 +72,6 @@ class Policy(abc.ABC):
     latent_shape: tuple[int, int, int]
     # Module-name suffixes LoRA attaches to (peft `target_modules`).
     lora_target_modules: tuple[str, ...]
-    # Module-name patterns NVFP4 keeps in high precision (embedders, final layer, norms, ...).
-    quant_keep_patterns: tuple[str, ...]
     # Static timestep shift of the sampling schedule; None (pipeline families) = the pipeline's own schedule.
     shift: float | None
     precision: str

@@ -24,8 +24,6 @@ class SanaPolicy(PipelinePolicy):
         "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
         "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
     )
-    # The blocks' feed-forward (GLUMBConv) is convolutional, so NVFP4 (linears only) leaves it in BF16.
-    quant_keep_patterns = ("patch_embed", "time_embed", "caption_projection", "caption_norm", "norm", "^proj_out$")
     default_max_sequence_length: ClassVar[int] = 300
 
     @property

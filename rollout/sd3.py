@@ -16,8 +16,6 @@ class SD3Policy(PipelinePolicy):
     pipeline_class = StableDiffusion3Pipeline
     # Flow-GRPO / DiffusionNFT SD3.5 LoRA targets: joint attention, image and text streams.
     lora_target_modules = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
-    # Embedders and the final layer sit outside the blocks (always kept); "norm" keeps the adaLN modulation linears.
-    quant_keep_patterns = ("pos_embed", "time_text_embed", "context_embedder", "norm", "^proj_out$")
     default_max_sequence_length: ClassVar[int] = 256
 
     @property

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel
 
-from quant.selection import MIN_FEATURES, select_layers
+from quant.selection import select_layers
 
 ATTN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
 ADDED_ATTN = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
@@ -44,110 +44,111 @@ def in_block(block: str, names: tuple[str, ...]) -> list[str]:
 
 
 def test_sd3_report():
-    selection = select_layers(tiny_sd3(), "sd3", min_features=16)
+    selection = select_layers(tiny_sd3(), "sd3", min_dim=16)
 
-    expected = in_block("transformer_blocks.0", (*ATTN, *ADDED_ATTN, "attn.to_add_out", *FF, *FF_CONTEXT))
-    expected += in_block("transformer_blocks.1", (*ATTN, *ADDED_ATTN, *FF))
+    expected = in_block("transformer_blocks.0", (*ATTN, *ADDED_ATTN, "attn.to_add_out", *FF))
+    expected += in_block("transformer_blocks.1", (*ATTN, *ADDED_ATTN, *FF)) + ["proj_out"]
     assert sorted(selection.quantized) == sorted(expected)
     assert selection.kept == {
-        "time_text_embed.timestep_embedder.linear_1": "outside_blocks",
-        "time_text_embed.timestep_embedder.linear_2": "outside_blocks",
-        "time_text_embed.text_embedder.linear_1": "outside_blocks",
-        "time_text_embed.text_embedder.linear_2": "outside_blocks",
-        "context_embedder": "outside_blocks",
-        "transformer_blocks.0.norm1.linear": "keep_pattern:norm",
-        "transformer_blocks.0.norm1_context.linear": "keep_pattern:norm",
-        "transformer_blocks.1.norm1.linear": "keep_pattern:norm",
-        "transformer_blocks.1.norm1_context.linear": "keep_pattern:norm",
-        "norm_out.linear": "outside_blocks",
-        "proj_out": "outside_blocks",
+        "time_text_embed.timestep_embedder.linear_1": "skip:time_text_embed",
+        "time_text_embed.timestep_embedder.linear_2": "skip:time_text_embed",
+        "time_text_embed.text_embedder.linear_1": "skip:time_text_embed",
+        "time_text_embed.text_embedder.linear_2": "skip:time_text_embed",
+        "context_embedder": "skip:context_embedder",
+        "transformer_blocks.0.norm1.linear": "skip:norm1",
+        "transformer_blocks.0.norm1_context.linear": "skip:norm1",  # a substring match, as in Sol-RL
+        "transformer_blocks.0.ff_context.net.0.proj": "skip:ff_context",
+        "transformer_blocks.0.ff_context.net.2": "skip:ff_context",
+        "transformer_blocks.1.norm1.linear": "skip:norm1",
+        "transformer_blocks.1.norm1_context.linear": "skip:norm1",
+        "norm_out.linear": "skip:norm_out",
     }
-    # block 0: 8 attention 32x32 + ff 2x(32x128) + ff_context 2x(32x128); block 1: 7 attention + ff
-    assert selection.quantized_params == (8 * 1024 + 2 * 8192) + (7 * 1024 + 8192) == 39936
-    assert selection.kept_params == selection.total_params - 39936
-    assert selection.quantized_fraction == pytest.approx(39936 / selection.total_params)
+    # block 0: 8 attention 32x32 + ff 2x(32x128); block 1: 7 attention + ff; proj_out 32x4
+    assert selection.quantized_params == (8 * 1024 + 8192) + (7 * 1024 + 8192) + 128 == 31872
+    assert selection.kept_params == selection.total_params - 31872
+    assert selection.quantized_fraction == pytest.approx(31872 / selection.total_params)
 
 
-def test_flux_report_quantizes_single_block_proj_out_but_not_the_final_one():
-    selection = select_layers(tiny_flux(), "flux", min_features=16)
-
-    expected = in_block("transformer_blocks.0", (*ATTN, *ADDED_ATTN, "attn.to_add_out", *FF, *FF_CONTEXT))
-    expected += in_block("single_transformer_blocks.0", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out"))
-    assert sorted(selection.quantized) == sorted(expected)
-    assert selection.kept["proj_out"] == "outside_blocks"
-    assert selection.kept["x_embedder"] == "outside_blocks"
-    assert selection.kept["single_transformer_blocks.0.norm.linear"] == "keep_pattern:norm"
-    assert selection.kept["transformer_blocks.0.norm1_context.linear"] == "keep_pattern:norm"
-    # double block: 8 attention 32x32 + 4 ff 32x128; single block: 3 attention, proj_mlp 32x128, proj_out 160x32
-    assert selection.quantized_params == (8 * 1024 + 4 * 4096) + (3 * 1024 + 4096 + 5120) == 36864
-
-
-def test_sana_report_keeps_convolutions_and_embedders():
-    transformer = tiny_sana()
-    selection = select_layers(transformer, "sana", min_features=4)
-
-    expected = in_block("transformer_blocks.0", tuple(f"attn{i}.{p}" for i in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")))
-    assert sorted(selection.quantized) == sorted(expected)
-    assert set(selection.kept) == {
-        "time_embed.emb.timestep_embedder.linear_1",
-        "time_embed.emb.timestep_embedder.linear_2",
-        "time_embed.linear",
-        "caption_projection.linear_1",
-        "caption_projection.linear_2",
-        "proj_out",
-    }
-    assert selection.quantized_params == 8 * 64
-    conv_params = sum(m.weight.numel() for m in transformer.modules() if isinstance(m, torch.nn.Conv2d))
-    assert conv_params > 0 and selection.kept_params >= conv_params
+# Sol-RL's coverage on the real widths (configs/sol_rl/{sd3,flux1,sana}.py; train_utils.py keeps a
+# linear when a skip name is in its name or max(in, out) <= min_dim), built on the meta device.
+def real_width(family: str):
+    with torch.device("meta"):
+        if family == "sd3":  # SD3.5-Large: 38 heads x 64 = 2432
+            return SD3Transformer2DModel(
+                sample_size=128, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=64, num_attention_heads=38,
+                joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192,
+            )
+        if family == "flux":  # FLUX.1-dev: 24 heads x 128 = 3072
+            return FluxTransformer2DModel(
+                patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128, num_attention_heads=24,
+                joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+            )
+        return SanaTransformer2DModel(  # SANA 1600M: 70 heads x 32 = 2240
+            in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=1, num_cross_attention_heads=20,
+            cross_attention_head_dim=112, cross_attention_dim=2240, caption_channels=2304, mlp_ratio=2.5, sample_size=32, patch_size=1,
+        )  # fmt: skip
 
 
-def test_size_threshold_is_at_or_below():
-    transformer = tiny_sd3()  # every block linear has a side of 32
-    at = select_layers(transformer, "sd3", min_features=32)
-    below = select_layers(transformer, "sd3", min_features=31)
-    assert at.quantized == [] and at.kept["transformer_blocks.0.attn.to_q"] == "small"
-    assert "transformer_blocks.0.attn.to_q" in below.quantized
-    assert select_layers(transformer, "sd3").min_features == MIN_FEATURES == 64
+def test_sol_rl_leaves_only_the_image_feed_forward_of_sd35_large_in_nvfp4():
+    selection = select_layers(real_width("sd3"), "sd3")
+    assert selection.quantized == in_block("transformer_blocks.0", FF) + in_block("transformer_blocks.1", FF)
+    assert selection.kept["transformer_blocks.0.attn.to_q"] == "small"  # 2432 x 2432: max(in, out) <= min_dim 2432
+    assert selection.kept["proj_out"] == "small"
 
 
-def test_keep_patterns_replace_the_family_defaults():
-    selection = select_layers(tiny_sd3(), "sd3", min_features=16, keep_patterns=("to_q$",))
-    assert selection.kept["transformer_blocks.1.attn.to_q"] == "keep_pattern:to_q$"
-    assert "transformer_blocks.1.attn.add_q_proj" in selection.quantized
-    assert "transformer_blocks.0.norm1.linear" in selection.quantized  # "norm" is no longer kept
+def test_sol_rl_quantizes_every_flux_linear_but_the_embedders_and_the_final_norm():
+    selection = select_layers(real_width("flux"), "flux")
+    assert set(selection.kept.values()) == {"skip:time_text_embed", "skip:context_embedder", "skip:x_embedder", "skip:norm_out"}
+    assert {"transformer_blocks.0.norm1.linear", "single_transformer_blocks.0.norm.linear", "single_transformer_blocks.0.proj_out", "proj_out"} <= set(selection.quantized)
+    assert len(selection.quantized) == 21
 
 
-def test_unknown_family_needs_keep_patterns():
-    with pytest.raises(ValueError, match="no default keep patterns for family 'wan'"):
+def test_sol_rl_quantizes_only_the_cross_attention_kv_of_sana():
+    # SANA's code has one kv_linear (2240 -> 4480): diffusers' to_k and to_v count as that one linear.
+    selection = select_layers(real_width("sana"), "sana")
+    assert selection.quantized == ["transformer_blocks.0.attn2.to_k", "transformer_blocks.0.attn2.to_v"]
+    assert selection.kept["transformer_blocks.0.attn1.to_q"] == r"skip:attn1\.to_[qkv]$"  # SANA's fused attn.qkv
+    assert {selection.kept[f"transformer_blocks.0.{name}"] for name in ("attn1.to_out.0", "attn2.to_q", "attn2.to_out.0")} == {"small"}
+    conv_params = sum(m.weight.numel() for m in real_width("sana").modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv_params > 0  # the GLUMBConv feed-forward: convolutions, never quantized
+
+
+def test_min_dim_compares_the_larger_side_at_or_below():
+    transformer = tiny_sd3()  # attention 32 x 32, ff 32 x 128
+    at = select_layers(transformer, "sd3", min_dim=32)
+    assert at.kept["transformer_blocks.0.attn.to_q"] == "small" and "transformer_blocks.0.ff.net.0.proj" in at.quantized
+    assert "transformer_blocks.0.attn.to_q" in select_layers(transformer, "sd3", min_dim=31).quantized
+    assert select_layers(transformer, "sd3", min_dim=128).quantized == []
+    assert select_layers(transformer, "sd3").min_dim == 2432
+
+
+def test_skip_modules_replace_the_familys_and_keep_patterns_add_to_them():
+    selection = select_layers(tiny_sd3(), "sd3", skip_modules=("to_q$",), min_dim=16, keep_patterns=("add_q_proj",))
+    assert selection.kept["transformer_blocks.1.attn.to_q"] == "skip:to_q$"
+    assert selection.kept["transformer_blocks.1.attn.add_q_proj"] == "keep:add_q_proj"
+    assert "transformer_blocks.0.norm1.linear" in selection.quantized  # "norm1" is no longer skipped
+
+
+def test_unknown_family_needs_a_rule():
+    with pytest.raises(ValueError, match="no NVFP4 rule for family 'wan'"):
         select_layers(tiny_sd3(), "wan")
-    assert select_layers(tiny_sd3(), "wan", min_features=16, keep_patterns=()).quantized
+    assert select_layers(tiny_sd3(), "wan", skip_modules=(), min_dim=16).quantized
 
 
 def test_report_to_dict_is_loggable():
-    selection = select_layers(tiny_sd3(), "sd3", min_features=16)
+    selection = select_layers(tiny_sd3(), "sd3", min_dim=16)
     report = json.loads(json.dumps(selection.to_dict()))
-    assert report["num_quantized_layers"] == 21
-    assert report["num_kept_linears"] == 11
+    assert report["num_quantized_layers"] == 20
+    assert report["num_kept_linears"] == 12
     assert report["quantized_params"] + report["kept_params"] == selection.total_params
     assert report["quantized_fraction"] == pytest.approx(selection.quantized_fraction)
-    assert report["keep_patterns"] == ["pos_embed", "time_text_embed", "context_embedder", "norm", "^proj_out$"]
+    assert report["skip_modules"] == ["pos_embed", "context_embedder", "time_text_embed", "norm_out", "norm1", "ff_context"]
+    assert report["min_dim"] == 16 and report["keep_patterns"] == []
 
 
-def test_tiny_testbed_architecture_report():
-    """The tiny policy's transformer (hidden 128, 4 blocks, the last context_pre_only) with its own keep patterns."""
-    from rollout.tiny.model import TinyPolicy, build_transformer
-
-    selection = select_layers(build_transformer(), "tiny", keep_patterns=TinyPolicy.quant_keep_patterns)
-    assert len(selection.quantized) == 3 * 12 + 9
-    assert all(name.startswith("transformer_blocks.") for name in selection.quantized)
-    full_block, last_block = 8 * 128**2 + 4 * 128 * 512, 7 * 128**2 + 2 * 128 * 512
-    assert selection.quantized_params == 3 * full_block + last_block
-    assert set(selection.kept.values()) == {"outside_blocks", "keep_pattern:norm"}
-
-
-def test_tiny_policy_report(tiny_policy):
-    policy = tiny_policy
-    selection = select_layers(policy.transformer, policy.family, keep_patterns=policy.quant_keep_patterns)
-    assert policy.family == "tiny"
-    assert len(selection.quantized) == 3 * 12 + 9
-    assert 0.5 < selection.quantized_fraction < 0.7
+def test_tiny_testbed_takes_the_sd3_rule_scaled_to_its_width(tiny_policy):
+    """The tiny transformer (hidden 128, 4 blocks, the last context_pre_only): min_dim 128 as 2432 is SD3.5-L's width."""
+    selection = select_layers(tiny_policy.transformer, tiny_policy.family)
+    assert selection.quantized == [f"transformer_blocks.{i}.{name}" for i in range(4) for name in FF]
+    assert selection.quantized_params == 4 * 2 * 128 * 512
+    assert selection.min_dim == 128

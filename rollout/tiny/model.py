@@ -81,7 +81,6 @@ class TinyPolicy(Policy):
     family = "tiny"
     latent_shape = (3, IMAGE_SIZE, IMAGE_SIZE)
     lora_target_modules = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
-    quant_keep_patterns = ("pos_embed", "time_text_embed", "context_embedder", "norm_out", "proj_out", "norm")
 
     def __init__(
         self,
