@@ -172,11 +172,11 @@ class LearnerGroup:
         """The items of each learner's rows, by rank (e.g. the prompts of each regenerated image shard)."""
         return [items[learner_rows(len(items), rank, self.num_learners)] for rank in range(self.num_learners)]
 
-    def regenerate(self, prompts: list[str], seeds: list[int]) -> list[ray.ObjectRef]:
-        """Each learner samples its rows of the batch; refs of the image shards [B_r, H, W, 3], by rank."""
+    def regenerate(self, prompts: list[str], seeds: list[int], step: int) -> list[ray.ObjectRef]:
+        """Each learner samples its rows of iteration `step`'s batch; refs of the image shards [B_r, H, W, 3], by rank."""
         if len(prompts) < self.num_learners:
             raise ValueError(f"a batch of {len(prompts)} samples cannot give each of {self.num_learners} learners a row")
-        return self.call_all("regenerate", prompts, seeds)
+        return self.call_all("regenerate", prompts, seeds, step)
 
     def train(self, advantages: Any) -> list[ray.ObjectRef]:
         """One optimizer step on the regenerated batch, given its advantages [B] or [B, R]; every learner's metrics (equal)."""

@@ -7,6 +7,7 @@ through the object store and the driver only ever holds references to them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -16,16 +17,19 @@ import ray
 import torch
 
 from actors.learners import DeepSpeedTrainer, free_address, join_world, learner_rows
-from quant import linear_weights, lora_update, merge_lora_update, quantize_policy, requantize
+from quant import DelayedScaling, linear_weights, lora_update, merge_lora_update, quantize_policy, requantize
 from rewards import RewardError, build_reward
 from rl.balance import RewardBalancer
 from rl.checkpoint import adapter_state_dict, load_adapter_state_dict, lora_config, weights_fingerprint
-from rl.config import Recipe
-from rl.grpo import Trajectory
+from rl.config import Recipe, SolConfig
+from rl.grpo import Trajectory, sde_window
 from rl.trainer import GRPOBatch, NFTBatch, Trainer, TrainerSettings
 from rollout import ModelConfig, load_policy
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER
-from rollout.samplers import sample
+from rollout.samplers import sample, seed_for
+
+
+SDE_WINDOW_STREAM = -1  # seed_for's prompt index of the SDE-window draw: no prompt has it
 
 
 class StaleWeightsError(RuntimeError):
@@ -44,16 +48,19 @@ def worker_device(num_gpus: float) -> torch.device:
 class RolloutWorker:
     """An explore-precision copy of the policy; generates candidate pools with the ODE sampler."""
 
-    def __init__(
-        self, model: dict[str, Any], precision: str, backend: str, base_precision: str = "fp32", num_gpus: float = 0.0, torch_threads: int = 1, keep_patterns: tuple[str, ...] = ()
-    ) -> None:
-        """base_precision: the learners' (Recipe.base_precision), so that merged updates equal theirs;
-        keep_patterns: block linears kept in high precision besides the family's (sol.keep_high_precision)."""
+    def __init__(self, model: dict[str, Any], sol: dict[str, Any], base_precision: str = "fp32", num_gpus: float = 0.0, torch_threads: int = 1) -> None:
+        """model, sol: the recipe's sections (explore precision, quantization backend and coverage, activation
+        scaling); base_precision: the learners' (Recipe.base_precision), so that merged updates equal theirs."""
         torch.set_num_threads(torch_threads)
+        sol = SolConfig.model_validate(sol)
         source = load_policy(ModelConfig(**model), base_precision, worker_device(num_gpus))
         # The LoRA-targeted base weights, in host memory: a sync then ships only LoRA factors.
         self.base_weights = linear_weights(source.transformer, source.lora_target_modules)
-        self.policy = quantize_policy(source, precision, backend, keep_patterns=keep_patterns)
+        delayed = DelayedScaling(sol.amax_history_len, sol.amax_compute_algo) if sol.activation_scaling == "delayed" else None
+        self.policy = quantize_policy(
+            source, sol.explore_precision, sol.quant_backend,
+            skip_modules=sol.skip_modules, min_dim=sol.min_dim, keep_patterns=sol.keep_high_precision, delayed=delayed,
+        )
 
     @property
     def version(self) -> int:
@@ -133,12 +140,9 @@ class LearnerWorker:
         self.policy.add_lora(algorithm.lora_rank, algorithm.lora_alpha, init_seed=self.recipe.run.seed)
         if algorithm.gradient_checkpointing:
             self.policy.transformer.enable_gradient_checkpointing()
-        rewards = self.recipe.rewards.models
-        balancer = None
-        if len(rewards) > 1:
-            balance = self.recipe.balance
-            method = "qp" if balance.mode == "qp" else "weighted_sum"
-            balancer = RewardBalancer(len(rewards), method, balance.solve_every, balance.ema, balance.floor, [r.weight for r in rewards])
+        balance = self.recipe.balance
+        # The weighted sum reaches the learner as one advantage column (the driver combines the rewards).
+        balancer = RewardBalancer(len(self.recipe.rewards.models), balance.solve_every, balance.ema, balance.floor, balance.amortized) if balance.mode == "qp" else None
         settings = TrainerSettings(
             lr=optim.lr,
             betas=optim.betas,
@@ -154,6 +158,8 @@ class LearnerWorker:
             old_decay_cap=algorithm.nft.old_eta_max,
             clip_range=algorithm.grpo.clip_range,
             grpo_kl_weight=algorithm.grpo.beta_kl,
+            ema_decay=self.recipe.eval.ema_decay,
+            ema_every=self.recipe.eval.ema_every,
         )
         self.sampler_timesteps = self.policy.sigmas(self.recipe.sampler.steps, self.recipe.sampler.shift)
         self.trainer = Trainer(self.policy, settings, self.sampler_timesteps, balancer, seed=self.recipe.run.seed)
@@ -178,18 +184,23 @@ class LearnerWorker:
             self.policy, alone.settings, alone.sampler_timesteps, alone.balancer, self.recipe.run.seed, self.recipe.cluster.zero_stage
         )
 
-    def regenerate(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
-        """Sample this learner's rows of the batch with the "old" (sampling) adapter at full steps; uint8 images [B_r, H, W, 3].
+    def regenerate(self, prompts: list[str], seeds: list[int], step: int) -> np.ndarray:
+        """Sample this learner's rows of iteration `step`'s batch with the "old" (sampling) adapter at full steps;
+        uint8 images [B_r, H, W, 3].
 
-        NFT keeps x0 from the recipe's ODE solver; GRPO keeps the trajectory of the SDE (or CPS) sampler.
+        NFT keeps x0 from the recipe's ODE solver; GRPO keeps the trajectory of the SDE (or CPS) sampler,
+        stochastic inside the SDE window drawn for (run seed, step) when the recipe has one.
         """
         algorithm, sampler = self.recipe.algorithm, self.recipe.sampler
         grpo = algorithm.name == "grpo"
+        window = None
+        if grpo and algorithm.grpo.sde_window_size:
+            window = sde_window(seed_for(self.recipe.run.seed, step, SDE_WINDOW_STREAM, 0), algorithm.grpo.sde_window_size, algorithm.grpo.sde_window_range or (0, sampler.steps))
         rows = learner_rows(len(prompts), self.rank, self.world_size)
         out = sample(
             self.policy, prompts[rows], seeds[rows], sampler.steps,
             solver=("cps" if algorithm.grpo.cps else "sde") if grpo else sampler.solver,
-            shift=sampler.shift, noise_level=algorithm.grpo.noise_level, adapter=OLD_ADAPTER, batch_size=32,
+            shift=sampler.shift, noise_level=algorithm.grpo.noise_level, sde_window=window, adapter=OLD_ADAPTER, batch_size=32,
         )
         self.regen = (out.trajectory if grpo else out.x0, list(prompts[rows]), rows, len(prompts))
         return out.images
@@ -214,9 +225,12 @@ class LearnerWorker:
         return lora_update(self.policy.transformer, OLD_ADAPTER)
 
     def sample_images(self, prompts: list[str], seeds: list[int], steps: int | None = None, solver: str | None = None) -> np.ndarray:
-        """uint8 images of the trainable adapter (grids, evaluation); the recipe's sampler unless steps/solver are given. No state changes."""
+        """uint8 images of the adapter eval.adapter names, the EMA of the trainable one or that one itself (grids,
+        evaluation); the recipe's sampler unless steps/solver are given. No state changes."""
         sampler = self.recipe.sampler
-        return sample(self.policy, prompts, seeds, steps or sampler.steps, solver=solver or sampler.solver, shift=sampler.shift, adapter=TRAINABLE_ADAPTER, batch_size=32).images
+        weights = self.trainer.ema.swapped_into(self.trainer.params) if self.recipe.eval.adapter == "ema" else contextlib.nullcontext()
+        with weights:
+            return sample(self.policy, prompts, seeds, steps or sampler.steps, solver=solver or sampler.solver, shift=sampler.shift, adapter=TRAINABLE_ADAPTER, batch_size=32).images
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Both adapters (peft keys), their LoRA config and the trainer state: what rl.checkpoint writes."""

@@ -39,6 +39,24 @@ def group_advantages(
     return adv if rewards.ndim == 2 else adv[:, 0]
 
 
+def weighted_reward(rewards: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """R = sum_k w_k R_k [B] (DiffusionNFT's multi-reward score); NaN rewards left out and the rest rescaled.
+
+    DiffusionNFT (flow_grpo/rewards.py, multi_score) sums the weighted raw scores, and its group
+    advantage of R is the multi-reward baseline. A sample some reward does not apply to (NaN) gets
+    the weighted mean of the rewards that do, times sum_k w_k (MARBLE's multi_score takes that mean),
+    so that it stays on the scale of the others; NaN when no reward with a non-zero weight applies.
+    """
+    rewards = _as_float(rewards)
+    if rewards.ndim != 2 or weights.shape != (rewards.shape[1],):
+        raise ValueError(f"weighted_reward needs rewards [B, K] and weights [K], got {tuple(rewards.shape)} and {tuple(weights.shape)}")
+    weights = weights.to(rewards.dtype)
+    valid = ~torch.isnan(rewards)
+    applicable = (valid * weights).sum(1)
+    total = (torch.where(valid, rewards, 0.0) * weights).sum(1)
+    return torch.where(applicable != 0, total * (weights.sum() / applicable), torch.nan)
+
+
 def zero_variance_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """Number of groups whose finite rewards are all equal: a 0-dim tensor for [B] rewards, [R] for [B, R]."""
     rewards = _as_float(rewards)

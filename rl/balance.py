@@ -1,23 +1,34 @@
 """MARBLE multi-reward balancing: a min-norm QP over normalised per-reward gradients (MGDA);
-DESIGN.md section 4.
+DESIGN.md section 4. Reference: aim-uofa/MARBLE at 1bf9543, train.py and pareto_balancer/.
 
 Notation
   code        paper
-  grads       G [K, D]; row k is g_k, the gradient of reward k's NFT loss (flattened LoRA parameters)
+  grads       G [K, D]; row k is g_k, the gradient of reward k's NFT loss (flattened LoRA parameters),
+              each a mean over the samples reward k applies to (MARBLE's loss mask)
   usable      g_k finite and non-zero; the others get weight 0 and stay out of every sum
+  norms       n_k = ||g_k|| of the last full step (0 where unusable)
   unit        gh_k = g_k / ||g_k||
   gram        Gh Gh^T [K, K]
   weights     a, solving min_a 1/2 a^T (Gh Gh^T) a  s.t. sum a = 1, a >= floor (over usable rewards)
   direction   (sum_k a_k gh_k) * mean_k ||g_k||, the balanced update (the KL gradient is added by the trainer)
   ema         a <- ema a + (1 - ema) a_solved between amortised solves (0.7)
   cosines     cos(g_k, applied update), MARBLE's conflict diagnostic
+
+Amortised steps (between full solves) back-propagate one NFT loss on a combined advantage:
+  marble      A_c = sum_k a_k nan_to_num(A_k), loss scale 1: MARBLE's code. The weights were solved
+              for unit gradients and here weigh raw ones, so the reward with the largest gradient
+              norm dominates.
+  normalized  b_k = a_k mean(n) / n_k, B = sum_k b_k, A_c = sum_k b_k nan_to_num(A_k) / B, and the NFT
+              term (not the KL term) scaled by B. The NFT loss is affine in A inside the advantage
+              clip, so this back-propagates sum_k b_k g_k = (sum_k a_k gh_k) mean(n): the full
+              step's direction, with the last full step's norms.
 """
 
 from __future__ import annotations
 
 import torch
 
-METHODS = ("qp", "weighted_sum")
+AMORTIZED = ("marble", "normalized")
 _MAX_ITERATIONS = 2000
 _TOLERANCE = 1e-12
 
@@ -86,12 +97,6 @@ def balanced_direction(grads: torch.Tensor, weights: torch.Tensor) -> torch.Tens
     return (weights[usable].to(g.dtype) @ (g / norms[:, None])) * norms.mean()
 
 
-def weighted_sum_direction(grads: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """d = sum_k w_k g_k over usable gradients [D] (the weighted-sum baseline)."""
-    usable = usable_gradients(grads)
-    return weights[usable].to(grads.dtype) @ grads[usable] if usable.any() else torch.zeros_like(grads[0])
-
-
 def gradient_cosines(grads: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     """cos(g_k, update) [K]; NaN where g_k is unusable or the update is zero."""
     g, u = grads.double(), update.double()
@@ -106,60 +111,54 @@ def combine_advantages(adv: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
 
 
 class RewardBalancer:
-    """Per-reward weights for multi-reward NFT, plus MARBLE's conflict diagnostics.
+    """QP weights for multi-reward NFT (MARBLE), plus its conflict diagnostics.
 
-    method "qp": a full solve of min_norm_weights every `full_every` steps, EMA-smoothed weights
-    used in between (amortised: one backward on combine_advantages). method "weighted_sum": fixed
-    weights (the baseline); its full steps only measure the diagnostics. Weights are normalised to
-    sum to 1, because the NFT loss is affine in A only along the simplex (the constant r = 0.5 term
-    must keep total weight 1 for the amortised backward to equal the weighted per-reward sum).
+    A full solve of min_norm_weights every `full_every` steps, EMA-smoothed weights in between; the
+    amortised steps between solves back-propagate one loss on `amortized_advantages` (module notation).
     """
 
-    def __init__(
-        self,
-        num_rewards: int,
-        method: str = "qp",
-        full_every: int = 10,
-        ema: float = 0.7,
-        floor: float = 0.0,
-        weights: list[float] | None = None,
-    ) -> None:
-        if method not in METHODS:
-            raise ValueError(f"unknown balancing method {method!r}; valid: {', '.join(METHODS)}")
+    def __init__(self, num_rewards: int, full_every: int = 10, ema: float = 0.7, floor: float = 0.0, amortized: str = "marble") -> None:
+        if amortized not in AMORTIZED:
+            raise ValueError(f"unknown amortisation {amortized!r}; valid: {', '.join(AMORTIZED)}")
         if full_every < 1:
             raise ValueError(f"full_every must be >= 1, got {full_every}")
-        initial = torch.full((num_rewards,), 1.0) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
-        if initial.shape != (num_rewards,) or (initial < 0).any() or initial.sum() <= 0:
-            raise ValueError(f"weights must be {num_rewards} non-negative numbers with a positive sum, got {weights}")
-        self.method = method
         self.full_every = full_every
         self.ema = ema
         self.floor = floor
-        self.weights = initial / initial.sum()
+        self.amortized = amortized
+        self.weights = torch.full((num_rewards,), 1.0 / num_rewards)
+        self.norms = torch.zeros(num_rewards)
         self.solves = 0
         self.measured = 0  # batches with per-reward gradients (full steps)
         self.conflicts = 0  # of those, batches whose worst cosine was negative
 
     def full_gradients_due(self, step: int) -> bool:
-        """Whether this step computes one gradient per reward (a QP solve, or a diagnostic for the baseline)."""
+        """Whether this step computes one gradient per reward and solves the QP."""
         return step % self.full_every == 0
 
     def update(self, grads: torch.Tensor) -> torch.Tensor:
-        """Solve the QP on G [K, D] and fold it into the EMA (qp); the baseline keeps its weights."""
-        if self.method == "qp":
-            solved = min_norm_weights(grads, self.floor).float().cpu()
-            self.weights = solved if self.solves == 0 else self.ema * self.weights + (1 - self.ema) * solved
-            self.solves += 1
+        """Solve the QP on G [K, D], fold it into the EMA and keep the gradient norms."""
+        solved = min_norm_weights(grads, self.floor).float().cpu()
+        self.weights = solved if self.solves == 0 else self.ema * self.weights + (1 - self.ema) * solved
+        self.norms = torch.where(usable_gradients(grads), torch.linalg.vector_norm(grads.float(), dim=1), 0.0).cpu()
+        self.solves += 1
         return self.weights
 
     def direction(self, grads: torch.Tensor) -> torch.Tensor:
-        """The update direction [D] for per-reward gradients G [K, D] under the current weights."""
-        weights = self.weights.to(grads.device)
-        return balanced_direction(grads, weights) if self.method == "qp" else weighted_sum_direction(grads, weights)
+        """The balanced update direction [D] for per-reward gradients G [K, D] under the current weights."""
+        return balanced_direction(grads, self.weights.to(grads.device))
 
-    def combine_advantages(self, adv: torch.Tensor) -> torch.Tensor:
-        """A_c [B] for the amortised single backward."""
-        return combine_advantages(adv, self.weights.to(adv.device))
+    def amortized_advantages(self, adv: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(A_c [B], scale of the NFT term) for an amortised step (module notation)."""
+        if self.amortized == "marble":
+            return combine_advantages(adv, self.weights.to(adv.device)), 1.0
+        usable = self.norms > 0
+        mean_norm = self.norms[usable].mean() if usable.any() else torch.tensor(0.0)
+        b = torch.where(usable, self.weights * mean_norm / torch.where(usable, self.norms, 1.0), 0.0)
+        total = float(b.sum())
+        if total == 0:
+            return combine_advantages(adv, b.to(adv.device)), 0.0  # nothing usable at the last solve: only KL trains
+        return combine_advantages(adv, (b / total).to(adv.device)), total
 
     def record(self, cosines: torch.Tensor) -> None:
         """Count one measured batch, and a conflict if the worst finite cosine is negative."""
@@ -173,8 +172,10 @@ class RewardBalancer:
         return self.conflicts / self.measured if self.measured else 0.0
 
     def state_dict(self) -> dict:
-        return {"weights": self.weights.clone(), "solves": self.solves, "measured": self.measured, "conflicts": self.conflicts}
+        return {"weights": self.weights.clone(), "norms": self.norms.clone(), "solves": self.solves, "measured": self.measured, "conflicts": self.conflicts}
 
     def load_state_dict(self, state: dict) -> None:
         self.weights = state["weights"].clone()
+        # Checkpoints written before the norms were kept: the next full solve sets them.
+        self.norms = state["norms"].clone() if "norms" in state else torch.zeros_like(self.weights)
         self.solves, self.measured, self.conflicts = state["solves"], state["measured"], state["conflicts"]

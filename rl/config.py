@@ -41,11 +41,19 @@ class NFTConfig(Section):
 
 
 class GRPOConfig(Section):
-    noise_level: float = Field(0.7, gt=0, description="SDE noise level a")
+    noise_level: float = Field(0.7, gt=0, description="SDE noise level a (CPS: eta)")
     clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip")
     beta_kl: float = Field(0.04, ge=0, description="KL weight against the reference (adapters off)")
     cps: bool = Field(False, description="coefficients-preserving SDE step instead of Flow-GRPO's")
-    timestep_fraction: float = Field(0.6, gt=0, le=1, description="fraction of the SDE steps trained per trajectory")
+    timestep_fraction: float = Field(
+        0.99, gt=0, le=1, description="without an SDE window: train the first int(steps * fraction) steps of each chain, in order"
+    )
+    sde_window_size: int = Field(
+        0, ge=0, description="steps of the SDE window (0 = every step stochastic); with one, only the window is stochastic and trained"
+    )
+    sde_window_range: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="[lo, hi) where the window may start and end, its start drawn per (run seed, step); None = (0, sampler.steps)"
+    )
     adv_clip: float = Field(5.0, gt=0, description="advantage clip inside the PPO loss")
 
 
@@ -73,16 +81,27 @@ class SolConfig(Section):
     explore_steps: int = Field(6, ge=1, description="ODE steps of the exploration sampler")
     selection: Literal["best_worst", "random", "extremes_random", "mean_deviation"] = "best_worst"
     quant_backend: Literal["auto", "modelopt", "emulate"] = "auto"
+    skip_modules: list[str] | None = Field(
+        None, description="Sol-RL's skip list: linears whose name matches one (regex search; plain names match as substrings) stay in high precision; None = the family's (quant.selection)"
+    )
+    min_dim: int | None = Field(None, ge=0, description="Sol-RL's min_dim: linears with max(in, out) <= min_dim stay in high precision; None = the family's")
     keep_high_precision: list[str] = Field(
         default_factory=list,
-        description="regexes of transformer-block linears that stay in high precision besides the family's defaults "
+        description="regexes of linears that stay in high precision besides skip_modules "
         r"(e.g. '^transformer_blocks\.2\.'): less NVFP4, more faithful ranking",
     )
+    activation_scaling: Literal["static", "delayed"] = Field(
+        "static",
+        description="per-tensor activation amax: static = max calibration once per sync (a seed's image is the same alone or "
+        "in any batch); delayed = Transformer Engine's DelayedScaling as Sol-RL runs it (running amax history; images depend on earlier calls)",
+    )
+    amax_history_len: int = Field(16, ge=1, description="delayed scaling: amax values kept per quantized input")
+    amax_compute_algo: Literal["max", "most_recent"] = Field("max", description="delayed scaling: amax from the history's max or its newest entry")
 
-    @field_validator("keep_high_precision")
+    @field_validator("keep_high_precision", "skip_modules")
     @classmethod
-    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
-        for pattern in patterns:
+    def _patterns_compile(cls, patterns: list[str] | None) -> list[str] | None:
+        for pattern in patterns or ():
             try:
                 re.compile(pattern)
             except re.error as error:
@@ -109,8 +128,15 @@ class RewardsConfig(Section):
 
 
 class BalanceConfig(Section):
-    mode: Literal["weighted_sum", "qp"] = Field("weighted_sum", description="multi-reward combination (qp = MARBLE)")
+    mode: Literal["weighted_sum", "qp"] = Field(
+        "weighted_sum", description="multi-reward combination: weighted_sum = the group advantage of sum_k w_k R_k (DiffusionNFT); qp = MARBLE"
+    )
     solve_every: int = Field(10, ge=1, description="full K-backward QP solve every n steps; amortised in between")
+    amortized: Literal["marble", "normalized"] = Field(
+        "marble",
+        description="amortised steps: marble = MARBLE's sum_k a_k A_k (the largest gradient dominates); normalized = weights "
+        "rescaled by the last full step's gradient norms, which reproduces the full step's direction",
+    )
     ema: float = Field(0.7, ge=0, lt=1, description="EMA on the QP weights")
     floor: float = Field(0.0, ge=0, description="minimum weight per reward")
 
@@ -167,6 +193,9 @@ class EvalConfig(Section):
     seeds_per_prompt: int = Field(8, ge=1)
     steps: int = Field(10, ge=1)
     solver: Literal["euler", "dpm2"] = "euler"
+    adapter: Literal["ema", "current"] = Field("ema", description="evaluate the EMA of the trained LoRA (as the references do) or the LoRA itself")
+    ema_decay: float = Field(0.9, ge=0, lt=1, description="EMA decay cap; the decay warms up as min((1 + s) / (10 + s), cap)")
+    ema_every: int = Field(1, ge=1, description="EMA update every n optimizer steps (Flow-GRPO: 8)")
 
 
 class Recipe(Section):
@@ -191,6 +220,16 @@ class Recipe(Section):
             raise ValueError("balance.mode 'qp' needs at least 2 entries in rewards.models")
         if self.sol.enabled and self.algorithm.name == "grpo":
             raise ValueError("sol.enabled with algorithm.name 'grpo' is not supported: Sol-RL regenerates with the ODE sampler; use nft")
+        grpo = self.algorithm.grpo
+        if grpo.sde_window_range is not None and not grpo.sde_window_size:
+            raise ValueError("algorithm.grpo.sde_window_range is set but sde_window_size is 0: give the window a size, or drop the range")
+        if grpo.sde_window_size:
+            low, high = grpo.sde_window_range or (0, self.sampler.steps)
+            if not low < high <= self.sampler.steps or grpo.sde_window_size > high - low:
+                raise ValueError(
+                    f"algorithm.grpo.sde_window_range {grpo.sde_window_range} must satisfy lo < hi <= sampler.steps ({self.sampler.steps}) "
+                    f"and hold sde_window_size ({grpo.sde_window_size}) steps"
+                )
         if self.cluster.learners > 1 and not self.cluster.remote_learners:
             raise ValueError(f"cluster.learners = {self.cluster.learners} needs cluster.remote_learners: true (a process holds one learner)")
         return self

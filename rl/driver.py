@@ -24,7 +24,7 @@ from actors.learners import LearnerGroup
 from actors.workers import LearnerWorker, RewardWorker, RolloutWorker
 from rewards import RewardError
 from quant.fidelity import spearman
-from rl.advantages import group_advantages, zero_variance_groups
+from rl.advantages import group_advantages, weighted_reward, zero_variance_groups
 from rl.checkpoint import CHECKPOINTS, checkpoint_recipe, latest_checkpoint, load_checkpoint, save_checkpoint
 from rl.config import Recipe, RecipeError, recipe_changes
 from rl.selection import select_contrastive
@@ -78,8 +78,7 @@ class Driver:
         if recipe.sol.enabled:
             self.rollout = WorkerGroup(
                 RolloutWorker, cluster.rollout_workers, cluster.rollout_resources, cluster.max_restarts,
-                model, recipe.sol.explore_precision, recipe.sol.quant_backend, recipe.base_precision, cluster.rollout_resources.num_gpus, cluster.torch_threads,
-                tuple(recipe.sol.keep_high_precision),
+                model, recipe.sol.model_dump(), recipe.base_precision, cluster.rollout_resources.num_gpus, cluster.torch_threads,
             )
         specs = [spec.model_dump() for spec in recipe.rewards.models]
         self.reward = WorkerGroup(RewardWorker, cluster.reward_workers, cluster.reward_resources, cluster.max_restarts, specs, recipe.rewards.retries, recipe.rewards.on_reward_error, cluster.torch_threads)
@@ -89,7 +88,7 @@ class Driver:
         self.version = 0
         self.timers = Timers()
         self.fetched_bytes = 0
-        self.reward_weights = np.array([spec.weight for spec in recipe.rewards.models])
+        self.reward_weights = torch.tensor([spec.weight for spec in recipe.rewards.models], dtype=torch.float32)
 
     # --- phases ------------------------------------------------------------------------------
 
@@ -123,8 +122,8 @@ class Driver:
         no reward applies to stays NaN and is picked last)."""
         k, mode = self.recipe.algorithm.group_size, self.recipe.sol.selection
         generator = torch.Generator().manual_seed(seed_for(self.recipe.run.seed, step, len(pool_scores), 0))
-        proxy = np.where(np.isnan(pool_scores).all(axis=2), np.nan, np.nansum(pool_scores * self.reward_weights, axis=2))
-        return [select_contrastive(torch.from_numpy(row), k, mode, generator).tolist() for row in proxy]
+        proxy = weighted_reward(torch.from_numpy(pool_scores.reshape(-1, pool_scores.shape[2])), self.reward_weights).reshape(pool_scores.shape[:2])
+        return [select_contrastive(row, k, mode, generator).tolist() for row in proxy]
 
     # --- one iteration ------------------------------------------------------------------------
 
@@ -149,18 +148,18 @@ class Driver:
         flat_prompts = [prompt for prompt in prompts for _ in range(K)]
         group_ids = [p for p in range(P) for _ in range(K)]
         with timer("regen"):
-            regen_refs = self.learner.regenerate(flat_prompts, [s for row in seeds for s in row])
+            regen_refs = self.learner.regenerate(flat_prompts, [s for row in seeds for s in row], step)
         with timer("rescore"):
             rewards = self.score(regen_refs, self.learner.split(flat_prompts))
             metrics |= unscored_shares(rewards, [spec.name for spec in recipe.rewards.models])
             rewards, metrics["rewards/failed_groups"] = self.check_rewards(rewards, flat_prompts, group_ids, step)
         with timer("advantage"):
-            # Over the whole batch (global std), before the learners split it.
+            # Over the whole batch (global std), before the learners split it: QP balances one advantage per
+            # reward; the weighted sum (DiffusionNFT's baseline) is one advantage of sum_k w_k R_k.
+            table = torch.tensor(rewards, dtype=torch.float32)
+            trained = table if recipe.balance.mode == "qp" else weighted_reward(table, self.reward_weights)
             advantages = group_advantages(
-                torch.tensor(rewards if rewards.shape[1] > 1 else rewards[:, 0], dtype=torch.float32),
-                torch.tensor(group_ids),
-                global_std=recipe.algorithm.global_std,
-                drop_zero_variance=recipe.algorithm.drop_zero_variance,
+                trained, torch.tensor(group_ids), global_std=recipe.algorithm.global_std, drop_zero_variance=recipe.algorithm.drop_zero_variance
             )
         with timer("update"):
             metrics |= self.fetch(self.learner.train(advantages.numpy()))[0]
@@ -169,7 +168,7 @@ class Driver:
                 metrics["time/requantize"] = self.sync_weights(self.version + 1)
             metrics |= ranking_fidelity(np.stack([pool_scores[p, chosen[p], 0] for p in range(P)]), rewards[:, 0].reshape(P, K))
         metrics |= {f"reward/{spec.name}": float(np.nanmean(rewards[:, r])) for r, spec in enumerate(recipe.rewards.models)}
-        metrics["train/zero_variance_groups"] = float(zero_variance_groups(torch.tensor(rewards[:, 0]), torch.tensor(group_ids)))
+        metrics["train/zero_variance_groups"] = float(zero_variance_groups(trained if trained.ndim == 1 else trained[:, 0], torch.tensor(group_ids)))
         metrics["driver/fetched_bytes"], self.fetched_bytes = float(self.fetched_bytes), 0
         return metrics | self.timers.pop()
 
@@ -265,8 +264,9 @@ class Driver:
         return run_state["step"]
 
     def evaluate(self) -> dict[str, float]:
-        """Mean eval rewards of the trainable adapter on every eval prompt x eval.seeds_per_prompt fixed
-        seeds (the eval protocol's sampler); for the tiny verifier also strict accuracy, overall and per task."""
+        """Mean eval rewards of eval.adapter (the EMA of the trained LoRA, or the LoRA) on every eval prompt x
+        eval.seeds_per_prompt fixed seeds (the eval protocol's sampler); for the tiny verifier also strict
+        accuracy, overall and per task."""
         config = self.recipe.eval
         prompts = [prompt for prompt in load_prompts(config.prompts) for _ in range(config.seeds_per_prompt)]
         seeds = [EVAL_SEED_BASE + j for j in range(config.seeds_per_prompt)] * (len(prompts) // config.seeds_per_prompt)
@@ -282,7 +282,7 @@ class Driver:
         return metrics
 
     def grid_samples(self) -> tuple[np.ndarray, list[str], np.ndarray]:
-        """A fixed probe, GRID_PROMPTS eval prompts x GRID_SEEDS seeds, sampled with the trainable adapter: images, prompts, first reward."""
+        """A fixed probe, GRID_PROMPTS eval prompts x GRID_SEEDS seeds, sampled with eval.adapter: images, prompts, first reward."""
         probe = PromptSource(self.recipe.eval.prompts, self.recipe.run.seed).batch(0, GRID_PROMPTS)
         prompts = [prompt for prompt in probe for _ in range(GRID_SEEDS)]
         images_ref = self.learner.call(0, "sample_images", prompts, list(range(GRID_SEEDS)) * len(probe))

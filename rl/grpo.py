@@ -27,6 +27,7 @@ do), and return x_next, mean in fp32 and std broadcastable against x ([B, 1, ...
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from typing import Callable
 
@@ -131,6 +132,7 @@ class Trajectory:
     noise: torch.Tensor  # [S, B, C, H, W], eps drawn at step i
     noise_level: float
     method: str = "sde"
+    window: tuple[int, int] | None = None  # SDE window [start, end): steps outside it were ODE steps, log-prob NaN
 
     def __post_init__(self) -> None:
         steps, batch = self.log_probs.shape
@@ -147,16 +149,21 @@ class Trajectory:
 
     def index(self, samples: torch.Tensor | slice) -> Trajectory:
         """The same chains for a subset of the batch."""
-        return Trajectory(self.latents[:, samples], self.timesteps, self.log_probs[:, samples], self.noise[:, samples], self.noise_level, self.method)
+        return Trajectory(self.latents[:, samples], self.timesteps, self.log_probs[:, samples], self.noise[:, samples], self.noise_level, self.method, self.window)
 
     def stochastic_steps(self) -> torch.Tensor:
-        """Indices of steps whose transition is random; CPS's step into t = 0 has std 0 and no log-prob."""
+        """Indices of steps whose transition is random: those in the window (all without one), except
+        CPS's step into t = 0, which has std 0 and no log-prob."""
         keep = torch.ones(self.num_steps, dtype=torch.bool) if self.method == "sde" else self.timesteps[1:] > 0
+        if self.window is not None:
+            inside = torch.zeros_like(keep)
+            inside[self.window[0] : self.window[1]] = True
+            keep &= inside
         return torch.nonzero(keep).flatten()
 
     def to(self, device: torch.device | str) -> Trajectory:
         return Trajectory(
-            self.latents.to(device), self.timesteps.to(device), self.log_probs.to(device), self.noise.to(device), self.noise_level, self.method
+            self.latents.to(device), self.timesteps.to(device), self.log_probs.to(device), self.noise.to(device), self.noise_level, self.method, self.window
         )
 
 
@@ -167,17 +174,36 @@ def sample_trajectory(
     noise: torch.Tensor,
     noise_level: float = 0.7,
     method: str = "sde",
+    window: tuple[int, int] | None = None,
 ) -> Trajectory:
-    """Run the stochastic sampler from x1 = eps over `timesteps` with per-step noise [S, B, ...], recording the chain."""
+    """Run the stochastic sampler from x1 = eps over `timesteps` with per-step noise [S, B, ...], recording the chain.
+
+    window [start, end): only those steps are stochastic, the others deterministic Euler steps (the
+    SDE and CPS steps at noise level 0) with log-prob NaN, as Flow-GRPO's fast sampler runs them.
+    """
     step = _step_function(method)
     latents, log_probs = [x1.float()], []
     for i in range(len(timesteps) - 1):
         x, t, t_next = latents[-1], float(timesteps[i]), float(timesteps[i + 1])
         v = velocity(x, torch.full((x.shape[0],), t, device=x.device))
-        x_next, mean, std = step(x, v, t, t_next, noise_level, noise[i])
-        log_probs.append(_log_prob(method, x_next, mean, std))
+        if window is None or window[0] <= i < window[1]:
+            x_next, mean, std = step(x, v, t, t_next, noise_level, noise[i])
+            log_probs.append(_log_prob(method, x_next, mean, std))
+        else:
+            x_next = x.float() + (t_next - t) * v.float()
+            log_probs.append(torch.full((x.shape[0],), torch.nan, device=x.device))
         latents.append(x_next)
-    return Trajectory(torch.stack(latents), timesteps, torch.stack(log_probs), noise.float(), noise_level, method)
+    return Trajectory(torch.stack(latents), timesteps, torch.stack(log_probs), noise.float(), noise_level, method, window)
+
+
+def sde_window(seed: int, size: int, window_range: tuple[int, int]) -> tuple[int, int]:
+    """Flow-GRPO's SDE window [start, start + size): start = randint(lo, hi - size), both ends included
+    (flow_grpo/diffusers_patch/sd3_pipeline_with_logprob_fast.py), drawn from a stream seeded by `seed`."""
+    low, high = window_range
+    if not 0 < size <= high - low:
+        raise ValueError(f"an SDE window of {size} steps does not fit in the range {window_range}")
+    start = random.Random(seed).randint(low, high - size)
+    return start, start + size
 
 
 def _check_method(method: str) -> None:

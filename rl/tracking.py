@@ -138,14 +138,15 @@ class Tracker:
         self.progress.update(1)
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
-        """An evaluation of the policy after `step` steps: a row of eval.jsonl, W&B, and one printed line."""
-        row = {"step": step} | metrics
+        """An evaluation of the policy after `step` steps: a row of eval.jsonl (naming the adapter evaluated, eval.adapter), W&B, and one printed line."""
+        adapter = self.recipe.eval.adapter
+        row = {"step": step, "adapter": adapter} | metrics
         self.evaluations.append(row)
         with self.eval_path.open("a") as file:
             file.write(json.dumps(row) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
-        self.progress.write(f"eval after {step} steps: " + ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if "/task/" not in k))
+        self.progress.write(f"eval after {step} steps ({adapter} adapter): " + ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if "/task/" not in k))
 
     def log_grid(self, step: int, images: np.ndarray, prompts: list[str], rewards: np.ndarray) -> Path:
         """A captioned grid of uint8 images [B, H, W, 3] with their prompts and rewards [B]: PNG and W&B."""

@@ -2,20 +2,22 @@
 the LearnerWorker calls it). One call = one optimizer step on one regenerated batch.
 
 NFT   x0 [B, C, H, W] + prompts + advantages [B] (or [B, K] with a RewardBalancer)
-      -> a random `timestep_fraction` of the sampler's timesteps, fresh noise eps for each:
-         x_t = (1 - t) x0 + t eps
+      -> per sample its own random `timestep_fraction` of the sampler's timesteps, fresh noise eps
+         for each: x_t = (1 - t) x0 + t eps
       -> nft_loss of "policy" against "old" (+ KL against the reference, adapters off)
       -> clip the gradient norm -> AdamW -> soft update "old" <- eta old + (1 - eta) policy
 GRPO  Trajectory + prompts + advantages [B]
-      -> recompute log-probs of a random `timestep_fraction` of the recorded stochastic steps
-         under "policy" -> PPO-clip + KL -> clip -> AdamW -> "old" <- policy
+      -> recompute log-probs of the first `timestep_fraction` of the recorded steps (or every step
+         of the SDE window) under "policy" -> PPO-clip + KL -> clip -> AdamW -> "old" <- policy
          (the ratio divides by the sampler's log-probs, so the sampler must be the current policy)
+After every optimizer step the EMA of "policy" (rl.ema) moves, for evaluation.
 
-Multi-reward NFT (MARBLE): on a full step (balancer.full_gradients_due) one backward per reward
-gives G [K, D]; the balancer solves its QP and the applied gradient is its direction plus the KL
-gradient. Between full steps a single backward on A_c = sum_k a_k nan_to_num(A_k) gives exactly
-sum_k a_k g_k plus the KL gradient, because the NFT loss is affine in r and r is affine in A inside
-the advantage clip.
+Multi-reward NFT (MARBLE): on a full step (balancer.full_gradients_due) one backward per reward,
+each a mean over the samples the reward applies to, gives G [K, D]; the balancer solves its QP and
+the applied gradient is its direction plus the KL gradient. Between full steps a single backward on
+the balancer's combined advantage (rl.balance: "marble" or "normalized") with the KL term folded in:
+the NFT loss is affine in r and r is affine in A inside the advantage clip, so it back-propagates the
+same combination of the per-reward gradients.
 
 Samples whose advantages are all NaN (no applicable reward, or a dropped zero-variance group) are
 left out of the batch before anything is drawn.
@@ -38,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from rl.balance import RewardBalancer, gradient_cosines
+from rl.ema import AdapterEMA
 from rl.grpo import Trajectory, grpo_kl, grpo_loss, step_log_prob
 from rl.nft import nft_loss, old_policy_decay, optimality, soft_update_, velocity_kl
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER, Conditioning, Policy
@@ -62,6 +65,8 @@ class TrainerSettings:
     old_decay_cap: float = 0.5  # ... up to this cap
     clip_range: float = 1e-4  # Flow-GRPO PPO clip epsilon
     grpo_kl_weight: float = 0.04  # Flow-GRPO beta_kl
+    ema_decay: float = 0.9  # EMA of the trainable adapter that evaluation samples with
+    ema_every: int = 1  # EMA update every n optimizer steps
 
 
 @dataclass
@@ -110,6 +115,7 @@ class Trainer:
         }
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
         self.generator = torch.Generator().manual_seed(seed)
+        self.ema = AdapterEMA(self.params, settings.ema_decay, settings.ema_every)
         self.step = 0
         self.rank, self.world_size = 0, 1
 
@@ -129,12 +135,14 @@ class Trainer:
         adv = adv[keep]
         x0 = batch.x0[keep.to(batch.x0.device)].to(self.policy.device, torch.float32)
         cond = self.policy.encode_prompts(batch.prompts).index(keep.cpu())
+        t_values, noise = self.nft_plan(count, x0.shape[1:])
+        rows = slice(int(counts[: self.rank].sum()), int(counts[: self.rank].sum()) + len(x0))
+        t_values, noise = t_values[rows], noise[:, rows]
         full = num_rewards > 1 and self.balancer.full_gradients_due(self.step)
-        train_adv = torch.nan_to_num(adv, nan=0.0) if num_rewards == 1 or full else self.balancer.combine_advantages(adv)[:, None]
-        t_values, noise = self.nft_plan(torch.Size((count, *x0.shape[1:])))
-        start = int(counts[: self.rank].sum())
-        grads, kl_grad, metrics = self.nft_gradients(x0, cond, train_adv, t_values, noise[:, start : start + len(x0)], count)
         if full:
+            # MARBLE's loss mask: each reward's loss is a mean over the samples it applies to.
+            (reward_counts,) = self.all_reduce(torch.isfinite(adv).sum(0).float().cpu())
+            grads, kl_grad, metrics = self.nft_gradients(x0, cond, adv, t_values, noise, count, reward_counts)
             grads, kl_grad = self.all_reduce(grads, kl_grad)  # the QP weighs the whole batch's gradients
             self.balancer.update(grads)
             update = self.balancer.direction(grads) + kl_grad
@@ -144,52 +152,76 @@ class Trainer:
             metrics["balance/conflict_fraction"] = self.balancer.conflict_fraction
             local_grad = update / self.world_size  # every learner holds the whole update
         else:
+            train_adv, nft_scale = (adv[:, 0], 1.0) if num_rewards == 1 else self.balancer.amortized_advantages(adv)
+            grads, _, metrics = self.nft_gradients(x0, cond, train_adv[:, None], t_values, noise, count, nft_scale=nft_scale)
             local_grad = grads[0]
         if num_rewards > 1:
             metrics |= {f"balance/weight_{k}": float(w) for k, w in enumerate(self.balancer.weights)}
             metrics["balance/full_step"] = float(full)
-        decay = old_policy_decay(self.step, self.settings.old_decay_flat, self.settings.old_decay_rate, self.settings.old_decay_cap)
         metrics |= self._apply_gradient(local_grad)
+        # DiffusionNFT computes eta from the step counter after this step's increment.
+        decay = old_policy_decay(self.step, self.settings.old_decay_flat, self.settings.old_decay_rate, self.settings.old_decay_cap)
         soft_update_(self.old_params, self.params, decay)
         return metrics | {"train/old_decay": decay, "train/samples": float(count)}
 
-    def nft_plan(self, x0_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-        """A random subset of the sampler's timesteps (t = 0 carries no signal: x_t = x0) and noise [n, B, ...]."""
+    def nft_plan(self, count: int, sample_shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sample, its own random `timestep_fraction` of the sampler's timesteps t [count, n], and noise [n, count, ...].
+
+        As DiffusionNFT (scripts/train_nft_sd3.py) and Sol-RL draw it: each sample permutes the N
+        timesteps the sampler visits (t = 0, where x_t = x0, is not one of them) and trains the
+        first n = int(N * timestep_fraction) of its permutation; fresh noise for every (sample, timestep).
+        """
         if self.sampler_timesteps is None:
             raise ValueError("NFT needs the sampler's timesteps: Trainer(..., sampler_timesteps=policy.sigmas(steps))")
         pool = self.sampler_timesteps[self.sampler_timesteps > 0].float()
-        count = max(1, int(len(pool) * self.settings.timestep_fraction))
-        chosen = pool[torch.randperm(len(pool), generator=self.generator)[:count]]
-        return chosen, torch.randn((count, *x0_shape), generator=self.generator)
+        n = max(1, int(len(pool) * self.settings.timestep_fraction))
+        order = torch.stack([torch.randperm(len(pool), generator=self.generator)[:n] for _ in range(count)]) if count else torch.zeros(0, n, dtype=torch.long)
+        return pool[order], torch.randn((n, count, *sample_shape), generator=self.generator)
 
     def nft_gradients(
-        self, x0: torch.Tensor, cond: Conditioning, adv: torch.Tensor, t_values: torch.Tensor, noise: torch.Tensor, count: int | None = None
+        self,
+        x0: torch.Tensor,
+        cond: Conditioning,
+        adv: torch.Tensor,
+        t_values: torch.Tensor,
+        noise: torch.Tensor,
+        count: int | None = None,
+        reward_counts: torch.Tensor | None = None,
+        nft_scale: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
-        """Local gradients [K, D] of each reward's batch loss loss_scale * mean(L), and the local KL gradient [D].
+        """Local gradients [K, D] of each reward's batch loss nft_scale * loss_scale * mean(L), and the local KL gradient [D].
 
-        With K = 1 the KL term is folded into the single gradient (one backward pass) and None is
-        returned for it. The batch mean runs over the chosen timesteps and the `count` samples of
-        every learner (None: this learner's x0 is the whole batch), so the whole-batch gradients are
-        the sums of the learners' local gradients; the losses come back summed over the learners.
+        adv [B, K] may hold NaN where a reward does not apply: such a sample is left out of that
+        reward's mean, which runs over its `reward_counts[k]` applicable samples of the whole batch
+        (default: all `count`). The KL mean runs over all `count` samples (None: this learner's x0 is
+        the whole batch), so the whole-batch gradients are the sums of the learners' local
+        gradients; the losses come back summed over the learners. t_values [B, n] are each sample's
+        trained timesteps and noise [n, B, ...] their noise. With K = 1 the KL term is folded into the
+        single gradient (one backward pass) and None is returned for it.
         """
         settings, params = self.settings, list(self.params.values())
         adv = adv.to(x0.device)
-        num_rewards = adv.shape[1]
-        share = 1.0 / ((len(x0) if count is None else count) * len(t_values))  # weight of one (sample, timestep) in the batch mean
+        num_rewards, steps = adv.shape[1], t_values.shape[1]
+        count = len(x0) if count is None else count
+        reward_counts = torch.full((num_rewards,), float(count)) if reward_counts is None else reward_counts
+        applies = torch.isfinite(adv)
+        # weight of one (sample, timestep) in each reward's mean; 0 where the reward does not apply
+        shares = applies / (reward_counts.to(x0.device).clamp_min(1) * steps)
+        r = optimality(torch.nan_to_num(adv, nan=0.0), settings.adv_clip)
+        kl_share = 1.0 / (count * steps)
         per_reward = torch.zeros(num_rewards, sum(p.numel() for p in params), device=x0.device)
         kl_grad = None if num_rewards == 1 else torch.zeros_like(per_reward[0])
         losses = torch.zeros(num_rewards + 1)  # per reward, then KL
-        for t, eps in zip(t_values.tolist(), noise):
+        for j in range(steps):
             for part in _microbatches(len(x0), settings.microbatch_size):
-                x_t, t_batch, v_theta, v_old, v_ref = self._nft_forward(x0[part], cond.index(part), t, eps[part])
+                x_t, t, v_theta, v_old, v_ref = self._nft_forward(x0[part], cond.index(part), t_values[part, j], noise[j, part])
                 reward_losses = [
-                    settings.loss_scale * share
-                    * nft_loss(v_theta, v_old, x_t, x0[part], t_batch, optimality(adv[part, k], settings.adv_clip), settings.nft_beta).sum()
+                    nft_scale * settings.loss_scale * (shares[part, k] * nft_loss(v_theta, v_old, x_t, x0[part], t, r[part, k], settings.nft_beta)).sum()
                     for k in range(num_rewards)
                 ]
                 targets = list(reward_losses)
                 if v_ref is not None:
-                    kl_loss = settings.kl_weight * share * velocity_kl(v_theta, v_ref).sum()
+                    kl_loss = settings.kl_weight * kl_share * velocity_kl(v_theta, v_ref).sum()
                     # Nothing to balance with one reward: fold KL in and save a backward pass.
                     if num_rewards == 1:
                         targets[0] = targets[0] + kl_loss
@@ -197,10 +229,10 @@ class Trainer:
                         targets.append(kl_loss)
                     losses[-1] += kl_loss.item()
                 losses[:num_rewards] += torch.tensor([loss.item() for loss in reward_losses])
-                for j, target in enumerate(targets):
-                    flat = _flat_gradient(target, params, retain_graph=j < len(targets) - 1)
-                    if j < num_rewards:
-                        per_reward[j] += flat
+                for i, target in enumerate(targets):
+                    flat = _flat_gradient(target, params, retain_graph=i < len(targets) - 1)
+                    if i < num_rewards:
+                        per_reward[i] += flat
                     else:
                         kl_grad += flat
         (losses,) = self.all_reduce(losses)
@@ -212,20 +244,21 @@ class Trainer:
         return per_reward, kl_grad, metrics
 
     def _nft_forward(
-        self, x0: torch.Tensor, cond: Conditioning, t: float, eps: torch.Tensor
+        self, x0: torch.Tensor, cond: Conditioning, t: torch.Tensor, eps: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """x_t = (1 - t) x0 + t eps, then v_theta (with grad), v_old and v_ref (None when kl_weight = 0)."""
-        x_t = (1 - t) * x0 + t * eps.to(x0.device)
-        t_batch = torch.full((len(x0),), t, device=x0.device)
+        """x_t = (1 - t) x0 + t eps per sample (t [B]), then v_theta (with grad), v_old and v_ref (None when kl_weight = 0)."""
+        t = t.to(x0.device, torch.float32)
+        t_batch = t.reshape(-1, *([1] * (x0.ndim - 1)))
+        x_t = (1 - t_batch) * x0 + t_batch * eps.to(x0.device)
         with torch.no_grad(), self.policy.adapter(OLD_ADAPTER):
-            v_old = self.policy.velocity(x_t, t_batch, cond)
+            v_old = self.policy.velocity(x_t, t, cond)
         v_ref = None
         if self.settings.kl_weight > 0:
             with torch.no_grad(), self.policy.adapter(None):
-                v_ref = self.policy.velocity(x_t, t_batch, cond)
+                v_ref = self.policy.velocity(x_t, t, cond)
         with self.policy.adapter(TRAINABLE_ADAPTER):
-            v_theta = self.policy.velocity(x_t, t_batch, cond)
-        return x_t, t_batch, v_theta, v_old, v_ref
+            v_theta = self.policy.velocity(x_t, t, cond)
+        return x_t, t, v_theta, v_old, v_ref
 
     # --- Flow-GRPO ------------------------------------------------------------------------------
 
@@ -243,10 +276,8 @@ class Trainer:
         adv = adv[keep].to(device)
         trajectory = batch.trajectory.index(keep.to(batch.trajectory.latents.device)).to(device)
         cond = self.policy.encode_prompts(batch.prompts).index(keep.cpu())
-        steps = trajectory.stochastic_steps()
-        count = max(1, int(len(steps) * settings.timestep_fraction))
-        chosen = steps[torch.randperm(len(steps), generator=self.generator)[:count]]
-        share = 1.0 / (samples * count)  # weight of one (sample, step) in the mean over every learner's batch
+        chosen = self.grpo_plan(trajectory)
+        share = 1.0 / (samples * len(chosen))  # weight of one (sample, step) in the mean over every learner's batch
         gradient = torch.zeros(sum(p.numel() for p in params), device=device)
         totals = torch.zeros(len(GRPO_METRICS), dtype=torch.float64)
         for i in chosen.tolist():
@@ -263,6 +294,15 @@ class Trainer:
         metrics = dict(zip(GRPO_METRICS, totals.tolist())) | self._apply_gradient(gradient)
         self.policy.copy_adapter(TRAINABLE_ADAPTER, OLD_ADAPTER)
         return metrics | {"train/samples": float(samples)}
+
+    def grpo_plan(self, trajectory: Trajectory) -> torch.Tensor:
+        """The recorded steps GRPO trains, in order, as Flow-GRPO does (scripts/train_sd3.py, train_sd3_fast.py):
+        with an SDE window every step of the window; without one the first int(S * timestep_fraction)
+        steps of the S-step chain (never the last step into t = 0 at Flow-GRPO's 0.99)."""
+        steps = trajectory.stochastic_steps()
+        if trajectory.window is not None:
+            return steps
+        return steps[: max(1, int(trajectory.num_steps * self.settings.timestep_fraction))]
 
     def _grpo_losses(
         self, trajectory: Trajectory, i: int, part: slice, cond: Conditioning, adv: torch.Tensor
@@ -309,8 +349,9 @@ class Trainer:
         return self._stepped(float(grad_norm))
 
     def _stepped(self, grad_norm: float) -> dict[str, float]:
-        """Count a step taken along a whole-batch gradient of norm grad_norm (before clipping); its metrics."""
+        """Count a step taken along a whole-batch gradient of norm grad_norm (before clipping), update the EMA; its metrics."""
         self.step += 1
+        self.ema.update(self.params, self.step)
         return {"train/grad_norm": grad_norm, "train/step": float(self.step)}
 
     def state_dict(self) -> dict:
@@ -320,6 +361,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "balancer": None if self.balancer is None else self.balancer.state_dict(),
+            "ema": self.ema.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -328,6 +370,8 @@ class Trainer:
         self.generator.set_state(state["generator"])
         if self.balancer is not None:
             self.balancer.load_state_dict(state["balancer"])
+        # Checkpoints written before the EMA was kept restart it from the adapter's weights.
+        self.ema.load_state_dict(state["ema"] if "ema" in state else {name: param.detach() for name, param in self.params.items()})
 
 
 def _as_matrix(advantages: torch.Tensor) -> torch.Tensor:

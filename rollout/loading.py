@@ -34,9 +34,13 @@ class ModelConfig(BaseModel):
     cfg_scale: float = Field(1.0, ge=1.0, description="classifier-free guidance scale; 1.0 = off (one forward per step)")
     distilled_guidance: float | None = Field(None, description="FLUX.1-dev guidance-embedding value; None = 3.5 (flux only)")
     max_sequence_length: int | None = Field(None, gt=0, description="T5 / Gemma tokens per prompt; None = the pipeline's default")
+    schedule: Literal["pipeline", "linear"] = Field(
+        "pipeline", description="sampling sigmas: the family pipeline's schedule, or linspace(1, 0, steps + 1) as Sol-RL samples SANA"
+    )
+    lora_targets: list[str] | None = Field(None, min_length=1, description="module-name suffixes LoRA wraps (peft target_modules); None = the family's")
 
 
-PIPELINE_OPTIONS = ("resolution", "cfg_scale", "distilled_guidance", "max_sequence_length")
+PIPELINE_OPTIONS = ("resolution", "cfg_scale", "distilled_guidance", "max_sequence_length", "schedule")
 
 
 def _family(path: str) -> str:
@@ -82,6 +86,8 @@ def load_policy(model: str | ModelConfig = "tiny", precision: str = "fp32", devi
         policy = policy_class.from_pretrained(config.path, load_precision, device, **options)
     if config.shift is not None:
         policy.shift = config.shift
+    if config.lora_targets is not None:
+        policy.lora_target_modules = tuple(config.lora_targets)
     if precision == "nvfp4":
         from quant import quantize_policy  # quant imports rollout.policy: import here to avoid a cycle
 

@@ -20,7 +20,7 @@ from diffusers import DiffusionPipeline
 
 from rollout.images import to_uint8
 from rollout.policy import Conditioning, Policy, torch_dtype
-from rollout.schedules import scheduler_sigmas
+from rollout.schedules import linear_sigmas, scheduler_sigmas
 
 
 class PipelinePolicy(Policy):
@@ -38,6 +38,7 @@ class PipelinePolicy(Policy):
         resolution: int | None = None,
         cfg_scale: float = 1.0,
         max_sequence_length: int | None = None,
+        schedule: str = "pipeline",
     ) -> None:
         super().__init__()
         self.precision = precision
@@ -59,6 +60,7 @@ class PipelinePolicy(Policy):
         size = self.resolution // pipeline.vae_scale_factor
         self.latent_shape = (self.latent_channels(), size, size)
         self.shift = None  # the pipeline's own schedule; model.shift sets a static one
+        self.schedule = schedule
         self._sigmas: dict[tuple[int, float | None], torch.Tensor] = {}
 
     @classmethod
@@ -85,8 +87,11 @@ class PipelinePolicy(Policy):
     # --- shared -----------------------------------------------------------------------------------
 
     def sigmas(self, steps: int, shift: float | None = None) -> torch.Tensor:
-        """The pipeline's schedule for `steps` (rollout.schedules), from the checkpoint's scheduler config."""
+        """The pipeline's schedule for `steps` (rollout.schedules), from the checkpoint's scheduler config; or the
+        linear one when the policy was loaded with schedule="linear"."""
         shift = self.shift if shift is None else shift
+        if self.schedule == "linear":
+            return linear_sigmas(steps, 1.0 if shift is None else shift)
         if (steps, shift) not in self._sigmas:
             scheduler = self.pipeline.scheduler
             self._sigmas[steps, shift] = scheduler_sigmas(type(scheduler), scheduler.config, steps, shift, **self.schedule_options(steps))

@@ -98,6 +98,7 @@ def sample(
     solver: str = "euler",
     shift: float | None = None,
     noise_level: float = 0.7,
+    sde_window: tuple[int, int] | None = None,
     cond: Conditioning | None = None,
     adapter: str | None = "current",
     batch_size: int | None = None,
@@ -106,6 +107,7 @@ def sample(
     """Generate one image per (prompt, seed) pair with `steps` solver steps (CFG 1.0: no guidance).
 
     shift: a static timestep shift in place of the policy's own schedule's (None: the policy's, `Policy.sigmas`).
+    sde_window: for "sde" / "cps", the steps [start, end) that are stochastic (None: all).
     adapter: "current" keeps the policy's active LoRA adapter; a name ("old", "policy") or None
     (the reference model, adapters off) runs under that adapter. batch_size splits the forward
     passes to bound memory; it changes results only by float rounding (CPU GEMMs may round
@@ -136,7 +138,7 @@ def sample(
     with torch.no_grad(), context:
         if solver in ("sde", "cps"):
             noise = torch.stack([step_noise(seeds, i, policy.latent_shape) for i in range(steps)]).to(x.device)
-            trajectory = sample_trajectory(velocity, x, sigmas, noise, noise_level, method=solver)
+            trajectory = sample_trajectory(velocity, x, sigmas, noise, noise_level, method=solver, window=sde_window)
             x = trajectory.latents[-1]
         else:
             x = ode_solve(velocity, x, sigmas, solver, progress)

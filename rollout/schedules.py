@@ -11,6 +11,7 @@ the reference code's trajectories:
   sana    DPMSolverMultistepScheduler         steps (flow sigmas with the static flow_shift)
   tiny    FlowMatchEulerDiscreteScheduler     steps (static shift from policy.json)
 
+`model.schedule: linear` samples on linspace(1, 0, steps + 1) instead, as Sol-RL samples SANA.
 A static `shift` override (model.shift, sampler.shift) replaces the scheduler config's shift and
 turns dynamic shifting off; the sigma grid stays the pipeline's. Sigmas are fp32, as diffusers
 keeps them.
@@ -39,6 +40,14 @@ def _flow_match(steps: int, shift: float) -> tuple[float, ...]:
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
     scheduler.set_timesteps(steps)
     return tuple(scheduler.sigmas.tolist())
+
+
+def linear_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """Sigmas [steps + 1] = linspace(1, 0, steps + 1), statically shifted: Sol-RL's SANA sampler
+    (diffusion/post_training pipeline_with_logprob, no shift there)."""
+    _check_steps(steps)
+    sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float32)
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
 def scheduler_sigmas(

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rl.advantages import group_advantages, zero_variance_groups
+from rl.advantages import group_advantages, weighted_reward, zero_variance_groups
 
 NAN = float("nan")
 EPS = 1e-4
@@ -92,3 +92,28 @@ def test_shape_errors():
         group_advantages(torch.zeros(4), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="rewards"):
         group_advantages(torch.zeros(2, 2, 2), torch.zeros(2, dtype=torch.long))
+
+
+def test_weighted_reward_is_diffusionnfts_raw_weighted_sum():
+    # DiffusionNFT (flow_grpo/rewards.py, multi_score): avg = sum_k w_k R_k on the raw scores, and the
+    # multi-reward baseline is the group advantage of that sum (not a mean of per-reward advantages).
+    rewards = torch.tensor([[0.2, 10.0], [0.6, 30.0], [0.4, 20.0], [0.9, 5.0]])
+    weights = torch.tensor([1.0, 0.5])
+    combined = weighted_reward(rewards, weights)
+    torch.testing.assert_close(combined, torch.tensor([5.2, 15.6, 10.4, 3.4]))
+    groups = torch.tensor([0, 0, 1, 1])
+    adv = group_advantages(combined, groups)
+    std = combined.std(correction=0)
+    torch.testing.assert_close(adv, torch.tensor([-5.2, 5.2, 3.5, -3.5]) / (std + EPS))
+    # the reward with the larger scale dominates, as in the reference: sample 1 beats 0 on both, 3 beats 2 only on the first
+    assert adv[3] < adv[2]
+
+
+def test_weighted_reward_rescales_the_applicable_rewards_and_is_nan_when_none_applies():
+    rewards = torch.tensor([[0.5, NAN], [NAN, NAN], [1.0, 2.0], [NAN, 4.0]])
+    weights = torch.tensor([1.0, 3.0])
+    # a missing reward: the weighted mean of the others, times sum w = 4
+    torch.testing.assert_close(weighted_reward(rewards, weights), torch.tensor([2.0, NAN, 7.0, 16.0]), equal_nan=True)
+    assert torch.isnan(weighted_reward(torch.tensor([[NAN, 1.0]]), torch.tensor([1.0, 0.0])))  # only a zero-weight reward applies
+    with pytest.raises(ValueError, match="weights"):
+        weighted_reward(rewards, torch.ones(3))

@@ -12,7 +12,6 @@ from rl.balance import (
     min_norm_on_simplex,
     min_norm_weights,
     project_to_simplex,
-    weighted_sum_direction,
 )
 
 NAN = float("nan")
@@ -93,9 +92,8 @@ def test_project_to_simplex_by_hand():
     torch.testing.assert_close(project_to_simplex(torch.tensor([1.0, 0.5, -1.0])), torch.tensor([0.75, 0.25, 0.0]))
 
 
-def test_weighted_sum_direction_and_cosines():
+def test_gradient_cosines():
     grads = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 0.0], [0.0, 0.0]])
-    torch.testing.assert_close(weighted_sum_direction(grads, torch.tensor([0.5, 0.25, 0.25, 0.0])), torch.tensor([0.25, 0.5]))
     cosines = gradient_cosines(grads, torch.tensor([1.0, 1.0]))
     torch.testing.assert_close(cosines[:3], torch.tensor([ROOT_HALF, ROOT_HALF, -ROOT_HALF], dtype=torch.float64))
     assert torch.isnan(cosines[3])
@@ -120,13 +118,25 @@ def test_balancer_first_solve_then_ema():
     assert [balancer.full_gradients_due(s) for s in (0, 1, 9, 10, 20)] == [True, False, False, True, True]
 
 
-def test_weighted_sum_baseline_keeps_normalised_weights():
-    balancer = RewardBalancer(2, method="weighted_sum", weights=[1.0, 3.0])
-    torch.testing.assert_close(balancer.weights, torch.tensor([0.25, 0.75]))
-    grads = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+def test_amortized_marble_weighs_raw_advantages_and_normalized_rescales_by_the_last_norms():
+    balancer = RewardBalancer(2, full_every=10)
+    grads = torch.tensor([[3.0, 0.0], [0.0, 0.03]])  # norms 3 and 0.03: orthogonal, so the QP splits 1/2 - 1/2
     balancer.update(grads)
-    torch.testing.assert_close(balancer.weights, torch.tensor([0.25, 0.75]))
-    torch.testing.assert_close(balancer.direction(grads), torch.tensor([0.25, 0.75]))
+    torch.testing.assert_close(balancer.weights, torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(balancer.norms, torch.tensor([3.0, 0.03]))
+    adv = torch.tensor([[1.0, 2.0], [NAN, -1.0], [NAN, NAN]])
+    combined, scale = balancer.amortized_advantages(adv)  # MARBLE: sum_k a_k nan_to_num(A_k), loss scale 1
+    torch.testing.assert_close(combined, torch.tensor([1.5, -0.5, NAN]), equal_nan=True)
+    assert scale == 1.0
+    normalized = RewardBalancer(2, full_every=10, amortized="normalized")
+    normalized.update(grads)
+    # b_k = a_k mean(n) / n_k = 0.5 * 1.515 / (3, 0.03) = (0.2525, 25.25); A_c = sum b_k A_k / B, scale B = 25.5025
+    b = torch.tensor([0.5 * 1.515 / 3.0, 0.5 * 1.515 / 0.03])
+    combined, scale = normalized.amortized_advantages(adv)
+    torch.testing.assert_close(combined, torch.tensor([(b[0] + 2 * b[1]) / b.sum(), -b[1] / b.sum(), NAN]), equal_nan=True)
+    assert scale == pytest.approx(float(b.sum()))
+    # scale * (sum_k b_k / B) g_k = sum_k b_k g_k = (sum_k a_k g_k / n_k) mean(n): the full step's direction
+    torch.testing.assert_close(b @ grads, balancer.direction(grads))
 
 
 def test_conflict_fraction_counts_batches_with_a_negative_worst_cosine():
@@ -146,7 +156,6 @@ def test_balancer_state_round_trip_and_validation():
     restored = RewardBalancer(2)
     restored.load_state_dict(balancer.state_dict())
     assert torch.equal(restored.weights, balancer.weights) and restored.conflict_fraction == 1.0 and restored.solves == 1
-    with pytest.raises(ValueError, match="qp, weighted_sum"):
-        RewardBalancer(2, method="pareto")
-    with pytest.raises(ValueError, match="weights"):
-        RewardBalancer(2, weights=[1.0])
+    assert torch.equal(restored.norms, balancer.norms) and (balancer.norms > 0).all()
+    with pytest.raises(ValueError, match="marble, normalized"):
+        RewardBalancer(2, amortized="pareto")

@@ -92,7 +92,7 @@ def test_split_tensors_round_trips_optimizer_and_generator_state(tmp_path):
 
 
 def _learner_step(learner: LearnerWorker, rewarder: RewardWorker, prompts: list[str], seeds: list[int]) -> dict[str, float]:
-    rewards = torch.tensor(rewarder.score(learner.regenerate(prompts, seeds), prompts))
+    rewards = torch.tensor(rewarder.score(learner.regenerate(prompts, seeds, 0), prompts))
     return learner.train(group_advantages(rewards, torch.arange(len(prompts)) // 4).numpy())
 
 

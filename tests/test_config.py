@@ -48,6 +48,13 @@ def test_optimizer_and_per_algorithm_keys_are_their_own(tmp_path):
         ("", ["optim.betas=[0.9, 1.0]"], r"optim.betas.1: Input should be less than 1"),
         ("- a\n- b\n", [], r"a recipe is a mapping of sections, got list"),
         ("sol:\n  keep_high_precision: ['blocks.(2']\n", [], r"sol.keep_high_precision: Value error, 'blocks.\(2' is not a regular expression: missing \)"),
+        ("sol:\n  skip_modules: ['norm[']\n", [], r"sol.skip_modules: Value error, 'norm\[' is not a regular expression"),
+        ("", ["algorithm.grpo.sde_window_size=4", "algorithm.grpo.sde_window_range=[0, 3]"], r"must satisfy lo < hi <= sampler.steps \(10\) and hold sde_window_size \(4\)"),
+        ("", ["algorithm.grpo.sde_window_size=2", "algorithm.grpo.sde_window_range=[0, 12]"], r"lo < hi <= sampler.steps \(10\)"),
+        ("", ["algorithm.grpo.sde_window_range=[0, 5]"], r"sde_window_range is set but sde_window_size is 0"),
+        ("", ["balance.amortized=pareto"], r"balance.amortized: Input should be 'marble' or 'normalized'"),
+        ("", ["eval.adapter=old"], r"eval.adapter: Input should be 'ema' or 'current'"),
+        ("", ["model.schedule=cosine"], r"model.schedule: Input should be 'pipeline' or 'linear'"),
     ],
 )
 def test_bad_recipes_name_the_key_and_the_file(tmp_path, text, overrides, message):
@@ -90,3 +97,44 @@ def test_tiny_baselines_differ_from_tiny_solrl_only_where_they_should():
     assert [spec.name for spec in marble.rewards.models] == ["tiny_verifier", "brightness", "jpeg_compressibility"]
     assert (marble.balance.mode, marble.algorithm.nft.beta) == ("qp", 0.1)
     assert [build_reward(spec.name).name for spec in marble.rewards.models] == ["tiny_verifier", "brightness", "jpeg_compressibility"]
+
+
+# Each production recipe holds the settings of the code it reproduces (README, "Parity with the
+# reference implementations"): Sol-RL = NVlabs/Sana configs/sol_rl/{base,sd3,flux1,sana}.py;
+# DiffusionNFT = NVlabs/DiffusionNFT config/nft.py + base.py; Flow-GRPO = yifan123/flow_grpo config/grpo.py + base.py.
+REFERENCE_SETTINGS = {
+    # Sol-RL: 48 groups, 24 of 96 (best/worst), 6 NVFP4 preview steps, r32/a64, lr 3e-4, KL 1e-4, EMA evaluation
+    "sd35l_solrl": {"model.resolution": 1024, "sampler.solver": "dpm2", "sampler.steps": 10, "eval.steps": 40, "model.cfg_scale": 1.0,
+                    "algorithm.nft.timestep_fraction": 0.6, "optim.grad_clip": 0.002, "algorithm.nft.kl_weight": 1e-4},
+    "flux1_solrl": {"model.resolution": 512, "sampler.solver": "dpm2", "sampler.steps": 10, "eval.steps": 28, "model.distilled_guidance": 1.0,
+                    "model.lora_targets": ["to_q", "to_k", "to_v", "to_out.0"], "algorithm.nft.timestep_fraction": 0.4, "optim.grad_clip": 1.0},
+    "sana_solrl": {"model.resolution": 1024, "model.schedule": "linear", "sampler.solver": "euler", "sampler.steps": 10, "eval.steps": 40,
+                   "algorithm.nft.timestep_fraction": 0.6, "optim.grad_clip": 1.0},
+    # DiffusionNFT sd3_pickscore / sd3_multi_reward (+ MARBLE's balancing): 512 px, 48 x 24, 0.99, 40 eval steps
+    "sd35m_nft": {"model.resolution": 512, "sampler.steps": 10, "eval.steps": 40, "algorithm.nft.timestep_fraction": 0.99,
+                  "algorithm.nft.beta": 1.0, "algorithm.group_size": 24, "algorithm.prompts_per_step": 48},
+    "sd35m_marble": {"model.resolution": 512, "sampler.steps": 25, "algorithm.nft.timestep_fraction": 0.99, "algorithm.nft.beta": 0.1,
+                     "balance.solve_every": 10, "balance.ema": 0.7, "balance.amortized": "marble"},
+    # Flow-GRPO pickscore_sd3 and pickscore_sd3_fast_nocfg (CPS)
+    "sd35m_grpo": {"model.resolution": 512, "model.cfg_scale": 4.5, "sampler.steps": 10, "eval.steps": 40, "algorithm.grpo.beta_kl": 0.01,
+                   "algorithm.grpo.clip_range": 1e-4, "algorithm.grpo.noise_level": 0.7, "algorithm.grpo.timestep_fraction": 0.99,
+                   "algorithm.group_size": 24, "algorithm.prompts_per_step": 48, "optim.lr": 3e-4, "eval.ema_every": 8},
+    "sd35m_grpo_cps": {"model.cfg_scale": 1.0, "algorithm.grpo.cps": True, "algorithm.grpo.noise_level": 0.8, "algorithm.grpo.clip_range": 1e-5,
+                       "algorithm.grpo.beta_kl": 0.0, "algorithm.grpo.sde_window_size": 3, "algorithm.grpo.sde_window_range": (0, 5),
+                       "algorithm.group_size": 18, "algorithm.prompts_per_step": 64},
+    "tiny_grpo_cps": {"algorithm.grpo.cps": True, "algorithm.grpo.noise_level": 0.8, "algorithm.grpo.clip_range": 1e-5, "algorithm.grpo.beta_kl": 0.0,
+                      "algorithm.grpo.sde_window_size": 3, "algorithm.grpo.sde_window_range": (0, 5)},
+}
+SOL_RL = {"sol.pool_size": 96, "algorithm.group_size": 24, "algorithm.prompts_per_step": 48, "sol.explore_steps": 6, "sol.selection": "best_worst",
+          "algorithm.lora_rank": 32, "algorithm.lora_alpha": 64.0, "optim.lr": 3e-4, "algorithm.nft.kl_weight": 1e-4, "eval.adapter": "ema"}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_SETTINGS))
+def test_production_recipes_hold_the_reference_settings(name):
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / f"{name}.yaml")
+    expected = REFERENCE_SETTINGS[name] | (SOL_RL if name.endswith("solrl") else {})
+    for dotted, value in expected.items():
+        node = recipe
+        for key in dotted.split("."):
+            node = getattr(node, key)
+        assert node == value, f"{name}: {dotted} is {node!r}, the reference has {value!r}"

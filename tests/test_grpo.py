@@ -1,4 +1,5 @@
 import math
+import random
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from rl.grpo import (
     sample_trajectory,
     sde_log_prob,
     sde_step,
+    sde_window,
     step_log_prob,
 )
 
@@ -171,3 +173,34 @@ def test_trajectory_index_and_validation():
         Trajectory(traj.latents, traj.timesteps[:2], traj.log_probs, traj.noise, 0.7)
     with pytest.raises(ValueError, match="sde, cps"):
         Trajectory(traj.latents, traj.timesteps, traj.log_probs, traj.noise, 0.7, method="ode")
+
+
+@pytest.mark.parametrize("method", ["sde", "cps"])
+def test_sde_window_steps_are_stochastic_and_the_others_euler(method):
+    # Flow-GRPO's fast sampler: noise level 0 outside the window, where both steps reduce to Euler.
+    g = torch.Generator().manual_seed(4)
+    timesteps = torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2, 0.0])
+    x1, noise = torch.randn(2, 1, 2, 2, generator=g), torch.randn(5, 2, 1, 2, 2, generator=g)
+    traj = sample_trajectory(_velocity, x1, timesteps, noise, noise_level=0.7, method=method, window=(1, 3))
+    assert traj.stochastic_steps().tolist() == [1, 2] and traj.window == (1, 3)
+    for i in range(5):
+        x, t = traj.latents[i], timesteps[i]
+        v = _velocity(x, t.expand(2))
+        if i in (1, 2):
+            logp, _, _ = step_log_prob(method, x, v, traj.latents[i + 1], t, timesteps[i + 1], 0.7)
+            torch.testing.assert_close(logp, traj.log_probs[i])
+            assert not torch.allclose(traj.latents[i + 1], x + (timesteps[i + 1] - t) * v)
+        else:
+            torch.testing.assert_close(traj.latents[i + 1], x + (timesteps[i + 1] - t) * v)
+            assert torch.isnan(traj.log_probs[i]).all()
+    assert traj.index(torch.tensor([True, False])).window == (1, 3)
+
+
+def test_sde_window_start_is_flow_grpos_inclusive_randint():
+    # sd3_pipeline_with_logprob_fast.py: start = random.randint(lo, hi - size); end = start + size
+    windows = {sde_window(seed, 3, (0, 5)) for seed in range(200)}
+    assert windows == {(0, 3), (1, 4), (2, 5)}
+    start = random.Random(7).randint(0, 2)
+    assert sde_window(7, 3, (0, 5)) == (start, start + 3)
+    with pytest.raises(ValueError, match="does not fit"):
+        sde_window(0, 6, (0, 5))

@@ -73,7 +73,7 @@ def world_and_alone(local_ray):
 
 def step(group: LearnerGroup, advantages: np.ndarray) -> tuple[np.ndarray, dict, list[dict[str, torch.Tensor]]]:
     """Regenerate PROMPTS x SEEDS, train once; the images, the metrics and every learner's trainable adapter."""
-    images = np.concatenate(ray.get(group.regenerate(PROMPTS, SEEDS)))
+    images = np.concatenate(ray.get(group.regenerate(PROMPTS, SEEDS, 0)))
     metrics = ray.get(group.train(advantages))
     assert all(m == metrics[0] for m in metrics)  # sums over the world: every learner reports the same
     adapters = [state["adapters"][TRAINABLE_ADAPTER] for state in ray.get(group.call_all("checkpoint_state"))]
@@ -142,7 +142,7 @@ def test_grpo_learner_samples_a_trajectory_and_trains_on_it(cps):
     learner = LearnerWorker(load_recipe("recipes/tiny_solrl.yaml", TINY + overrides).model_dump())
     assert learner.trainer.settings.adv_clip == 2.5  # GRPO's own clip, not algorithm.nft.adv_clip
     before = {name: p.detach().clone() for name, p in learner.trainer.params.items()}
-    images = learner.regenerate(PROMPTS, SEEDS)
+    images = learner.regenerate(PROMPTS, SEEDS, 0)
     trajectory = learner.regen[0]
     assert images.shape[0] == 8 and trajectory.latents.shape[:2] == (5, 8) and trajectory.method == ("cps" if cps else "sde")
     metrics = learner.train(np.array([1.0, -1.0, 0.5, -0.5, 0.0, 2.0, -2.0, 0.0], dtype=np.float32))
@@ -160,12 +160,12 @@ def test_bf16_learner_trains_fp32_lora_and_a_rollout_worker_merges_its_update_to
     assert learner.policy.transformer.pos_embed.proj.weight.dtype == torch.bfloat16
     assert {p.dtype for p in learner.trainer.params.values()} == {torch.float32}
     before = {name: p.detach().clone() for name, p in learner.trainer.params.items()}
-    learner.regenerate(PROMPTS, SEEDS)
+    learner.regenerate(PROMPTS, SEEDS, 0)
     metrics = learner.train(ADVANTAGES)
     assert np.isfinite(metrics["loss/nft"])
     assert max((p - before[name]).abs().max().item() for name, p in learner.trainer.params.items()) > 1e-4
 
-    rollout = RolloutWorker(recipe["model"], "bf16", "emulate", base_precision="bf16")
+    rollout = RolloutWorker(recipe["model"], {"explore_precision": "bf16", "quant_backend": "emulate"}, base_precision="bf16")
     rollout.set_weights(learner.explore_weights(), version=1)
 
     merged = lora_merged_weights(learner.policy.transformer, OLD_ADAPTER)

@@ -107,7 +107,7 @@ def test_synced_rollout_copy_samples_what_the_learner_samples(remote_driver):
     prompts = ["a red circle", "two squares", "a cross left of a triangle", "a blue triangle"]
     seeds = [seed_for(7, 0, p, 0) for p in range(len(prompts))]
     explore = ray.get(driver.rollout.call(1, "explore", prompts, seeds, recipe.sol.explore_steps, "euler", None, driver.version, driver.catch_up_weights))
-    learner = ray.get(driver.learner.call(0, "regenerate", prompts, seeds))
+    learner = ray.get(driver.learner.call(0, "regenerate", prompts, seeds, 0))
     # merged weights (rollout) vs base + LoRA adapter (learner): equal up to float rounding of a pixel
     diff = np.abs(explore.astype(int) - learner.astype(int))
     assert diff.max() <= 1 and diff.mean() < 0.01

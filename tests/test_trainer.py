@@ -7,10 +7,11 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from rl.balance import RewardBalancer, balanced_direction, combine_advantages, min_norm_weights
-from rl.grpo import grpo_kl, grpo_loss, sample_trajectory, step_log_prob
+from rl.grpo import Trajectory, grpo_kl, grpo_loss, sample_trajectory, step_log_prob
 from rl.nft import nft_loss, nft_objective, optimality, velocity_kl
 from rl.trainer import GRPOBatch, NFTBatch, Trainer, TrainerSettings
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER, Conditioning, Policy
+from rollout.schedules import flow_match_sigmas
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a red circle"]
 TIMESTEPS = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
@@ -31,7 +32,6 @@ class MiniPolicy(Policy):
     family = "mini"
     latent_shape = (4, 8, 8)
     lora_target_modules = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
-    quant_keep_patterns = ()
     shift = 1.0
     precision = "fp32"
 
@@ -57,6 +57,9 @@ class MiniPolicy(Policy):
             timestep=t * 1000,
             return_dict=False,
         )[0]
+
+    def sigmas(self, steps: int, shift: float | None = None) -> torch.Tensor:
+        return flow_match_sigmas(steps, self.shift if shift is None else shift)
 
     def decode(self, x0: torch.Tensor) -> np.ndarray:
         return ((x0[:, :3].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -106,31 +109,40 @@ def test_trainer_requires_a_lora_adapter():
         Trainer(MiniPolicy(), sampler_timesteps=TIMESTEPS)
 
 
-def test_nft_plan_draws_a_fraction_of_the_nonzero_timesteps():
-    trainer = Trainer(make_policy(), TrainerSettings(timestep_fraction=0.6), sampler_timesteps=torch.linspace(1, 0, 11))
-    t_values, noise = trainer.nft_plan(torch.Size([3, 4, 8, 8]))
-    assert len(t_values) == 6 and len(set(t_values.tolist())) == 6 and (t_values > 0).all()
-    assert noise.shape == (6, 3, 4, 8, 8)
-    again = Trainer(make_policy(), TrainerSettings(timestep_fraction=0.6), sampler_timesteps=torch.linspace(1, 0, 11))
-    assert torch.equal(again.nft_plan(torch.Size([3, 4, 8, 8]))[0], t_values)
+def test_nft_plan_draws_each_sample_its_own_fraction_of_the_nonzero_timesteps():
+    # DiffusionNFT (scripts/train_nft_sd3.py) and Sol-RL: each sample permutes the N sampler timesteps
+    # (t = 0 is not among them) and trains the first int(N * timestep_fraction) of its permutation.
+    sigmas = torch.linspace(1, 0, 11)
+    trainer = Trainer(make_policy(), TrainerSettings(timestep_fraction=0.6), sampler_timesteps=sigmas)
+    t_values, noise = trainer.nft_plan(8, (4, 8, 8))
+    assert t_values.shape == (8, 6) and noise.shape == (6, 8, 4, 8, 8)
+    for row in t_values.tolist():
+        assert len(set(row)) == 6 and set(row) <= set(sigmas[:-1].tolist())
+    assert len({tuple(row) for row in t_values.tolist()}) > 1  # not one subset for the whole batch
+    again = Trainer(make_policy(), TrainerSettings(timestep_fraction=0.6), sampler_timesteps=sigmas)
+    assert torch.equal(again.nft_plan(8, (4, 8, 8))[0], t_values)
+    # DiffusionNFT's configs: 0.99 of 10 steps trains 9 per sample; Sol-RL's FLUX config: 0.4 trains 4
+    for fraction, trained in ((0.99, 9), (0.4, 4)):
+        plan = Trainer(make_policy(), TrainerSettings(timestep_fraction=fraction), sampler_timesteps=sigmas).nft_plan(3, (4, 8, 8))[0]
+        assert plan.shape == (3, trained)
 
 
 def test_nft_step_updates_policy_then_soft_updates_old():
+    # DiffusionNFT computes eta = min(0.001 step, 0.5) after the step counter's increment: 0.001 after step 1.
     policy = make_policy()
     trainer = Trainer(policy, TrainerSettings(lr=1e-2), sampler_timesteps=TIMESTEPS)
     policy_params, old_params = trainer.params, trainer.old_params
-    before = snapshot(policy_params)
+    before, old_before = snapshot(policy_params), snapshot(old_params)
     metrics = trainer.nft_step(NFTBatch(x0_batch(), PROMPTS, torch.tensor([1.0, -1.0, 0.5, -0.5])))
     assert all(not torch.equal(before[n], p) for n, p in policy_params.items())
-    assert_params_close(snapshot(old_params), snapshot(policy_params), rtol=0, atol=0)  # eta(0) = 0: a copy
-    assert metrics["train/old_decay"] == 0.0 and metrics["train/step"] == 1.0
+    assert metrics["train/old_decay"] == pytest.approx(0.001) and metrics["train/step"] == 1.0
     assert {"loss/nft", "loss/kl", "train/grad_norm", "train/samples"} <= metrics.keys()
+    assert_params_close(snapshot(old_params), {n: 0.001 * old_before[n] + 0.999 * policy_params[n].detach() for n in old_before})
 
     old_before = snapshot(old_params)
     metrics = trainer.nft_step(NFTBatch(x0_batch(seed=3), PROMPTS, torch.tensor([-1.0, 1.0, 0.5, -0.5])))
-    assert metrics["train/old_decay"] == pytest.approx(0.001)
-    expected = {n: 0.001 * old_before[n] + 0.999 * policy_params[n].detach() for n in old_before}
-    assert_params_close(snapshot(old_params), expected)
+    assert metrics["train/old_decay"] == pytest.approx(0.002)
+    assert_params_close(snapshot(old_params), {n: 0.002 * old_before[n] + 0.998 * policy_params[n].detach() for n in old_before})
 
 
 @pytest.mark.parametrize("sign, moves", [(1.0, "closer"), (-1.0, "away")])
@@ -147,26 +159,29 @@ def test_nft_positive_samples_are_pulled_closer_and_negative_pushed_away(sign, m
 
 
 def test_nft_gradient_is_the_gradient_of_the_batch_loss():
-    # DESIGN.md: mean over samples and trained timesteps of loss_scale * L + kl_weight * KL, x_t = (1 - t) x0 + t eps.
+    # DESIGN.md: mean over samples and their trained timesteps of loss_scale * L + kl_weight * KL,
+    # x_t = (1 - t_i) x0 + t_i eps with each sample's own t_i.
     settings = TrainerSettings(microbatch_size=3, kl_weight=1e-2, nft_beta=0.5)
     trainer = Trainer(make_policy(), settings, sampler_timesteps=TIMESTEPS)
     policy, x0 = trainer.policy, x0_batch()
     adv = torch.tensor([1.0, -1.0, 0.5, -7.0])
     cond = policy.encode_prompts(PROMPTS)
-    t_values, noise = trainer.nft_plan(x0.shape)
+    t_values, noise = trainer.nft_plan(4, x0.shape[1:])
+    assert not (t_values == t_values[:1]).all()  # samples train other timesteps
     grads, kl_grad, metrics = trainer.nft_gradients(x0, cond, adv[:, None], t_values, noise)
     assert kl_grad is None and grads.shape[0] == 1
     total = torch.zeros(())
-    for t, eps in zip(t_values.tolist(), noise):
-        t_batch, x_t = torch.full((4,), t), (1 - t) * x0 + t * eps
+    for j in range(t_values.shape[1]):
+        t = t_values[:, j]
+        x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise[j]
         with torch.no_grad(), policy.adapter(OLD_ADAPTER):
-            v_old = policy.velocity(x_t, t_batch, cond)
+            v_old = policy.velocity(x_t, t, cond)
         with torch.no_grad(), policy.adapter(None):
-            v_ref = policy.velocity(x_t, t_batch, cond)
+            v_ref = policy.velocity(x_t, t, cond)
         with policy.adapter(TRAINABLE_ADAPTER):
-            v_theta = policy.velocity(x_t, t_batch, cond)
-        loss = nft_loss(v_theta, v_old, x_t, x0, t_batch, optimality(adv), 0.5)
-        total = total + nft_objective(loss, velocity_kl(v_theta, v_ref), settings.loss_scale, settings.kl_weight) / len(t_values)
+            v_theta = policy.velocity(x_t, t, cond)
+        loss = nft_loss(v_theta, v_old, x_t, x0, t, optimality(adv), 0.5)
+        total = total + nft_objective(loss, velocity_kl(v_theta, v_ref), settings.loss_scale, settings.kl_weight) / t_values.shape[1]
     expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(total, list(trainer.params.values()))])
     torch.testing.assert_close(grads[0], expected, rtol=1e-4, atol=1e-7)
     assert metrics["loss/nft"] + metrics["loss/kl"] == pytest.approx(total.item(), rel=1e-5)
@@ -197,7 +212,7 @@ def _per_reward_and_amortised(adv: torch.Tensor, weights: torch.Tensor):
     trainer = Trainer(make_policy(), TrainerSettings(microbatch_size=2, kl_weight=1e-2), sampler_timesteps=TIMESTEPS)
     x0 = x0_batch()
     cond = trainer.policy.encode_prompts(PROMPTS)
-    t_values, noise = trainer.nft_plan(x0.shape)
+    t_values, noise = trainer.nft_plan(4, x0.shape[1:])
     per_reward, kl_grad, _ = trainer.nft_gradients(x0, cond, torch.nan_to_num(adv), t_values, noise)
     amortised, no_separate_kl, _ = trainer.nft_gradients(x0, cond, combine_advantages(adv, weights)[:, None], t_values, noise)
     assert per_reward.shape[0] == 3 and no_separate_kl is None
@@ -219,9 +234,12 @@ def test_amortised_gradient_differs_once_the_advantage_clip_is_active():
     assert not torch.allclose(amortised, full, rtol=1e-3, atol=1e-6)
 
 
-def test_amortised_step_is_a_single_reward_step_on_combined_advantages():
+def test_marble_amortised_step_is_a_single_reward_step_on_combined_advantages():
+    # MARBLE train.py (1bf9543), amortised steps: the NFT loss of sum_k a_k nan_to_num(A_k) with the cached
+    # weights, averaged over every sample (no loss mask), with the KL term in the same loss.
     adv = torch.tensor([[1.0, -0.5, 2.0], [-1.5, float("nan"), 0.3], [0.2, 1.2, -2.0], [0.4, -0.8, 0.0]])
-    balancer = RewardBalancer(3, full_every=10, weights=[0.2, 0.5, 0.3])
+    balancer = RewardBalancer(3, full_every=10)
+    balancer.weights = torch.tensor([0.2, 0.5, 0.3])
     multi = Trainer(make_policy(), sampler_timesteps=TIMESTEPS, balancer=balancer, seed=7)
     single = Trainer(make_policy(), sampler_timesteps=TIMESTEPS, seed=7)
     multi.step = single.step = 1  # past the full solve of step 0
@@ -253,8 +271,9 @@ def test_full_step_applies_the_balanced_direction_plus_kl(monkeypatch):
     trainer = Trainer(make_policy(), settings, sampler_timesteps=TIMESTEPS, balancer=balancer, seed=2)
     x0, adv = x0_batch(), torch.tensor([[1.0, -0.5, 2.0], [-1.5, float("nan"), 0.3], [0.2, 1.2, -2.0], [0.4, -0.8, 0.0]])
     before = trainer.generator.get_state()
-    t_values, noise = trainer.nft_plan(x0.shape)
-    grads, kl_grad, _ = trainer.nft_gradients(x0, trainer.policy.encode_prompts(PROMPTS), torch.nan_to_num(adv), t_values, noise)
+    t_values, noise = trainer.nft_plan(4, x0.shape[1:])
+    cond = trainer.policy.encode_prompts(PROMPTS)
+    grads, kl_grad, _ = trainer.nft_gradients(x0, cond, adv, t_values, noise, reward_counts=torch.tensor([4.0, 3.0, 4.0]))
     trainer.generator.set_state(before)  # the step draws the same timesteps and noise
     params = list(trainer.params.values())
     applied = []
@@ -262,6 +281,54 @@ def test_full_step_applies_the_balanced_direction_plus_kl(monkeypatch):
     trainer.nft_step(NFTBatch(x0, PROMPTS, adv))
     expected = balanced_direction(grads, min_norm_weights(grads)) + kl_grad  # the first solve is taken as is
     torch.testing.assert_close(applied[0], expected, rtol=1e-4, atol=1e-8)
+
+
+def test_full_step_leaves_samples_out_of_the_rewards_that_do_not_apply_to_them():
+    # MARBLE train.py (1bf9543): reward_valid_mask = ~isnan(A_k); that reward's policy loss is
+    # sum(mask * L) / mask.sum(). Setting A = 0 instead would still train those samples with r = 0.5.
+    trainer = Trainer(make_policy(), TrainerSettings(kl_weight=0.0, microbatch_size=3), sampler_timesteps=TIMESTEPS)
+    x0, cond = x0_batch(), trainer.policy.encode_prompts(PROMPTS)
+    adv = torch.tensor([[1.0, -0.5], [-1.5, float("nan")], [0.2, 1.2], [0.4, float("nan")]])
+    t_values, noise = trainer.nft_plan(4, x0.shape[1:])
+    grads, _, metrics = trainer.nft_gradients(x0, cond, adv, t_values, noise, reward_counts=torch.tensor([4.0, 2.0]))
+    valid = torch.tensor([0, 2])
+    only_valid, _, alone = trainer.nft_gradients(x0[valid], cond.index(valid), adv[valid, 1:], t_values[valid], noise[:, valid])
+    torch.testing.assert_close(grads[1], only_valid[0], rtol=1e-4, atol=1e-8)
+    assert metrics["loss/nft_1"] == pytest.approx(alone["loss/nft"], rel=1e-5)
+    zeroed, _, _ = trainer.nft_gradients(x0, cond, torch.nan_to_num(adv), t_values, noise)
+    assert not torch.allclose(zeroed[1], grads[1], rtol=1e-2)
+
+
+def _full_and_amortised_directions(amortized: str, adv: torch.Tensor, monkeypatch) -> tuple[torch.Tensor, torch.Tensor, RewardBalancer]:
+    """The gradient a full step applies at step 0, and the one an amortised step applies on the same
+    batch, parameters and plan with the weights and norms that solve left."""
+    applied = []
+
+    def trainer_with(balancer: RewardBalancer) -> Trainer:
+        trainer = Trainer(make_policy(policy_differs_from_old=False), TrainerSettings(kl_weight=0.0, grad_clip=1e9), TIMESTEPS, balancer, seed=2)
+        params = list(trainer.params.values())
+        monkeypatch.setattr(trainer.optimizer, "step", lambda: applied.append(torch.cat([p.grad.reshape(-1) for p in params])))
+        return trainer
+
+    solved = RewardBalancer(2, full_every=10, amortized=amortized)
+    trainer_with(solved).nft_step(NFTBatch(x0_batch(), PROMPTS, adv))
+    reused = RewardBalancer(2, full_every=10, amortized=amortized)
+    reused.load_state_dict(solved.state_dict())
+    amortised = trainer_with(reused)
+    amortised.step = 1  # between solves
+    assert amortised.nft_step(NFTBatch(x0_batch(), PROMPTS, adv))["balance/full_step"] == 0.0
+    return applied[0], applied[1], solved
+
+
+def test_normalized_amortised_step_keeps_the_full_steps_direction_when_gradient_norms_differ_100x(monkeypatch):
+    # At policy == old the NFT gradient is linear in A: advantages 100x smaller give a ~100x smaller gradient.
+    adv = torch.stack([torch.tensor([1.0, -1.0, 0.5, -0.5]), 0.01 * torch.tensor([-0.5, 1.0, -1.0, 0.5])], dim=1)
+    full, normalized, balancer = _full_and_amortised_directions("normalized", adv, monkeypatch)
+    assert 30 < balancer.norms[0] / balancer.norms[1] < 300
+    assert torch.nn.functional.cosine_similarity(full, normalized, dim=0) >= 0.99
+    # MARBLE's amortised step applies the same weights to raw gradients: the large reward takes over
+    full, marble, _ = _full_and_amortised_directions("marble", adv, monkeypatch)
+    assert torch.nn.functional.cosine_similarity(full, marble, dim=0) < 0.95
 
 
 def test_multi_reward_needs_a_balancer():
@@ -337,6 +404,20 @@ def test_grpo_gradient_is_the_gradient_of_the_batch_loss(monkeypatch):
     assert metrics["loss/grpo"] == pytest.approx(total.item(), rel=1e-5)
 
 
+def _chain(method: str, window: tuple[int, int] | None = None, steps: int = 10) -> Trajectory:
+    return Trajectory(torch.zeros(steps + 1, 1, 1), torch.linspace(1, 0, steps + 1), torch.zeros(steps, 1), torch.zeros(steps, 1, 1), 0.7, method, window)
+
+
+@pytest.mark.parametrize("method", ["sde", "cps"])
+def test_grpo_trains_the_first_fraction_of_the_steps_in_order_or_the_whole_window(method):
+    # Flow-GRPO scripts/train_sd3.py: train_timesteps = range(int(num_steps * timestep_fraction)), in order:
+    # 9 of 10 steps at its 0.99, never the last step into t = 0. train_sd3_fast.py: exactly the window's steps.
+    trainer = Trainer(make_policy(), TrainerSettings(timestep_fraction=0.99))
+    assert trainer.grpo_plan(_chain(method)).tolist() == list(range(9))
+    assert Trainer(make_policy(), TrainerSettings(timestep_fraction=0.6)).grpo_plan(_chain(method)).tolist() == list(range(6))
+    assert trainer.grpo_plan(_chain(method, window=(2, 5))).tolist() == [2, 3, 4]
+
+
 def test_grpo_trains_one_reward():
     policy = make_policy()
     with pytest.raises(ValueError, match="one reward"):
@@ -361,3 +442,5 @@ def test_state_dict_resumes_identically():
     resumed.nft_step(NFTBatch(x0_batch(seed=4), PROMPTS, adv))
     assert_params_close(snapshot(resumed.params), snapshot(trainer.params), rtol=0, atol=0)
     assert torch.equal(resumed.balancer.weights, trainer.balancer.weights)
+    assert_params_close(resumed.ema.weights, trainer.ema.weights, rtol=0, atol=0)
+    assert not torch.equal(next(iter(trainer.ema.weights.values())), next(iter(trainer.params.values())).detach())  # the EMA lags
