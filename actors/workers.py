@@ -95,21 +95,24 @@ class RolloutWorker:
 class RewardWorker:
     """Hosts the recipe's reward models; scores a batch with every one of them."""
 
-    def __init__(self, specs: list[dict[str, Any]], retries: int = 1, on_error: str = "fail", torch_threads: int = 1) -> None:
+    def __init__(self, specs: list[dict[str, Any]], retries: int = 1, on_error: str = "fail", torch_threads: int = 1, eval_rewards: list[str] = ()) -> None:
+        """specs: the training rewards (rewards.models); eval_rewards: names of rewards only evaluation scores (eval.rewards)."""
         torch.set_num_threads(torch_threads)
         self.rewards = [build_reward(spec["name"], **spec.get("kwargs", {})) for spec in specs]
+        self.eval_rewards = [build_reward(name) for name in eval_rewards]
         self.retries = retries
         self.on_error = on_error
 
     def describe(self) -> dict[str, Any]:
         """The hosted rewards' names and the worker's pid."""
-        return {"rewards": [reward.name for reward in self.rewards], "pid": os.getpid()}
+        return {"rewards": [reward.name for reward in self.rewards], "eval_rewards": [reward.name for reward in self.eval_rewards], "pid": os.getpid()}
 
-    def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
-        """float64 [B, R]. A reward that still fails after `retries` retries raises RewardError, or with
-        on_error "skip" gives a NaN column that the driver counts and drops (rewards.on_reward_error)."""
+    def score(self, images: np.ndarray, prompts: list[str], evaluation: bool = False) -> np.ndarray:
+        """float64 [B, R], R the training rewards (then, with evaluation, the eval-only ones). A reward that still
+        fails after `retries` retries raises RewardError, or with on_error "skip" gives a NaN column that the
+        driver counts and drops (rewards.on_reward_error)."""
         columns = []
-        for reward in self.rewards:
+        for reward in self.rewards + (self.eval_rewards if evaluation else []):
             for attempt in range(self.retries + 1):
                 try:
                     columns.append(reward.score(images, prompts))

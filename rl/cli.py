@@ -30,6 +30,7 @@ def _slug(prompt: str) -> str:
 def cmd_train(args: argparse.Namespace) -> None:
     from rl.config import RecipeError, load_recipe
     from rl.driver import train
+    from rl.tracking import evaluation_summary
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
@@ -39,6 +40,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise SystemExit(2) from None
     last = result.history[-1] if result.history else {}
     rewards = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("reward/"))
+    summary = evaluation_summary(result.evaluations)
+    print((summary + "\n") if summary else "", end="")
     print(f"{len(result.history)} steps done ({rewards or 'no steps'}); metrics, grids and checkpoints in {result.output_dir}")
 
 

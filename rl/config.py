@@ -26,7 +26,7 @@ class RunConfig(Section):
     seed: int = Field(0, description="run seed: prompts, seeds and LoRA init derive from it")
     steps: int = Field(10, ge=1, description="RL iterations")
     output_dir: str = Field("outputs/run", description="metrics, grids and checkpoints go here")
-    prompts: str = Field("tiny:train", description='"tiny:train", "tiny:eval" or a text file with one prompt per line')
+    prompts: str = Field("tiny:train", description='"tiny:train", "tiny:eval", "tiny:curriculum" or a text file with one prompt per line')
     resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the newest checkpoint in output_dir")
 
 
@@ -189,8 +189,13 @@ class CheckpointConfig(Section):
 class EvalConfig(Section):
     enabled: bool = Field(True, description="evaluate before training, every n steps and after the last step")
     every: int = Field(0, ge=0, description="evaluate every n steps (0 = only before and after training)")
-    prompts: str = Field("tiny:eval", description="eval prompt source")
+    prompts: str = Field("tiny:eval", description="eval prompt source (held out from training)")
     seeds_per_prompt: int = Field(8, ge=1)
+    train_prompts: str | None = Field(None, description="a second probe on prompts the run trains on (metrics eval_train/), e.g. tiny:curriculum")
+    train_seeds_per_prompt: int = Field(16, ge=1, description="probe seeds per train prompt: eval seeds, which training never draws")
+    rewards: list[str] = Field(
+        default_factory=list, description="rewards scored only at evaluation, besides the training ones (tiny_verifier: strict accuracy)"
+    )
     steps: int = Field(10, ge=1)
     solver: Literal["euler", "dpm2"] = "euler"
     adapter: Literal["ema", "current"] = Field("ema", description="evaluate the EMA of the trained LoRA (as the references do) or the LoRA itself")

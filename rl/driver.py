@@ -81,7 +81,10 @@ class Driver:
                 model, recipe.sol.model_dump(), recipe.base_precision, cluster.rollout_resources.num_gpus, cluster.torch_threads,
             )
         specs = [spec.model_dump() for spec in recipe.rewards.models]
-        self.reward = WorkerGroup(RewardWorker, cluster.reward_workers, cluster.reward_resources, cluster.max_restarts, specs, recipe.rewards.retries, recipe.rewards.on_reward_error, cluster.torch_threads)
+        self.reward = WorkerGroup(
+            RewardWorker, cluster.reward_workers, cluster.reward_resources, cluster.max_restarts,
+            specs, recipe.rewards.retries, recipe.rewards.on_reward_error, cluster.torch_threads, list(recipe.eval.rewards),
+        )
         self.learner = LearnerGroup(LearnerWorker, cluster.learners, cluster.remote_learners, cluster.learner_resources, recipe.model_dump(), cluster.torch_threads)
         self.base_fingerprint = ray.get(self.learner.call(0, "base_fingerprint"))
         self.weights_ref = None
@@ -264,26 +267,39 @@ class Driver:
         return run_state["step"]
 
     def evaluate(self) -> dict[str, float]:
-        """Mean eval rewards of eval.adapter (the EMA of the trained LoRA, or the LoRA) on every eval prompt x
-        eval.seeds_per_prompt fixed seeds (the eval protocol's sampler); for the tiny verifier also strict
-        accuracy, overall and per task."""
+        """Probes of eval.adapter (the EMA of the trained LoRA, or the LoRA) with the eval protocol's sampler:
+        the held-out eval.prompts (metrics eval/) and, with eval.train_prompts, the prompts the run trains
+        on (eval_train/), each prompt with fixed eval seeds. Per probe: every training and eval.rewards
+        reward's mean and standard error; with the tiny verifier also strict accuracy, overall and per task."""
         config = self.recipe.eval
-        prompts = [prompt for prompt in load_prompts(config.prompts) for _ in range(config.seeds_per_prompt)]
-        seeds = [EVAL_SEED_BASE + j for j in range(config.seeds_per_prompt)] * (len(prompts) // config.seeds_per_prompt)
+        metrics = self.probe("eval", config.prompts, config.seeds_per_prompt)
+        if config.train_prompts is not None:
+            metrics |= self.probe("eval_train", config.train_prompts, config.train_seeds_per_prompt)
+        return metrics
+
+    def probe(self, prefix: str, source: str, seeds_per_prompt: int) -> dict[str, float]:
+        config = self.recipe.eval
+        prompt_list = load_prompts(source)
+        prompts = [prompt for prompt in prompt_list for _ in range(seeds_per_prompt)]
+        seeds = [EVAL_SEED_BASE + j for j in range(seeds_per_prompt)] * len(prompt_list)
         images_ref = self.learner.call(0, "sample_images", prompts, seeds, config.steps, config.solver)
-        rewards = self.fetch(self.reward.call(0, "score", images_ref, prompts))
-        metrics = {f"eval/{spec.name}": float(np.nanmean(rewards[:, r])) for r, spec in enumerate(self.recipe.rewards.models)}
-        names = [spec.name for spec in self.recipe.rewards.models]
-        if "tiny_verifier" in names and config.prompts.startswith("tiny:"):
-            strict = rewards[:, names.index("tiny_verifier")] == 1.0
+        rewards = self.fetch(self.reward.call(0, "score", images_ref, prompts, True))
+        names = [spec.name for spec in self.recipe.rewards.models] + list(config.rewards)
+        metrics = {}
+        for r, name in enumerate(names):
+            metrics |= _mean_and_se(f"{prefix}/{name}", rewards[:, r])
+        if "tiny_verifier" in names and source.startswith("tiny:"):
+            strict = (rewards[:, names.index("tiny_verifier")] == 1.0).astype(float)
             tasks = np.array([parse_prompt(prompt).task for prompt in prompts])
-            metrics["eval/strict"] = float(strict.mean())
-            metrics |= {f"eval/task/{task}": float(strict[tasks == task].mean()) for task in TASKS if (tasks == task).any()}
+            metrics |= _mean_and_se(f"{prefix}/strict", strict)
+            metrics |= {f"{prefix}/task/{task}": float(strict[tasks == task].mean()) for task in TASKS if (tasks == task).any()}
         return metrics
 
     def grid_samples(self) -> tuple[np.ndarray, list[str], np.ndarray]:
-        """A fixed probe, GRID_PROMPTS eval prompts x GRID_SEEDS seeds, sampled with eval.adapter: images, prompts, first reward."""
-        probe = PromptSource(self.recipe.eval.prompts, self.recipe.run.seed).batch(0, GRID_PROMPTS)
+        """A fixed probe, GRID_PROMPTS prompts (of eval.train_prompts when set: where training shows first, else
+        eval.prompts) x GRID_SEEDS seeds, sampled with eval.adapter: images, prompts, first reward."""
+        config = self.recipe.eval
+        probe = PromptSource(config.train_prompts or config.prompts, self.recipe.run.seed).batch(0, GRID_PROMPTS)
         prompts = [prompt for prompt in probe for _ in range(GRID_SEEDS)]
         images_ref = self.learner.call(0, "sample_images", prompts, list(range(GRID_SEEDS)) * len(probe))
         rewards = self.fetch(self.reward.call(0, "score", images_ref, prompts))
@@ -294,9 +310,10 @@ class Driver:
 def train(recipe: Recipe) -> RunResult:
     """Run recipe.run.steps iterations; with run.resume "auto", continue after output_dir's newest checkpoint.
 
-    After each step: its metrics row, an image grid every logging.grid_every steps, and a checkpoint
-    every checkpoint.every steps and after the last one (the grid's and the checkpoint's seconds show
-    up in the next step's time/ keys). The row is written before the checkpoint, so a resumed run
+    Before the first step: an evaluation and an image grid (grids/step_000000.png). After each step:
+    its metrics row, an image grid every logging.grid_every steps and after the last one
+    (grids/step_N.png: after N steps), and a checkpoint every checkpoint.every steps and after the
+    last one (the grid's and the checkpoint's seconds show up in the next step's time/ keys). The row is written before the checkpoint, so a resumed run
     finds the rows of every step its checkpoint covers.
     """
     output_dir = Path(recipe.run.output_dir)
@@ -316,15 +333,17 @@ def train(recipe: Recipe) -> RunResult:
         tracker = Tracker(recipe, start)
         if start == 0 and recipe.eval.enabled:
             tracker.log_eval(0, driver.evaluate())
+        if start == 0 and grid_every:
+            tracker.log_grid(0, *driver.grid_samples())
         for step in range(start, recipe.run.steps):
             tracker.log({"step": step} | driver.step(step))
             last = step + 1 == recipe.run.steps
             if recipe.eval.enabled and (last or (eval_every and (step + 1) % eval_every == 0)):
                 with driver.timers("eval"):
                     tracker.log_eval(step + 1, driver.evaluate())
-            if grid_every and step % grid_every == 0:
+            if grid_every and ((step + 1) % grid_every == 0 or last):
                 with driver.timers("grid"):
-                    tracker.log_grid(step, *driver.grid_samples())
+                    tracker.log_grid(step + 1, *driver.grid_samples())
             if (checkpoint_every and (step + 1) % checkpoint_every == 0) or last:
                 with driver.timers("checkpoint"):
                     driver.save_checkpoint(step + 1)
@@ -359,6 +378,12 @@ def ranking_fidelity(explored: np.ndarray, regenerated: np.ndarray) -> dict[str,
     rho = spearman(torch.from_numpy(np.nan_to_num(explored)), torch.from_numpy(np.nan_to_num(regenerated)))
     valid = np.isfinite(explored).all(1) & np.isfinite(regenerated).all(1) & rho.isfinite().numpy()
     return {"explore/spearman_vs_regen": float(rho[torch.from_numpy(valid)].mean())} if valid.any() else {}
+
+
+def _mean_and_se(key: str, values: np.ndarray) -> dict[str, float]:
+    """{key: mean, key_se: standard error of the mean} over the finite values."""
+    finite = values[np.isfinite(values)]
+    return {key: float(finite.mean()) if finite.size else float("nan"), f"{key}_se": float(finite.std() / np.sqrt(finite.size)) if finite.size else float("nan")}
 
 
 def unscored_shares(rewards: np.ndarray, names: list[str]) -> dict[str, float]:

@@ -40,6 +40,25 @@ def read_metrics(path: str | Path, before_step: int | None = None) -> list[dict[
     return [row for row in rows if before_step is None or row["step"] < before_step]
 
 
+PROBES = {"eval_train": "trained prompts", "eval": "held-out prompts"}
+
+
+def evaluation_summary(evaluations: list[dict[str, Any]]) -> str:
+    """The first and last evaluation side by side: per probe, every metric that has a standard error, as mean +- SE."""
+    if len(evaluations) < 2:
+        return ""
+    first, last = evaluations[0], evaluations[-1]
+    lines = [f"{'evaluation (' + str(last.get('adapter', 'current')) + ' adapter)':<36} {'before (step ' + str(first['step']) + ')':>18} {'after (step ' + str(last['step']) + ')':>18}"]
+    for prefix, title in PROBES.items():
+        keys = [key.removesuffix("_se") for key in last if key.startswith(prefix + "/") and key.endswith("_se") and key.removesuffix("_se") in first]
+        if keys:
+            lines.append(title)
+            for key in sorted(keys, key=lambda k: (k != f"{prefix}/strict", k)):
+                cells = [f"{row[key]:.3f} +- {row[key + '_se']:.3f}" for row in (first, last)]
+                lines.append(f"  {key.removeprefix(prefix + '/'):<34} {cells[0]:>18} {cells[1]:>18}")
+    return "\n".join(lines)
+
+
 def captioned_grid(images: np.ndarray, prompts: list[str], rewards: np.ndarray, scale: int = 1) -> np.ndarray:
     """uint8 grid: one row per prompt (in order of first appearance), the prompt above, each image's reward under it."""
     if not len(images) == len(prompts) == len(rewards):
@@ -146,7 +165,7 @@ class Tracker:
             file.write(json.dumps(row) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
-        self.progress.write(f"eval after {step} steps ({adapter} adapter): " + ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if "/task/" not in k))
+        self.progress.write(f"eval after {step} steps ({adapter} adapter): " + ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if "/task/" not in k and not k.endswith("_se")))
 
     def log_grid(self, step: int, images: np.ndarray, prompts: list[str], rewards: np.ndarray) -> Path:
         """A captioned grid of uint8 images [B, H, W, 3] with their prompts and rewards [B]: PNG and W&B."""

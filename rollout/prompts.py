@@ -10,12 +10,12 @@ from rollout.tiny.world import prompt_set
 
 
 def load_prompts(spec: str) -> list[str]:
-    """"tiny:train" / "tiny:eval", or a text file with one prompt per line (blank lines ignored)."""
+    """"tiny:train" / "tiny:eval" / "tiny:curriculum", or a text file with one prompt per line (blank lines ignored)."""
     if spec.startswith("tiny:"):
         return prompt_set(spec.removeprefix("tiny:"))
     path = Path(spec)
     if not path.is_file():
-        raise ValueError(f"prompt source {spec!r} is neither 'tiny:train', 'tiny:eval' nor an existing text file")
+        raise ValueError(f"prompt source {spec!r} is neither 'tiny:train', 'tiny:eval', 'tiny:curriculum' nor an existing text file")
     prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompt file {spec!r} holds no prompts")

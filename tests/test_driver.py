@@ -36,7 +36,7 @@ def test_prompt_source_is_deterministic_per_step(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("a cat\n\n a dog \n")
     assert load_prompts(str(path)) == ["a cat", "a dog"]
-    with pytest.raises(ValueError, match="neither 'tiny:train', 'tiny:eval' nor an existing text file"):
+    with pytest.raises(ValueError, match="neither 'tiny:train', 'tiny:eval', 'tiny:curriculum' nor an existing text file"):
         load_prompts("nope.txt")
 
 
@@ -61,3 +61,19 @@ def test_driver_evaluation_before_training_is_the_base_models_eval_protocol(tmp_
     assert metrics["eval/strict"] == base["strict"]
     assert metrics["eval/tiny_verifier"] == pytest.approx(base["reward"], abs=1e-12)
     assert {task: metrics[f"eval/task/{task}"] for task in base["per_task"]} == {task: row["strict"] for task, row in base["per_task"].items()}
+
+
+@pytest.mark.slow
+def test_driver_probes_the_trained_prompts_with_an_eval_only_verifier(tmp_path):
+    overrides = [
+        *SMALL, "eval.enabled=true", "eval.seeds_per_prompt=1", "eval.train_prompts=tiny:curriculum", "eval.train_seeds_per_prompt=2",
+        "rewards.models=[{name: tiny_alignment}]", "eval.rewards=[tiny_verifier]", f"run.output_dir={tmp_path}",
+    ]  # fmt: skip
+    metrics = Driver(load_recipe("recipes/tiny_solrl.yaml", overrides)).evaluate()
+    base = evaluate_policy(load_policy("tiny"), prompt_set("curriculum"), seeds_per_prompt=2)
+    assert metrics["eval_train/strict"] == base["strict"]
+    assert metrics["eval_train/tiny_verifier"] == pytest.approx(base["reward"], abs=1e-12)
+    strict = base["strict"]
+    assert metrics["eval_train/strict_se"] == pytest.approx(np.sqrt(strict * (1 - strict) / 32))
+    assert {"eval/strict", "eval/tiny_alignment", "eval/tiny_alignment_se", "eval_train/tiny_alignment"} <= metrics.keys()
+    assert 0 < metrics["eval_train/tiny_alignment"] < 1

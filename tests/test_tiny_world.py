@@ -21,8 +21,11 @@ def test_prompt_sets_are_disjoint_fixed_and_cover_every_task():
     assert eval_ == prompt_set("eval")
     assert eval_[:3] == ["a circle", "a red circle", "a red cross"]
     assert {parse_prompt(p).task for p in eval_} == set(TASKS)
-    with pytest.raises(ValueError, match="'train' or 'eval'"):
+    with pytest.raises(ValueError, match="'train', 'eval' or 'curriculum'"):
         prompt_set("test")
+    curriculum = prompt_set("curriculum")
+    assert len(curriculum) == 16 and set(curriculum) <= set(train)
+    assert sorted(parse_prompt(p).task for p in curriculum) == sorted(["colors", "counting", "two_object", "position"] * 4)
 
 
 def test_render_is_deterministic_and_seed_dependent():

@@ -83,3 +83,16 @@ def test_disabled_wandb_and_read_metrics_before_step(tmp_path):
     assert tracker.wandb is None and not (tmp_path / "run" / "wandb").exists()
     assert [row["step"] for row in read_metrics(tmp_path / "run" / "metrics.jsonl", before_step=2)] == [0, 1]
     assert read_metrics(tmp_path / "nothing.jsonl") == []
+
+
+def test_evaluation_summary_puts_before_and_after_side_by_side():
+    from rl.tracking import evaluation_summary
+
+    rows = [
+        {"step": 0, "adapter": "ema", "eval/strict": 0.25, "eval/strict_se": 0.03, "eval_train/strict": 0.28, "eval_train/strict_se": 0.02, "eval/task/colors": 0.5},
+        {"step": 40, "adapter": "ema", "eval/strict": 0.3, "eval/strict_se": 0.031, "eval_train/strict": 0.41, "eval_train/strict_se": 0.025, "eval/task/colors": 0.6},
+    ]
+    lines = evaluation_summary(rows).splitlines()
+    assert lines[0].split() == ["evaluation", "(ema", "adapter)", "before", "(step", "0)", "after", "(step", "40)"]
+    assert lines[1:] == ["trained prompts", f"  {'strict':<34} {'0.280 +- 0.020':>18} {'0.410 +- 0.025':>18}", "held-out prompts", f"  {'strict':<34} {'0.250 +- 0.030':>18} {'0.300 +- 0.031':>18}"]
+    assert evaluation_summary(rows[:1]) == ""

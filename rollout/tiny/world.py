@@ -96,11 +96,23 @@ def _split() -> dict[str, tuple[str, ...]]:
     return {"train": tuple(train), "eval": tuple(eval_)}
 
 
+# 16 train prompts the shipped base can draw sometimes: per multi-attribute task type, the 4 with the
+# highest strict accuracy in (0, 0.6] over 16 selection seeds (2_000_000 + j, never the probe's
+# EVAL_SEED_BASE + j). Base strict accuracy on them: 0.25 (selection seeds), 0.28 (probe seeds).
+CURRICULUM = (
+    "a yellow triangle", "a yellow square", "a yellow cross", "a blue cross",
+    "three squares", "two circles", "two triangles", "two squares",
+    "a green circle and a blue triangle", "a blue square and a yellow circle", "a red square and a yellow circle", "a red circle and a yellow triangle",
+    "a circle above a triangle", "a square left of a circle", "a circle right of a square", "a square below a circle",
+)  # fmt: skip
+
+
 def prompt_set(split: str) -> list[str]:
-    """The fixed, disjoint train / eval prompt lists (eval: 24 prompts across the 5 task types)."""
-    splits = _split()
+    """The fixed prompt lists: "train" (128) and "eval" (24 prompts across the 5 task types) are disjoint;
+    "curriculum" is 16 of the train prompts (CURRICULUM)."""
+    splits = _split() | {"curriculum": CURRICULUM}
     if split not in splits:
-        raise ValueError(f"prompt_set split must be 'train' or 'eval', got {split!r}")
+        raise ValueError(f"prompt_set split must be 'train', 'eval' or 'curriculum', got {split!r}")
     return list(splits[split])
 
 
