@@ -144,6 +144,7 @@ class BalanceConfig(Section):
 class Resources(Section):
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads of this role's actors; None = cluster.torch_threads")
 
 
 class ClusterConfig(Section):
@@ -162,7 +163,11 @@ class ClusterConfig(Section):
         "inside the engine's forward, and the learners compute their gradients outside it and hand them to the engine",
     )
     max_restarts: int = Field(3, ge=0, description="restarts of a failed rollout / reward actor")
-    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per actor")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per actor, unless its role's resources set their own")
+
+    def threads(self, resources: Resources) -> int:
+        """The torch threads of an actor with `resources`."""
+        return resources.torch_threads or self.torch_threads
 
 
 class OptimConfig(Section):

@@ -78,14 +78,14 @@ class Driver:
         if recipe.sol.enabled:
             self.rollout = WorkerGroup(
                 RolloutWorker, cluster.rollout_workers, cluster.rollout_resources, cluster.max_restarts,
-                model, recipe.sol.model_dump(), recipe.base_precision, cluster.rollout_resources.num_gpus, cluster.torch_threads,
+                model, recipe.sol.model_dump(), recipe.base_precision, cluster.rollout_resources.num_gpus, cluster.threads(cluster.rollout_resources),
             )
         specs = [spec.model_dump() for spec in recipe.rewards.models]
         self.reward = WorkerGroup(
             RewardWorker, cluster.reward_workers, cluster.reward_resources, cluster.max_restarts,
-            specs, recipe.rewards.retries, recipe.rewards.on_reward_error, cluster.torch_threads, list(recipe.eval.rewards),
+            specs, recipe.rewards.retries, recipe.rewards.on_reward_error, cluster.threads(cluster.reward_resources), list(recipe.eval.rewards),
         )
-        self.learner = LearnerGroup(LearnerWorker, cluster.learners, cluster.remote_learners, cluster.learner_resources, recipe.model_dump(), cluster.torch_threads)
+        self.learner = LearnerGroup(LearnerWorker, cluster.learners, cluster.remote_learners, cluster.learner_resources, recipe.model_dump(), cluster.threads(cluster.learner_resources))
         self.base_fingerprint = ray.get(self.learner.call(0, "base_fingerprint"))
         self.weights_ref = None
         self.version = 0

@@ -32,6 +32,8 @@ def test_optimizer_and_per_algorithm_keys_are_their_own(tmp_path):
     assert recipe.optim.betas == (0.8, 0.95) and Recipe().optim.betas == (0.9, 0.999)
     assert (recipe.algorithm.grpo.adv_clip, recipe.algorithm.nft.adv_clip) == (2.5, 5.0)
     assert (recipe.cluster.learners, recipe.cluster.remote_learners, recipe.cluster.zero_stage) == (2, True, 2)
+    threads = load_recipe(_write(tmp_path, ""), ["cluster.torch_threads=3", "cluster.learner_resources.torch_threads=2"]).cluster
+    assert (threads.threads(threads.learner_resources), threads.threads(threads.rollout_resources)) == (2, 3)
 
 
 @pytest.mark.parametrize(
