@@ -276,10 +276,10 @@ def lora_moved(policy, before: dict[str, torch.Tensor]) -> bool:
 
 def explore_paths(context: Context) -> list[tuple[str, str, str | None]]:
     """(precision, backend, why it cannot run or None) of every explore path worth running on the device."""
-    from quant.explore import _modelopt_unavailable
+    from quant.explore import modelopt_unavailable
 
     paths = [(precision, backend, None) for precision in ("nvfp4", "fp8") for backend in ("emulate", "scaled_mm")]
-    return paths + [("nvfp4", "modelopt", _modelopt_unavailable(context.device))]
+    return paths + [("nvfp4", "modelopt", modelopt_unavailable(context.device))]
 
 
 def small_calibration():
@@ -469,7 +469,7 @@ def run_subprocess(command: list[str], context: Context) -> dict:
     if context.dry_run:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the same code on CPU, even on a machine with a GPU
     try:
-        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=context.sizes.subprocess_timeout_s)
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=context.sizes.subprocess_timeout_s, check=False)
         return {"command": command, "returncode": done.returncode, "output_tail": (done.stdout + done.stderr)[-4000:]}
     except subprocess.TimeoutExpired as error:
         output = (error.stdout or b"").decode(errors="replace") + (error.stderr or b"").decode(errors="replace")

@@ -255,7 +255,7 @@ def resolve_explore_path(precision: str, backend: str, device: torch.device | st
     elif backend == "modelopt":
         if precision != "nvfp4":
             raise ValueError(f"backend 'modelopt' quantizes to nvfp4 only, not {precision!r}; use 'scaled_mm' or 'emulate'")
-        reason = _modelopt_unavailable(device)
+        reason = modelopt_unavailable(device)
         if reason:
             raise RuntimeError(f"NVFP4 backend 'modelopt' cannot run on device {device}: {reason}; use backend='emulate' (any device) or 'auto'")
         reason = "modelopt fake quantization"
@@ -284,14 +284,14 @@ def _auto_path(precision: str, device: torch.device, allow_fp8: bool) -> tuple[s
             return "fp8", "scaled_mm", "; ".join(found + [switch + support.reason])
         found.append(support.reason)
     if precision == "nvfp4":
-        unavailable = _modelopt_unavailable(device)
+        unavailable = modelopt_unavailable(device)
         if not unavailable:
             return "nvfp4", "modelopt", "; ".join(found + ["modelopt fake quantization"])
         found.append(f"no modelopt: {unavailable}")
     return precision, "emulate", "; ".join(found + ["emulation in pure torch"])
 
 
-def _modelopt_unavailable(device: torch.device) -> str | None:
+def modelopt_unavailable(device: torch.device) -> str | None:
     """Why the modelopt backend cannot run on `device`, or None when it can."""
     if device.type != "cuda":
         return "modelopt's dynamic NVFP4 block quantizer asserts CUDA tensors"

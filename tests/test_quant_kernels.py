@@ -5,11 +5,10 @@ checks (on meta tensors); tests marked gpu run the kernels themselves (bench/gpu
 """
 
 import logging
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from test_quant_explore import CALIBRATION, MIN_DIM, StubPolicy, inputs
 
 from quant import FP8Linear, NVFP4KernelLinear, NVFP4Linear, fp8_fake_quantize, kernel_support, nvfp4_fake_quantize, quantize_policy, requantize, resolve_explore_path
 from quant.fp8 import FP8Codes, fp8_quantize
@@ -28,9 +27,6 @@ from quant.kernels import (
 )
 from quant.nvfp4 import nvfp4_quantize
 from rollout.samplers import sample
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_quant_explore import CALIBRATION, MIN_DIM, StubPolicy, inputs  # noqa: E402
 
 
 def input_amax(explore) -> dict[str, float]:
@@ -252,7 +248,7 @@ def test_scaled_mm_copy_on_cpu_runs_the_reference_formula_and_says_so(caplog):
 def fake_hardware(monkeypatch, kernels: set[str], modelopt: bool) -> None:
     """Pretend the device has the given scaled-matmul GEMMs and (not) modelopt."""
     monkeypatch.setattr("quant.explore.kernel_support", lambda device, precision: KernelSupport(precision in kernels, f"{precision} GEMM {'found' if precision in kernels else 'missing'}"))
-    monkeypatch.setattr("quant.explore._modelopt_unavailable", lambda device: None if modelopt else "nvidia-modelopt is not installed")
+    monkeypatch.setattr("quant.explore.modelopt_unavailable", lambda device: None if modelopt else "nvidia-modelopt is not installed")
 
 
 @pytest.mark.parametrize(
