@@ -190,6 +190,7 @@ def kernel_support(device: torch.device | str, precision: str) -> KernelSupport:
 
 @functools.cache
 def _probe(index: int, precision: str) -> KernelSupport:
+    """The GPU's compute capability and torch's API first; then the GEMM against its reference, with eager and with compiled quantization."""
     device = torch.device("cuda", index)
     major, minor = torch.cuda.get_device_capability(device)
     name = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
@@ -227,8 +228,9 @@ def _check_against_reference(device: torch.device, precision: str, quantize: Cal
 
 
 def input_quantizer(precision: str, compiled: bool) -> Callable[[torch.Tensor, torch.Tensor], PackedNVFP4 | FP8Codes]:
-    """(x [M, K], amax) -> the GEMM's x operand. compiled: one fused torch.compile kernel, for CUDA: eager,
-    NVFP4's quantization is about a dozen elementwise passes over x, which would cost more than the FP4 GEMM saves."""
+    """(x [M, K], amax) -> the GEMM's x operand, quantized eagerly or (compiled, for CUDA) by one fused
+    torch.compile kernel: eagerly, NVFP4's quantization is about a dozen elementwise passes over x, which cost
+    more than the FP4 GEMM saves."""
     if precision == "fp8":
         operand = _compiled(_fp8_operand) if compiled else _fp8_operand
         return lambda x, amax: FP8Codes(*operand(x, amax))
