@@ -59,7 +59,7 @@ class RolloutWorker:
         delayed = DelayedScaling(sol.amax_history_len, sol.amax_compute_algo) if sol.activation_scaling == "delayed" else None
         self.policy = quantize_policy(
             source, sol.explore_precision, sol.quant_backend,
-            skip_modules=sol.skip_modules, min_dim=sol.min_dim, keep_patterns=sol.keep_high_precision, delayed=delayed,
+            skip_modules=sol.skip_modules, min_dim=sol.min_dim, keep_patterns=sol.keep_high_precision, delayed=delayed, allow_fp8=sol.allow_fp8,
         )
 
     @property

@@ -11,7 +11,9 @@ Protocol (DESIGN.md sections 1 and 9; issue 4 items 4, 5, 7)
              overlap, best/worst agreement; prompts whose 96 rewards are all equal in either run have no
              ranking and are counted as undefined, not averaged
   pairs      nvfp4@6 vs bf16@6 and fp32@6 (the precision effect), bf16@6 vs fp32@6 (bf16 alone),
-             nvfp4@6 vs bf16@10 (explore vs Sol-RL's regeneration), bf16@6 vs bf16@10 (steps alone)
+             nvfp4@6 vs bf16@10 (explore vs Sol-RL's regeneration), bf16@6 vs bf16@10 (steps alone), and
+             fp8@6 (sol.explore_precision fp8: E4M3 W8A8 with per-tensor scales on NVFP4's linears) vs
+             bf16@6, fp32@6 and bf16@10
   cost       each prompt's 96 x 6-step batch runs in every precision before the next prompt starts
              (interleaved, so machine load hits them alike); ratios of the medians over the 8 prompts
   requantize `quant.requantize` with new full weights (load + fake-quantize weights + the calibration
@@ -61,11 +63,15 @@ REGEN_STEPS = 10
 REQUANT_BATCH = 4 * 96 // 2  # P * N / rollout workers with the default recipe
 RUNS = {  # name -> (precision, steps)
     "nvfp4@6": ("nvfp4", EXPLORE_STEPS),
+    "fp8@6": ("fp8", EXPLORE_STEPS),
     "bf16@6": ("bf16", EXPLORE_STEPS),
     "fp32@6": ("fp32", EXPLORE_STEPS),
     "bf16@10": ("bf16", REGEN_STEPS),
 }
-PAIRS = [("nvfp4@6", "bf16@6"), ("nvfp4@6", "fp32@6"), ("bf16@6", "fp32@6"), ("nvfp4@6", "bf16@10"), ("bf16@6", "bf16@10")]
+PAIRS = [
+    ("nvfp4@6", "bf16@6"), ("nvfp4@6", "fp32@6"), ("bf16@6", "fp32@6"), ("nvfp4@6", "bf16@10"), ("bf16@6", "bf16@10"),
+    ("fp8@6", "bf16@6"), ("fp8@6", "fp32@6"), ("fp8@6", "bf16@10"),
+]  # fmt: skip
 
 
 def main() -> None:
@@ -90,7 +96,9 @@ def main() -> None:
     fp32 = load_policy("tiny", precision="fp32")
     policies = {"fp32": fp32, "bf16": load_policy("tiny", precision="bf16")}
     delayed = DelayedScaling(args.amax_history_len) if args.activation_scaling == "delayed" else None
-    policies["nvfp4"] = quantize_policy(policies["bf16"], "nvfp4", "emulate", skip_modules=args.skip, min_dim=args.min_dim, keep_patterns=args.keep, delayed=delayed)
+    coverage = {"skip_modules": args.skip, "min_dim": args.min_dim, "keep_patterns": args.keep, "delayed": delayed}
+    policies["nvfp4"] = quantize_policy(policies["bf16"], "nvfp4", "emulate", **coverage)
+    policies["fp8"] = quantize_policy(policies["bf16"], "fp8", "emulate", **coverage)
     reward = build_reward(args.reward)
     out = Path(args.out or ("bench/results/quant_fidelity.json" if args.reward == "tiny_verifier" else f"bench/results/quant_fidelity_{args.reward}.json"))
 
@@ -116,9 +124,10 @@ def main() -> None:
         "fidelity": fidelity,
         "rewards": {name: {"mean": float(r.mean()), "strict": float((r == 1.0).mean()), "distinct_values": int(np.unique(r).size)} for name, r in rewards.items()},
         "cpu_cost": {
-            "seconds_per_image_6_steps_median": {name: per_image[name] for name in ("nvfp4@6", "bf16@6", "fp32@6")},
+            "seconds_per_image_6_steps_median": {name: per_image[name] for name in ("nvfp4@6", "fp8@6", "bf16@6", "fp32@6")},
             "nvfp4_over_fp32": per_image["nvfp4@6"] / per_image["fp32@6"],
             "nvfp4_over_bf16": per_image["nvfp4@6"] / per_image["bf16@6"],
+            "fp8_over_fp32": per_image["fp8@6"] / per_image["fp32@6"],
             "bf16_over_fp32": per_image["bf16@6"] / per_image["fp32@6"],
             "torch_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),

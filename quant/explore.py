@@ -6,22 +6,34 @@ explore precision. Frozen parts (text encoders, tokenizer) are shared with the s
 Precisions
   fp32, bf16  a dtype cast, nothing quantized (on CPU, bf16 linears accumulate in fp32 as ExploreLinear)
   nvfp4       bf16 everywhere, with the linears `quant.selection` picks (Sol-RL's rule) in NVFP4 W4A4
+  fp8         the same linears in FP8 W8A8 (E4M3, per-tensor scales: quant.fp8)
 
-NVFP4 backends
-  emulate   pure torch (`quant.layers.NVFP4Linear`), any device. Weights are fake-quantized once per
-            sync and cached; activations in every forward, against their calibrated static amax.
-  modelopt  modelopt.torch.quantization (mtq) fake quant with NVFP4 weight and input quantizers on
-            the selected linears. Needs CUDA with compute capability >= 8.9: mtq's dynamic block
-            quantizer asserts CUDA tensors and its FP4 Triton kernel needs FP8 hardware. mtq
-            fake-quantizes the weights in every forward; its input quantizers hold the calibrated amax.
-  auto      modelopt where it can run, emulate elsewhere; the choice is logged and recorded.
-Activation scales are static by default in both: `quant.calibration` runs a fixed calibration
+Backends
+  emulate    pure torch, any device. nvfp4: `quant.layers.NVFP4Linear`, weights fake-quantized once per
+             sync and cached, activations in every forward. fp8: `quant.layers.FP8Linear` on the
+             reference formula of the FP8 GEMM (fp32 GEMM of the E4M3 codes, then the scales).
+  scaled_mm  real low-precision GEMMs through torch's scaled matmul (quant.kernels): NVFP4 on Blackwell
+             (compute capability 10.x / 12.x), FP8 from compute capability 8.9 (Hopper: 9.0). The
+             weights are quantized and packed once per sync, activations in every forward (one
+             compiled kernel on CUDA). Where the GEMM cannot run, the layers compute its reference
+             formula, the same numerics without the speed-up (logged as a warning).
+  modelopt   nvfp4 only: modelopt.torch.quantization (mtq) fake quant with NVFP4 weight and input
+             quantizers on the selected linears. Needs CUDA with compute capability >= 8.9: mtq's
+             dynamic block quantizer asserts CUDA tensors and its FP4 Triton kernel needs FP8 hardware.
+             mtq fake-quantizes the weights in every forward; its input quantizers hold the calibrated amax.
+  auto       the fastest path that runs, logged with its reason and recorded in the explore state. nvfp4:
+             NVFP4 GEMMs (scaled_mm) on Blackwell; else, with allow_fp8, FP8 GEMMs (the copy is then fp8);
+             else modelopt fake quant; else emulate. fp8: FP8 GEMMs, else emulate. It never fails where
+             a slower path runs: every GEMM is checked once per process against its reference formula.
+The scaled_mm NVFP4 product differs from emulate's by emulate's bf16 rounding of each dequantized operand
+(modelopt's fake quantization); its codes and scales are the same.
+Activation scales are static by default in every backend: `quant.calibration` runs a fixed calibration
 forward loop (a few fixed prompts x seeds sampled at the explore timesteps, quantizers off) and keeps
 the max |input| of every quantized linear, in `quantize_policy` and again in `requantize` after every
 sync. So a seed's explore image does not depend on its batch-mates, and re-issuing a shard in another
 order or split gives the same images. `delayed` (quant.layers.DelayedScaling) runs Sol-RL's
 Transformer Engine recipe instead, a running amax history per input, which keeps neither guarantee.
-Both backends compute NVFP4QTensor's numerics, with two exceptions read in modelopt 0.47's CUDA
+emulate and modelopt compute NVFP4QTensor's numerics, with two exceptions read in modelopt 0.47's CUDA
 (Triton) kernel: it zeroes a 16-block whose scale underflows, i.e. whose amax is below 6e-5 (a 1e-5
 floor on the block scale) or below 2.2e-6 x the tensor's amax (no 2^-9 floor before its E4M3 cast),
 and negative values that round to zero keep their sign.
@@ -40,13 +52,14 @@ import torch
 from torch import nn
 
 from quant.calibration import CalibrationSet, default_calibration_set
-from quant.layers import DelayedAmax, DelayedScaling, ExploreLinear, NVFP4Linear
+from quant.kernels import kernel_support
+from quant.layers import DelayedAmax, DelayedScaling, ExploreLinear, FP8Linear, NVFP4KernelLinear, NVFP4Linear, QuantLinear
 from quant.selection import LayerSelection, select_layers
-from rollout.policy import OLD_ADAPTER, PRECISIONS, Policy, torch_dtype
+from rollout.policy import OLD_ADAPTER, PRECISIONS, QUANTIZED_PRECISIONS, Policy, torch_dtype
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "emulate", "modelopt")
+BACKENDS = ("auto", "emulate", "scaled_mm", "modelopt")
 MODELOPT_MIN_CAPABILITY = (8, 9)
 _NVFP4_QUANTIZER = {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}}
 
@@ -56,18 +69,22 @@ class ExploreState:
     """What an explore copy is: attached to it as `policy.explore_state`."""
 
     precision: str
-    backend: str  # "emulate" | "modelopt" for nvfp4, "none" for a plain dtype cast
+    backend: str  # "emulate" | "scaled_mm" | "modelopt" for nvfp4 and fp8, "none" for a plain dtype cast
     version: int  # version of the weights it holds; requantize only accepts newer ones
-    selection: LayerSelection | None  # the quantization report (nvfp4 only)
-    calibration: CalibrationSet | None = None  # the static activation-amax calibration loop (nvfp4 with quantized layers, static scaling)
+    selection: LayerSelection | None  # the quantization report (nvfp4 and fp8 only)
+    calibration: CalibrationSet | None = None  # the static activation-amax calibration loop (quantized layers, static scaling)
     delayed: DelayedScaling | None = None  # the delayed activation scaling, in place of calibration
     timings: dict[str, float] = field(default_factory=dict)  # seconds of the last quantize_policy / requantize, by phase
+    reason: str = ""  # why this precision and backend: what `auto` found, or what runs the GEMMs
 
     def to_dict(self) -> dict:
         report = self.selection.to_dict() if self.selection is not None else {}
         calibration = {"calibration": self.calibration.to_dict()} if self.calibration is not None else {}
         scaling = {"activation_scaling": "static" if self.delayed is None else asdict(self.delayed) | {"mode": "delayed"}}
-        return {"precision": self.precision, "backend": self.backend, "version": self.version, **report, **calibration, **scaling, "timings": dict(self.timings)}
+        return {
+            "precision": self.precision, "backend": self.backend, "reason": self.reason, "version": self.version,
+            **report, **calibration, **scaling, "timings": dict(self.timings),
+        }  # fmt: skip
 
 
 def quantize_policy(
@@ -82,6 +99,7 @@ def quantize_policy(
     version: int = 0,
     calibration: CalibrationSet | None = None,
     delayed: DelayedScaling | None = None,
+    allow_fp8: bool = False,
 ) -> Policy:
     """The explore copy of `policy` in `precision`; `policy` itself is left untouched.
 
@@ -89,37 +107,39 @@ def quantize_policy(
     (by default "old", the adapter DiffusionNFT samples with). The copy has no adapters.
     skip_modules, min_dim: Sol-RL's coverage rule (quant.selection); None = the family's.
     keep_patterns: regular expressions of linears to keep in high precision as well, on top of
-    skip_modules: trades NVFP4 coverage for ranking fidelity.
-    calibration: the activation-amax calibration loop for nvfp4; None = the family's default
+    skip_modules: trades coverage for ranking fidelity.
+    calibration: the activation-amax calibration loop for nvfp4 and fp8; None = the family's default
     (`quant.calibration.default_calibration_set`), whose steps should be the explore steps.
     delayed: quantize activations with Transformer Engine's delayed scaling (quant.layers) instead of
     the calibrated static amax (emulate: no calibration loop; modelopt: the delayed amax overrides
     the calibrated one in every forward).
+    allow_fp8: with nvfp4 and backend auto, explore in fp8 on FP8 GEMMs where no NVFP4 GEMM runs (Hopper).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if precision == "nvfp4":
-        backend = _resolve_backend(backend, policy.device)
+    reason = ""
+    if precision in QUANTIZED_PRECISIONS:
+        precision, backend, reason = resolve_explore_path(precision, backend, policy.device, allow_fp8)
     explore = copy.copy(policy)
     explore._prompt_cache = {}  # cached embeddings are in the source's dtype
     explore.transformer = _plain_copy(policy.transformer, adapter).to(dtype=torch_dtype(precision))
     explore.precision = precision
     if precision != "fp32" and explore.device.type == "cpu":
         _fp32_accumulating_linears(explore.transformer)
-    if precision != "nvfp4":
+    if precision not in QUANTIZED_PRECISIONS:
         explore.explore_state = ExploreState(precision, "none", version, None)
         return explore
     selection = select_layers(explore.transformer, policy.family, skip_modules=skip_modules, min_dim=min_dim, keep_patterns=keep_patterns)
     if not selection.quantized:
-        explore.explore_state = ExploreState(precision, backend, version, selection)
+        explore.explore_state = ExploreState(precision, backend, version, selection, reason=reason)
         return explore
     if delayed is None or backend == "modelopt":  # modelopt's quantizers need an amax to start from
         calibration = calibration or default_calibration_set(policy.family)
     else:
         calibration = None
-    explore.explore_state = state = ExploreState(precision, backend, version, selection, calibration, delayed)
+    explore.explore_state = state = ExploreState(precision, backend, version, selection, calibration, delayed, reason=reason)
     start = time.perf_counter()
     _QUANTIZERS[backend](explore, selection.quantized)
     state.timings = {"quantize_calibrate_s": _elapsed(start, explore.device)}
@@ -218,18 +238,60 @@ def linear_weights(transformer: nn.Module, target_modules: tuple[str, ...] | lis
     }
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    reason = _modelopt_unavailable(device)
+def resolve_explore_path(precision: str, backend: str, device: torch.device | str, allow_fp8: bool = False) -> tuple[str, str, str]:
+    """(precision, backend, reason) an explore copy of `precision` gets on `device` (module docstring: Backends).
+
+    Logged at INFO with the reason. backend "auto" picks; a named backend is checked: modelopt runs nvfp4 on
+    CUDA only (RuntimeError elsewhere); scaled_mm runs anywhere, on its reference formula where its GEMM cannot.
+    """
+    if precision not in QUANTIZED_PRECISIONS:
+        raise ValueError(f"explore paths exist for {QUANTIZED_PRECISIONS}, not {precision!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device = torch.device(device)
     if backend == "auto":
-        chosen = "emulate" if reason else "modelopt"
-        logger.info("NVFP4 backend auto -> %s on %s%s", chosen, device, f" ({reason})" if reason else "")
-        return chosen
-    if backend == "modelopt" and reason:
-        raise RuntimeError(f"NVFP4 backend 'modelopt' cannot run on device {device}: {reason}; use backend='emulate' (any device) or 'auto'")
-    return backend
+        precision, backend, reason = _auto_path(precision, device, allow_fp8)
+        logger.info("%s explore: auto -> %s on %s (%s)", precision, backend, device, reason)
+    elif backend == "modelopt":
+        if precision != "nvfp4":
+            raise ValueError(f"backend 'modelopt' quantizes to nvfp4 only, not {precision!r}; use 'scaled_mm' or 'emulate'")
+        reason = modelopt_unavailable(device)
+        if reason:
+            raise RuntimeError(f"NVFP4 backend 'modelopt' cannot run on device {device}: {reason}; use backend='emulate' (any device) or 'auto'")
+        reason = "modelopt fake quantization"
+    elif backend == "scaled_mm":
+        support = kernel_support(device, precision)
+        reason = support.reason if support.available else f"reference formula of the GEMM ({support.reason})"
+        if not support.available:
+            logger.warning("%s explore with backend scaled_mm on %s computes the GEMM's reference formula: %s", precision, device, support.reason)
+    else:
+        reason = "emulation in pure torch"
+    return precision, backend, reason
 
 
-def _modelopt_unavailable(device: torch.device) -> str | None:
+def _auto_path(precision: str, device: torch.device, allow_fp8: bool) -> tuple[str, str, str]:
+    """The fastest explore path that runs (module docstring), with what was found on the way."""
+    found = []
+    if precision == "nvfp4":
+        support = kernel_support(device, "nvfp4")
+        if support.available:
+            return "nvfp4", "scaled_mm", support.reason
+        found.append(support.reason)
+    if precision == "fp8" or allow_fp8:
+        support = kernel_support(device, "fp8")
+        if support.available:
+            switch = "sol.allow_fp8: fp8 in place of nvfp4; " if precision == "nvfp4" else ""
+            return "fp8", "scaled_mm", "; ".join(found + [switch + support.reason])
+        found.append(support.reason)
+    if precision == "nvfp4":
+        unavailable = modelopt_unavailable(device)
+        if not unavailable:
+            return "nvfp4", "modelopt", "; ".join(found + ["modelopt fake quantization"])
+        found.append(f"no modelopt: {unavailable}")
+    return precision, "emulate", "; ".join(found + ["emulation in pure torch"])
+
+
+def modelopt_unavailable(device: torch.device) -> str | None:
     """Why the modelopt backend cannot run on `device`, or None when it can."""
     if device.type != "cuda":
         return "modelopt's dynamic NVFP4 block quantizer asserts CUDA tensors"
@@ -257,7 +319,7 @@ def _plain_copy(transformer: nn.Module, adapter: str) -> nn.Module:
 
 @torch.no_grad()
 def _load_weights(transformer: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Copy `weights` into the transformer (cast to its dtypes); NVFP4Linear weights are re-fake-quantized."""
+    """Copy `weights` into the transformer (cast to its dtypes); quantized linears re-quantize their weights."""
     tensors = dict(transformer.named_parameters()) | dict(transformer.named_buffers())
     unknown = sorted(set(weights) - set(tensors))
     if unknown:
@@ -268,7 +330,7 @@ def _load_weights(transformer: nn.Module, weights: dict[str, torch.Tensor]) -> N
             raise ValueError(f"{key}: new shape {tuple(value.shape)} != explore shape {tuple(target.shape)}")
         module_name, _, attr = key.rpartition(".")
         module = transformer.get_submodule(module_name)
-        if isinstance(module, NVFP4Linear) and attr == "weight":
+        if isinstance(module, QuantLinear) and attr == "weight":
             module.set_weight(value)
         else:
             target.copy_(value)
@@ -288,19 +350,32 @@ def _elapsed(start: float, device: torch.device) -> float:
 
 
 def _emulate_quantize(explore: Policy, layer_names: list[str]) -> None:
+    layer_class = {"nvfp4": NVFP4Linear, "fp8": FP8Linear}[explore.explore_state.precision]
+    _replace_linears(explore, layer_names, layer_class.from_linear)
+
+
+def _scaled_mm_quantize(explore: Policy, layer_names: list[str]) -> None:
+    precision = explore.explore_state.precision
+    support = kernel_support(explore.device, precision)
+    layer_class = {"nvfp4": NVFP4KernelLinear, "fp8": FP8Linear}[precision]
+    _replace_linears(explore, layer_names, lambda linear: layer_class.from_linear(linear, support.available, support.compiled_quantizer))
+
+
+def _replace_linears(explore: Policy, layer_names: list[str], make_layer) -> None:
+    """Swap each named linear for `make_layer(linear)`, then calibrate the input amax (or start delayed scaling)."""
     transformer, delayed = explore.transformer, explore.explore_state.delayed
     for name in layer_names:
-        layer = NVFP4Linear.from_linear(transformer.get_submodule(name))
+        layer = make_layer(transformer.get_submodule(name))
         if delayed is not None:
             layer.use_delayed_scaling(delayed)
         transformer.set_submodule(name, layer)
     if delayed is None:
-        _emulate_calibrate(explore)
+        _calibrate_layers(explore)
 
 
-def _emulate_calibrate(explore: Policy) -> None:
-    """Max calibration of every NVFP4Linear's input amax, the quantizers off while the loop runs."""
-    layers = {name: m for name, m in explore.transformer.named_modules() if isinstance(m, NVFP4Linear)}
+def _calibrate_layers(explore: Policy) -> None:
+    """Max calibration of every quantized linear's input amax, the quantizers off while the loop runs."""
+    layers = {name: m for name, m in explore.transformer.named_modules() if isinstance(m, QuantLinear)}
     for layer in layers.values():
         layer.start_calibration()
     try:
@@ -369,5 +444,5 @@ def _check_amax(amax: dict[str, torch.Tensor | None]) -> None:
         )
 
 
-_QUANTIZERS = {"emulate": _emulate_quantize, "modelopt": _modelopt_quantize}
-_RECALIBRATORS = {"emulate": _emulate_calibrate, "modelopt": _modelopt_recalibrate}
+_QUANTIZERS = {"emulate": _emulate_quantize, "scaled_mm": _scaled_mm_quantize, "modelopt": _modelopt_quantize}
+_RECALIBRATORS = {"emulate": _calibrate_layers, "scaled_mm": _calibrate_layers, "modelopt": _modelopt_recalibrate}

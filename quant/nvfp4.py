@@ -41,6 +41,8 @@ Decisions
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 NVFP4_BLOCK_SIZE = 16
@@ -51,19 +53,40 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 _FP32_EXPONENT_BITS = 0x7F800000
 
 
-def nvfp4_fake_quantize(x: torch.Tensor, block_size: int = NVFP4_BLOCK_SIZE, amax: torch.Tensor | float | None = None) -> torch.Tensor:
-    """x rounded to NVFP4 along the last dim and dequantized back to x.dtype (see the module notation).
+@dataclass(frozen=True)
+class NVFP4Codes:
+    """x in NVFP4, as the hardware stores it: x_hat = q * d_b * s per block (module notation), unrounded."""
+
+    values: torch.Tensor  # q: the E2M1 values as fp32 [..., K_pad], K_pad = K padded to whole blocks
+    block_scales: torch.Tensor  # d_b: the E4M3 scales as fp32 [..., K_pad / B]
+    tensor_scale: torch.Tensor  # s: fp32 scalar
+    length: int  # K, the last dim before padding
+
+
+def nvfp4_quantize(x: torch.Tensor, block_size: int = NVFP4_BLOCK_SIZE, amax: torch.Tensor | float | None = None) -> NVFP4Codes:
+    """x's NVFP4 codes along the last dim (see the module notation): what a W4A4 GEMM multiplies.
 
     amax: the static per-tensor amax a (a positive scalar); None takes a = max |x| from x itself.
     """
     _check_input(x, block_size)
-    length = x.shape[-1]
     blocks = _pad_last_dim(x.float(), block_size).unflatten(-1, (-1, block_size))
     tensor_scale = nvfp4_tensor_scale(x) if amax is None else torch.as_tensor(amax, dtype=torch.float32, device=x.device) / (E2M1_MAX * E4M3_MAX)
-    scale = (nvfp4_block_scales(blocks, tensor_scale) * tensor_scale).unsqueeze(-1)
-    x_hat = round_to_e2m1(blocks / scale).mul_(scale)
+    block_scales = nvfp4_block_scales(blocks, tensor_scale)
+    values = round_to_e2m1(blocks / (block_scales * tensor_scale).unsqueeze(-1))
+    return NVFP4Codes(values.flatten(-2), block_scales, tensor_scale, x.shape[-1])
+
+
+def nvfp4_fake_quantize(x: torch.Tensor, block_size: int = NVFP4_BLOCK_SIZE, amax: torch.Tensor | float | None = None) -> torch.Tensor:
+    """x rounded to NVFP4 along the last dim and dequantized back to x.dtype (see the module notation).
+
+    x_hat = q * (d_b * s) in fp32, then cast to x.dtype, as modelopt's fake quantization rounds it.
+    amax: the static per-tensor amax a (a positive scalar); None takes a = max |x| from x itself.
+    """
+    codes = nvfp4_quantize(x, block_size, amax)
+    scale = (codes.block_scales * codes.tensor_scale).unsqueeze(-1)
+    x_hat = codes.values.unflatten(-1, (-1, block_size)).mul_(scale)
     # contiguous: a strided result (padding sliced off) would send matmuls to slower kernels
-    return x_hat.flatten(-2)[..., :length].to(x.dtype).contiguous()
+    return x_hat.flatten(-2)[..., : codes.length].to(x.dtype).contiguous()
 
 
 def nvfp4_tensor_scale(x: torch.Tensor) -> torch.Tensor:

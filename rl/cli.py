@@ -46,18 +46,18 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def _load_policy(args: argparse.Namespace, precision: str):
-    """--model in `precision`, with --lora (a training checkpoint) attached; nvfp4 quantizes the merged weights."""
+    """--model in `precision`, with --lora (a training checkpoint) attached; nvfp4 and fp8 quantize the merged weights."""
     from rollout import load_policy
 
     if not args.lora:
         return load_policy(args.model, precision=precision)
     from quant import quantize_policy
     from rl.checkpoint import attach_lora
-    from rollout.policy import TRAINABLE_ADAPTER, base_precision
+    from rollout.policy import QUANTIZED_PRECISIONS, TRAINABLE_ADAPTER, base_precision
 
     policy = load_policy(args.model, precision=base_precision(precision))
     attach_lora(policy, args.lora)
-    return quantize_policy(policy, "nvfp4", adapter=TRAINABLE_ADAPTER) if precision == "nvfp4" else policy
+    return quantize_policy(policy, precision, adapter=TRAINABLE_ADAPTER) if precision in QUANTIZED_PRECISIONS else policy
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add_model_args(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--model", default="tiny", help='"tiny" (the shipped testbed model), a local path or a hub id')
         sub.add_argument("--lora", help="a LoRA trained by `solray train`: output_dir/checkpoints/step_N (or its lora/ folder)")
-        sub.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "nvfp4"])
+        sub.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "nvfp4", "fp8"])
         sub.add_argument("--steps", type=int, default=10, help="sampler steps")
         sub.add_argument("--solver", default="euler", choices=["euler", "dpm2", "sde", "cps"])
 
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=_seeds, default=[0], help="seeds: 7, 0-3 or 1,5,9 (default 0)")
     sample.add_argument("--out", required=True, help="output directory")
     sample.add_argument("--scale", type=int, default=4, help="grid upscaling factor")
-    sample.add_argument("--compare-precision", choices=["fp32", "bf16", "nvfp4"], help="also sample in this precision and write compare.png (grids side by side)")
+    sample.add_argument("--compare-precision", choices=["fp32", "bf16", "nvfp4", "fp8"], help="also sample in this precision and write compare.png (grids side by side)")
     sample.set_defaults(run=cmd_sample)
 
     evaluate = commands.add_parser("eval", help="strict verifier accuracy on the tiny eval prompts, per task type")

@@ -77,10 +77,21 @@ class AlgorithmConfig(Section):
 class SolConfig(Section):
     enabled: bool = Field(True, description="two-stage explore/regenerate (Sol-RL); false = plain baseline")
     pool_size: int = Field(96, ge=2, description="N: candidate seeds explored per prompt")
-    explore_precision: Literal["nvfp4", "bf16", "fp32"] = Field("nvfp4", description="precision of the rollout copies")
+    explore_precision: Literal["nvfp4", "fp8", "bf16", "fp32"] = Field(
+        "nvfp4", description="precision of the rollout copies: nvfp4 = W4A4 (Sol-RL), fp8 = W8A8 E4M3 with per-tensor scales, on the same linears"
+    )
     explore_steps: int = Field(6, ge=1, description="ODE steps of the exploration sampler")
     selection: Literal["best_worst", "random", "extremes_random", "mean_deviation"] = "best_worst"
-    quant_backend: Literal["auto", "modelopt", "emulate"] = "auto"
+    quant_backend: Literal["auto", "scaled_mm", "modelopt", "emulate"] = Field(
+        "auto",
+        description="how quantized linears run: scaled_mm = real NVFP4 (Blackwell) / FP8 (compute capability >= 8.9) GEMMs, modelopt = "
+        "NVFP4 fake quant on CUDA, emulate = pure torch anywhere; auto = the fastest that runs, logged with its reason (quant.explore)",
+    )
+    allow_fp8: bool = Field(
+        False,
+        description="explore_precision nvfp4 with quant_backend auto: on a GPU with FP8 but no NVFP4 GEMMs (Hopper), explore in fp8 on "
+        "real FP8 GEMMs instead of NVFP4 fake quant (faster, other numerics: its own ranking fidelity)",
+    )
     skip_modules: list[str] | None = Field(
         None, description="Sol-RL's skip list: linears whose name matches one (regex search; plain names match as substrings) stay in high precision; None = the family's (quant.selection)"
     )
@@ -97,6 +108,17 @@ class SolConfig(Section):
     )
     amax_history_len: int = Field(16, ge=1, description="delayed scaling: amax values kept per quantized input")
     amax_compute_algo: Literal["max", "most_recent"] = Field("max", description="delayed scaling: amax from the history's max or its newest entry")
+
+    @model_validator(mode="after")
+    def _backend_fits_the_precision(self) -> SolConfig:
+        if self.quant_backend == "modelopt" and self.explore_precision != "nvfp4":
+            raise ValueError(f"sol.quant_backend 'modelopt' quantizes to nvfp4 only, not explore_precision {self.explore_precision!r}: use scaled_mm, emulate or auto")
+        if self.allow_fp8 and (self.explore_precision != "nvfp4" or self.quant_backend != "auto"):
+            raise ValueError(
+                f"sol.allow_fp8 lets quant_backend 'auto' trade nvfp4 for fp8; it does nothing with explore_precision "
+                f"{self.explore_precision!r} and quant_backend {self.quant_backend!r}: drop it, or set nvfp4 and auto"
+            )
+        return self
 
     @field_validator("keep_high_precision", "skip_modules")
     @classmethod

@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from rollout.policy import Policy, base_precision
+from rollout.policy import QUANTIZED_PRECISIONS, Policy, base_precision
 from rollout.tiny.model import WEIGHTS_DIR, TinyPolicy
 
 # Family -> module and Policy class, imported on first use: a family's diffusers pipeline code is
@@ -69,7 +69,7 @@ def _pipeline_class_name(path: str) -> str | None:
 
 
 def load_policy(model: str | ModelConfig = "tiny", precision: str = "fp32", device: str | torch.device = "cpu") -> Policy:
-    """A Policy for `model` ("tiny", a local path or hub id, or a ModelConfig) in fp32, bf16 or nvfp4."""
+    """A Policy for `model` ("tiny", a local path or hub id, or a ModelConfig) in fp32, bf16, nvfp4 or fp8."""
     config = ModelConfig(path=model) if isinstance(model, str) else model
     load_precision = base_precision(precision)
     family = _family(config.path) if config.family == "auto" else config.family
@@ -88,8 +88,8 @@ def load_policy(model: str | ModelConfig = "tiny", precision: str = "fp32", devi
         policy.shift = config.shift
     if config.lora_targets is not None:
         policy.lora_target_modules = tuple(config.lora_targets)
-    if precision == "nvfp4":
+    if precision in QUANTIZED_PRECISIONS:
         from quant import quantize_policy  # quant imports rollout.policy: import here to avoid a cycle
 
-        policy = quantize_policy(policy, "nvfp4")
+        policy = quantize_policy(policy, precision)
     return policy

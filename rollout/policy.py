@@ -20,20 +20,21 @@ import numpy as np
 import torch
 from torch import nn
 
-PRECISIONS = ("fp32", "bf16", "nvfp4")
+PRECISIONS = ("fp32", "bf16", "nvfp4", "fp8")
+QUANTIZED_PRECISIONS = ("nvfp4", "fp8")
 TRAINABLE_ADAPTER = "policy"
 OLD_ADAPTER = "old"
 
 
 def base_precision(precision: str) -> str:
-    """The precision a policy loads in before any quantization: nvfp4 quantizes a bf16 copy."""
+    """The precision a policy loads in before any quantization: nvfp4 and fp8 quantize a bf16 copy."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return "bf16" if precision == "nvfp4" else precision
+    return "bf16" if precision in QUANTIZED_PRECISIONS else precision
 
 
 def torch_dtype(precision: str) -> torch.dtype:
-    """Compute dtype of a precision name; nvfp4 keeps bf16 outside the quantized linears."""
+    """Compute dtype of a precision name; nvfp4 and fp8 keep bf16 outside the quantized linears."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return torch.float32 if precision == "fp32" else torch.bfloat16

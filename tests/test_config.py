@@ -57,11 +57,23 @@ def test_optimizer_and_per_algorithm_keys_are_their_own(tmp_path):
         ("", ["balance.amortized=pareto"], r"balance.amortized: Input should be 'marble' or 'normalized'"),
         ("", ["eval.adapter=old"], r"eval.adapter: Input should be 'ema' or 'current'"),
         ("", ["model.schedule=cosine"], r"model.schedule: Input should be 'pipeline' or 'linear'"),
+        ("", ["sol.explore_precision=fp4"], r"sol.explore_precision: Input should be 'nvfp4', 'fp8', 'bf16' or 'fp32'"),
+        ("", ["sol.quant_backend=te"], r"sol.quant_backend: Input should be 'auto', 'scaled_mm', 'modelopt' or 'emulate'"),
+        ("", ["sol.explore_precision=fp8", "sol.quant_backend=modelopt"], r"sol: Value error, sol.quant_backend 'modelopt' quantizes to nvfp4 only, not explore_precision 'fp8'"),
+        ("", ["sol.allow_fp8=true", "sol.explore_precision=fp8"], r"sol.allow_fp8 lets quant_backend 'auto' trade nvfp4 for fp8; it does nothing with explore_precision 'fp8'"),
+        ("", ["sol.allow_fp8=true", "sol.quant_backend=emulate"], r"does nothing with explore_precision 'nvfp4' and quant_backend 'emulate'"),
+        ("", ["sol.allow_fp8s=true"], r"sol.allow_fp8s: Extra inputs are not permitted"),
     ],
 )
 def test_bad_recipes_name_the_key_and_the_file(tmp_path, text, overrides, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(_write(tmp_path, text), overrides)
+
+
+def test_fp8_exploring_and_the_kernel_backend_validate(tmp_path):
+    recipe = load_recipe(_write(tmp_path, "sol:\n  explore_precision: fp8\n  quant_backend: scaled_mm\n"))
+    assert (recipe.sol.explore_precision, recipe.sol.quant_backend, recipe.sol.allow_fp8) == ("fp8", "scaled_mm", False)
+    assert load_recipe(_write(tmp_path, ""), ["sol.allow_fp8=true"]).sol.allow_fp8 is True
 
 
 def test_missing_file_and_malformed_override(tmp_path):

@@ -1,8 +1,7 @@
 """SD3.5, FLUX.1 and SANA adapters on tiny random pipelines saved to disk and loaded through `load_policy`.
 
-Each builder makes a diffusers pipeline from tiny configs (as diffusers' own fast tests do, but with
-tokenizers built here instead of downloaded) and the test saves it with `save_pretrained`, so
-loading goes through the same `from_pretrained` calls as a real checkpoint directory.
+Each builder (rollout.random_pipelines) makes a diffusers pipeline from tiny configs and the test saves
+it with `save_pretrained`, so loading goes through the same `from_pretrained` calls as a real checkpoint directory.
 """
 
 import importlib
@@ -13,134 +12,26 @@ import re
 import numpy as np
 import pytest
 import torch
-from diffusers import (
-    AutoencoderDC,
-    AutoencoderKL,
-    DPMSolverMultistepScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
-    FluxTransformer2DModel,
-    SanaPipeline,
-    SanaTransformer2DModel,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
-)
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    Gemma2Config,
-    Gemma2Model,
-    T5Config,
-    T5EncoderModel,
-    T5Tokenizer,
-)
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
 from quant import FAMILY_RULES, quantize_policy
 from rl.trainer import NFTBatch, Trainer, TrainerSettings
-from rollout.images import image_grid, save_png
 from rollout import ModelConfig, load_policy
-from rollout.loading import PIPELINE_FAMILIES, PIPELINE_POLICIES
 from rollout.flux import FluxPolicy
+from rollout.images import image_grid, save_png
+from rollout.loading import PIPELINE_FAMILIES, PIPELINE_POLICIES
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER
+from rollout.random_pipelines import PIPELINE_BUILDERS, RESOLUTION, TEXT_TOKENS
 from rollout.samplers import initial_noise, sample
 from rollout.sana import SanaPolicy
 from rollout.sd3 import SD3Policy
-from tiny_tokenizers import clip_tokenizer, gemma_tokenizer, t5_tokenizer
 
 PROMPTS = ["a red circle", "two blue squares", "a green cross left of a circle"]
 SEEDS = [11, 12, 13]
 STEPS = 3
-TEXT_TOKENS = 32  # CLIP context of the tiny tokenizers, and the T5 / Gemma tokens per prompt in tests
-RESOLUTION = 32  # pixels; latents are 16x16 (VAE scale factor 2); SanaPipeline needs a multiple of 32
 
 
-def clip_text_config(tokenizer: CLIPTokenizer, **sizes) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=TEXT_TOKENS, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **sizes,
-    )
-
-
-def t5_encoder(tokenizer: T5Tokenizer) -> T5EncoderModel:
-    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, relative_attention_num_buckets=8))
-
-
-def kl_vae(latent_channels: int, **factors) -> AutoencoderKL:
-    """Two blocks: an 8x8 latent decodes to 16x16 pixels (VAE scale factor 2)."""
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=latent_channels,
-        norm_num_groups=4, sample_size=16, **factors,
-    )
-
-
-def sd3_pipeline() -> StableDiffusion3Pipeline:
-    torch.manual_seed(0)
-    clip = clip_tokenizer(TEXT_TOKENS)
-    return StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(
-            sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
-            pos_embed_max_size=8,
-        ),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=kl_vae(4, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5035, shift_factor=0.0609),
-        text_encoder=CLIPTextModelWithProjection(clip_text_config(clip, projection_dim=16)),
-        tokenizer=clip,
-        text_encoder_2=CLIPTextModelWithProjection(clip_text_config(clip, projection_dim=16)),
-        tokenizer_2=clip_tokenizer(TEXT_TOKENS),
-        text_encoder_3=t5_encoder(t5_tokenizer()),
-        tokenizer_3=t5_tokenizer(),
-    )
-
-
-def flux_pipeline() -> FluxPipeline:
-    torch.manual_seed(0)
-    clip = clip_tokenizer(TEXT_TOKENS)
-    return FluxPipeline(
-        transformer=FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-            joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
-        ),
-        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
-        vae=kl_vae(4, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159),
-        text_encoder=CLIPTextModel(clip_text_config(clip)),
-        tokenizer=clip,
-        text_encoder_2=t5_encoder(t5_tokenizer()),
-        tokenizer_2=t5_tokenizer(),
-    )
-
-
-def sana_pipeline() -> SanaPipeline:
-    torch.manual_seed(0)
-    tokenizer = gemma_tokenizer()
-    gemma = Gemma2Config(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-    )
-    return SanaPipeline(
-        transformer=SanaTransformer2DModel(
-            patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=16,
-            num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=32,
-            sample_size=8,
-        ),
-        scheduler=DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction"),
-        vae=AutoencoderDC(
-            in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
-            decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
-            decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
-            encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), downsample_block_type="conv",
-            upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407,
-        ),
-        text_encoder=Gemma2Model(gemma),
-        tokenizer=tokenizer,
-    )
-
-
-BUILDERS = {"sd3": (sd3_pipeline, SD3Policy), "flux": (flux_pipeline, FluxPolicy), "sana": (sana_pipeline, SanaPolicy)}
+BUILDERS = {family: (PIPELINE_BUILDERS[family], policy_class) for family, policy_class in (("sd3", SD3Policy), ("flux", FluxPolicy), ("sana", SanaPolicy))}
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))

@@ -59,7 +59,7 @@ class StubPolicy(Policy):
         return flow_match_sigmas(steps, self.shift if shift is None else shift)
 
     def decode(self, x0: torch.Tensor) -> np.ndarray:
-        return ((x0[:, :3].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return ((x0[:, :3].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def nvfp4_copy(policy: Policy, **kwargs) -> Policy:

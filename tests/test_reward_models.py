@@ -24,7 +24,7 @@ from transformers import (
 from rewards import RewardError, build_reward
 from rewards.clip_models import clip_state_from_open_clip
 from rewards.image_reward import ImageReward
-from tiny_tokenizers import blip_tokenizer, clip_tokenizer
+from rollout.char_tokenizers import blip_tokenizer, clip_tokenizer
 
 PROMPTS = ["a red circle", "two blue squares", "a cat", "a green cross left of a circle"]
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from rollout.tiny.world import BACKGROUND, COLORS, SHAPES, ParsedPrompt, parse_prompt, shape_mask
 
@@ -40,6 +39,9 @@ class DetectedObject:
 
 def detect_objects(image: np.ndarray) -> list[DetectedObject]:
     """Objects in a uint8 [H, W, 3] image, in scan order."""
+    # imported here: `import rollout` (loading any model) must not need scipy, which only the verifier uses
+    from scipy import ndimage
+
     distances = ((image[:, :, None, :].astype(np.float32) - _PALETTE) ** 2).sum(-1)
     labels = distances.argmin(-1)
     objects = []

@@ -1,4 +1,5 @@
-"""Character-level tokenizers of the real transformers classes, built in memory for tests (nothing downloaded).
+"""Character-level tokenizers of the real transformers classes, built in memory (nothing downloaded): tests and
+bench/gpu_check.py build tiny random pipelines with them.
 
 Every prompt of lowercase letters, digits and spaces tokenizes without <unk>; other characters
 (for instance SANA's long instruction prefix) become <unk>, which the tiny models do not mind.
