@@ -236,9 +236,11 @@ class LearnerWorker:
             return sample(self.policy, prompts, seeds, steps or sampler.steps, solver=solver or sampler.solver, shift=sampler.shift, adapter=TRAINABLE_ADAPTER, batch_size=32).images
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """Both adapters (peft keys), their LoRA config and the trainer state: what rl.checkpoint writes."""
+        """Both adapters and the trainable one's EMA (peft keys), their LoRA config and the trainer state: what rl.checkpoint writes."""
+        ema = {name.replace(f".{TRAINABLE_ADAPTER}.", "."): weight.cpu() for name, weight in self.trainer.ema.weights.items()}
         return {
             "adapters": {name: adapter_state_dict(self.policy, name) for name in (TRAINABLE_ADAPTER, OLD_ADAPTER)},
+            "ema_lora": ema,
             "lora_config": lora_config(self.policy, TRAINABLE_ADAPTER),
             "trainer": self.trainer.state_dict(),
         }

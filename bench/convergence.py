@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from quant_coverage import forward_inputs, linear_flops
+
 from quant.selection import select_layers
 from rl.config import Recipe, load_recipe
 from rl.driver import train
@@ -58,22 +60,16 @@ STUDIES = {
 }
 QUICK = ["run.steps=2", "eval.every=1", "eval.seeds_per_prompt=1", "eval.train_seeds_per_prompt=1", "algorithm.prompts_per_step=2", "sol.pool_size=8", "algorithm.group_size=4"]
 BOOTSTRAP = 2000
+# the driver's timers of one training step (time/requantize is inside sync; eval, grid and checkpoint are not training)
+STEP_PHASES = ("prompts", "explore", "score", "select", "regen", "rescore", "advantage", "update", "sync")
 
 
 def linear_flops_per_forward() -> tuple[float, float]:
     """(F, s): the tiny transformer's linear FLOPs per image forward (2 x MACs) and the share its NVFP4 linears do."""
     transformer = build_transformer().to("meta")
-    macs: dict[str, int] = {}
-    hooks = [
-        m.register_forward_hook(lambda module, args, out, name=n: macs.__setitem__(name, args[0].numel() // module.in_features * module.in_features * module.out_features))
-        for n, m in transformer.named_modules()
-        if isinstance(m, torch.nn.Linear)
-    ]
-    with torch.device("meta"), torch.no_grad():
-        transformer(hidden_states=torch.empty(1, 3, 32, 32), encoder_hidden_states=torch.empty(1, MAX_TOKENS, TEXT_DIM),
-                    pooled_projections=torch.empty(1, TEXT_DIM), timestep=torch.empty(1), return_dict=False)  # fmt: skip
-    for hook in hooks:
-        hook.remove()
+    with torch.device("meta"):
+        inputs = forward_inputs("sd3", {"in_channels": 3, "pooled_projection_dim": TEXT_DIM}, 32, 1, MAX_TOKENS, TEXT_DIM)
+        macs = linear_flops(transformer, inputs)
     quantized = select_layers(transformer, "tiny").quantized
     return 2.0 * sum(macs.values()), sum(macs[n] for n in quantized) / sum(macs.values())
 
@@ -93,7 +89,7 @@ def run_arm(overrides: list[str], seed: int, output_dir: Path) -> dict:
     start = time.perf_counter()
     result = train(recipe)
     wall = time.perf_counter() - start
-    step_seconds = [sum(v for k, v in row.items() if k.startswith("time/")) for row in result.history]
+    step_seconds = [sum(row.get(f"time/{phase}", 0.0) for phase in STEP_PHASES) for row in result.history]
     return {"recipe": recipe, "evaluations": result.evaluations, "wall_s": wall, "step_seconds": step_seconds}
 
 

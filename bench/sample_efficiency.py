@@ -27,7 +27,7 @@ import torch
 from quant import quantize_policy, requantize
 from quant.explore import lora_merged_weights
 from rewards import build_reward
-from rl.advantages import group_advantages
+from rl.advantages import group_advantages, weighted_reward
 from rl.selection import select_contrastive
 from rl.trainer import NFTBatch, Trainer, TrainerSettings
 from rollout import load_policy
@@ -51,7 +51,7 @@ class Run:
     group_size: int = 8
     lr: float = 3e-4
     lora_rank: int = 16
-    reward: str = "tiny_alignment"
+    reward: str = "tiny_alignment"  # "a+b": the weighted sum of several
     nft_beta: float = 1.0
     kl_weight: float = 1e-4
     timestep_fraction: float = 0.6
@@ -73,6 +73,12 @@ RUNS = {
     "lr1e-3_t0.3": replace(BASE, lr=1e-3, timestep_fraction=0.3),
     "lr1e-3_sol32": replace(BASE, lr=1e-3, pool_size=32),
     "lr1e-3_sol32_random": replace(BASE, lr=1e-3, pool_size=32, selection="random"),
+    # the main job's budget: 48 steps of 4 prompts x 8
+    "lr3e-3_p4_48": replace(BASE, lr=3e-3, prompts_per_step=4, iterations=48),
+    "lr3e-3_p4_48_t0.3_kl0": replace(BASE, lr=3e-3, prompts_per_step=4, iterations=48, timestep_fraction=0.3, kl_weight=0.0),
+    "lr3e-3_p4_48_sol32": replace(BASE, lr=3e-3, prompts_per_step=4, iterations=48, pool_size=32),
+    "lr3e-3_verifier+alignment": replace(BASE, lr=3e-3, reward="tiny_verifier+tiny_alignment"),
+    "lr3e-3_sol32": replace(BASE, lr=3e-3, pool_size=32),
 }
 
 
@@ -81,7 +87,7 @@ def train(run: Run, seed: int) -> tuple[Policy, Trainer, list[dict]]:
     policy.add_lora(run.lora_rank, 2.0 * run.lora_rank, init_seed=seed)
     settings = TrainerSettings(lr=run.lr, nft_beta=run.nft_beta, kl_weight=run.kl_weight, timestep_fraction=run.timestep_fraction, microbatch_size=64)
     trainer = Trainer(policy, settings, sampler_timesteps=policy.sigmas(STEPS), seed=seed)
-    reward = build_reward(run.reward)
+    rewards = [build_reward(name) for name in run.reward.split("+")]
     curriculum = prompt_set("curriculum")
     explore = quantize_policy(policy, run.explore_precision, "emulate") if run.pool_size else None
     rng = np.random.default_rng([seed, 7])
@@ -93,19 +99,25 @@ def train(run: Run, seed: int) -> tuple[Policy, Trainer, list[dict]]:
         for p, prompt in enumerate(prompts):
             pool = [seed_for(seed, step, p, j) for j in range(run.pool_size or run.group_size)]
             if explore is not None:
-                scores = torch.from_numpy(reward.score(sample(explore, [prompt] * len(pool), pool, run.explore_steps).images, [prompt] * len(pool)))
+                scores = combined(rewards, sample(explore, [prompt] * len(pool), pool, run.explore_steps).images, [prompt] * len(pool))
                 generator = torch.Generator().manual_seed(seed_for(seed, step, p, -2))
                 pool = [pool[i] for i in select_contrastive(scores, run.group_size, run.selection, generator).tolist()]
             seeds += pool
         flat = [prompt for prompt in prompts for _ in range(run.group_size)]
         out = sample(policy, flat, seeds, STEPS, solver="dpm2", adapter=OLD_ADAPTER)
-        rewards = torch.from_numpy(reward.score(out.images, flat)).float()
-        advantages = group_advantages(rewards, torch.arange(run.prompts_per_step).repeat_interleave(run.group_size))
+        scores = combined(rewards, out.images, flat)
+        advantages = group_advantages(scores, torch.arange(run.prompts_per_step).repeat_interleave(run.group_size))
         metrics = trainer.nft_step(NFTBatch(out.x0, flat, advantages))
         if explore is not None:
             requantize(explore, lora_merged_weights(policy.transformer, OLD_ADAPTER), step + 1)
-        history.append({"step": step, "reward": float(rewards.mean()), "grad_norm": metrics["train/grad_norm"], "seconds": time.perf_counter() - start})
+        history.append({"step": step, "reward": float(scores.mean()), "grad_norm": metrics["train/grad_norm"], "seconds": time.perf_counter() - start})
     return policy, trainer, history
+
+
+def combined(rewards: list, images: np.ndarray, prompts: list[str]) -> torch.Tensor:
+    """The weighted sum (weights 1) of the rewards, as rl.advantages.weighted_reward forms DiffusionNFT's multi-reward score."""
+    table = torch.from_numpy(np.stack([reward.score(images, prompts) for reward in rewards], axis=1)).float()
+    return weighted_reward(table, torch.ones(len(rewards)))
 
 
 @torch.no_grad()
@@ -116,7 +128,7 @@ def probe(policy, prompts: list[str], seeds_per_prompt: int, alignment) -> dict:
     strict = np.array([verify(image, p) == 1.0 for image, p in zip(images, flat)])
     dense = alignment.score(images, flat)
     n = len(flat)
-    return {"strict": float(strict.mean()), "strict_se": float(strict.std() / np.sqrt(n)), "alignment": float(dense.mean()), "alignment_se": float(dense.std() / np.sqrt(n))}
+    return {"strict": float(strict.mean()), "strict_se": float(strict.std(ddof=1) / np.sqrt(n)), "alignment": float(dense.mean()), "alignment_se": float(dense.std(ddof=1) / np.sqrt(n))}
 
 
 def evaluate(policy, trainer, alignment) -> dict:

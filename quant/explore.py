@@ -404,11 +404,11 @@ def _modelopt_quantize(explore: Policy, layer_names: list[str]) -> None:
 
 
 def _delay_modelopt_input_amax(layer: nn.Module, recipe: DelayedScaling) -> None:
-    """Before every forward, set the layer's input quantizer amax from its delayed-scaling history."""
-    amax = DelayedAmax(recipe)
+    """Before every forward, set the layer's input quantizer amax from its delayed-scaling history (`layer.delayed_amax`)."""
+    layer.delayed_amax = DelayedAmax(recipe)
 
     def set_amax(module: nn.Module, args: tuple) -> None:
-        module.input_quantizer.amax = amax(args[0])
+        module.input_quantizer.amax = module.delayed_amax(args[0])
 
     layer.register_forward_pre_hook(set_amax)
 
@@ -423,7 +423,14 @@ def _modelopt_recalibrate(explore: Policy) -> None:
         # smaller new amax would never replace the old one.
         if isinstance(module, TensorQuantizer) and module.is_enabled:
             module.reset_amax()
-    mtq.calibrate(explore.transformer, algorithm="max", forward_loop=_forward_loop(explore))
+    delayed = [m.delayed_amax for m in explore.transformer.modules() if hasattr(m, "delayed_amax")]
+    for history in delayed:  # the calibration loop's inputs stay out of the explore forwards' history
+        history.paused = True
+    try:
+        mtq.calibrate(explore.transformer, algorithm="max", forward_loop=_forward_loop(explore))
+    finally:
+        for history in delayed:
+            history.paused = False
     _check_amax(_modelopt_input_amax(explore.transformer, explore.explore_state.selection.quantized))
 
 

@@ -116,10 +116,11 @@ def unswizzle_block_scales(swizzled: torch.Tensor, rows: int, cols: int) -> torc
 
 
 def dequantize_nvfp4(packed: PackedNVFP4, with_tensor_scale: bool = True) -> torch.Tensor:
-    """q * d (* s) in fp32 [rows, K], read back from the packed layout."""
+    """q * d (* s) in fp32 [rows, K], read back from the packed layout (a K that is not a multiple of 16 was
+    padded to whole blocks; the padding is dropped)."""
     values = unpack_e2m1(packed.data)
-    block_scales = unswizzle_block_scales(packed.block_scales, packed.rows, packed.k // NVFP4_BLOCK_SIZE)
-    x = (values.unflatten(-1, (-1, NVFP4_BLOCK_SIZE)) * block_scales.unsqueeze(-1)).flatten(-2)
+    block_scales = unswizzle_block_scales(packed.block_scales, packed.rows, -(-packed.k // NVFP4_BLOCK_SIZE))
+    x = (values.unflatten(-1, (-1, NVFP4_BLOCK_SIZE)) * block_scales.unsqueeze(-1)).flatten(-2)[:, : packed.k]
     return x * packed.tensor_scale if with_tensor_scale else x
 
 

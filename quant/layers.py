@@ -11,8 +11,8 @@ Layers (y = x W^T + b with the operands quantized along in_features, a = the inp
 
 State, as in modelopt's QuantLinear (weight and input quantizers around an nn.Linear):
   weight       the high-precision weight, in the layer's dtype; weight syncs write it (state-dict key of nn.Linear)
-  quantized    fq(weight) (`weight_fq`), or the weight's codes and scales, buffers outside the state dict,
-  weight       refreshed by `set_weight` (modelopt fake-quantizes the weight in every forward; same values)
+  quantized    fq(weight) (`weight_fq`), or the weight's codes and scales: buffers outside the state dict,
+               refreshed by `set_weight` (modelopt fake-quantizes the weight in every forward; same values)
   input_amax   the static per-tensor amax of the inputs (fp32 scalar, in the state dict), set by max
                calibration; NaN until calibrated. A static amax makes a sample's output independent
                of its batch-mates, which a per-forward amax over the batch is not.
@@ -66,21 +66,34 @@ class DelayedScaling:
 
 
 class DelayedAmax:
-    """One quantized input's amax history under a DelayedScaling recipe."""
+    """One quantized input's amax history under a DelayedScaling recipe, kept on the input's device (no host sync).
 
-    def __init__(self, recipe: DelayedScaling) -> None:
+    initial: the amax of TE's initial scale 1 for the format (NVFP4: 6 * 448, FP8 E4M3: 448), used until a
+    forward has recorded one; an all-zero input leaves the amax as it was, as in TE. `paused` stops
+    recording (a calibration loop's forwards are not explore forwards).
+    """
+
+    def __init__(self, recipe: DelayedScaling, initial: float = INITIAL_DELAYED_AMAX) -> None:
         self.recipe = recipe
-        self.history: list[float] = []  # newest last
+        self.initial = initial
+        self.history: torch.Tensor | None = None  # [history_len], slot (count % history_len) is the newest
+        self.count = 0
+        self.last: torch.Tensor | None = None
+        self.paused = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The amax to quantize x with (from the forwards before it); then x's own amax joins the history."""
-        recorded = [a for a in self.history if a > 0]  # all-zero inputs leave the scale as it was, as in TE
-        if not recorded:
-            amax = INITIAL_DELAYED_AMAX
-        else:
-            amax = max(recorded) if self.recipe.algo == "max" else recorded[-1]
-        self.history = [*self.history, float(x.detach().abs().amax())][-self.recipe.history_len :]
-        return torch.tensor(amax, dtype=torch.float32, device=x.device)
+        if self.history is None:
+            self.history = torch.zeros(self.recipe.history_len, device=x.device)
+            self.last = torch.tensor(self.initial, device=x.device)
+        if self.count:
+            newest = self.history[(self.count - 1) % self.recipe.history_len]
+            candidate = self.history.max() if self.recipe.algo == "max" else newest
+            self.last = torch.where(candidate > 0, candidate, self.last)
+        if not self.paused:
+            self.history[self.count % self.recipe.history_len] = x.detach().abs().amax().float()
+            self.count += 1
+        return self.last
 
 
 class ExploreLinear(nn.Linear):
@@ -113,6 +126,7 @@ class QuantLinear(ExploreLinear, abc.ABC):
     Subclasses quantize the weight (`_quantize_weight`) and compute the quantized product (`_quantized_forward`)."""
 
     input_amax: torch.Tensor
+    initial_delayed_amax: float = INITIAL_DELAYED_AMAX  # TE's initial scale 1 in this format
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> QuantLinear:
@@ -127,7 +141,7 @@ class QuantLinear(ExploreLinear, abc.ABC):
 
     def use_delayed_scaling(self, recipe: DelayedScaling) -> None:
         """Quantize inputs with a delayed amax (module docstring) instead of a calibrated one, from an empty history."""
-        self.delayed = DelayedAmax(recipe)
+        self.delayed = DelayedAmax(recipe, self.initial_delayed_amax)
 
     @torch.no_grad()
     def set_weight(self, weight: torch.Tensor) -> None:
@@ -223,6 +237,7 @@ class FP8Linear(KernelLinear):
     """FP8 W8A8 (E4M3, per-tensor scales; quant.fp8): y = (q_x q_W^T) s_x s_W + b in fp32, rounded once."""
 
     precision = "fp8"
+    initial_delayed_amax = E4M3_MAX
     weight_codes: torch.Tensor
     weight_scale: torch.Tensor
 

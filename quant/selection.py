@@ -138,7 +138,7 @@ def _reference_sizes(linears: dict[str, nn.Linear], fused: tuple[str, ...]) -> d
     for name, linear in linears.items():
         pattern = next((p for p in fused if re.search(p, name)), None)
         if pattern is not None:
-            groups[name] = (name.rsplit(".", 2)[0], pattern)  # the attention module holding to_q / to_k / to_v
+            groups[name] = (name.rsplit(".", 1)[0], pattern)  # the attention module holding to_k / to_v
             out_features[groups[name]] += linear.out_features
     return {
         name: max(linear.in_features, out_features[groups[name]] if name in groups else linear.out_features)

@@ -18,10 +18,11 @@ Amortised steps (between full solves) back-propagate one NFT loss on a combined 
   marble      A_c = sum_k a_k nan_to_num(A_k), loss scale 1: MARBLE's code. The weights were solved
               for unit gradients and here weigh raw ones, so the reward with the largest gradient
               norm dominates.
-  normalized  b_k = a_k mean(n) / n_k, B = sum_k b_k, A_c = sum_k b_k nan_to_num(A_k) / B, and the NFT
-              term (not the KL term) scaled by B. The NFT loss is affine in A inside the advantage
-              clip, so this back-propagates sum_k b_k g_k = (sum_k a_k gh_k) mean(n): the full
-              step's direction, with the last full step's norms.
+  normalized  b_k = a_k mean(n) / n_k; sample i weighs C_i = sum_k b_k / N_k over the rewards that apply
+              to it (N_k of them in the batch) and trains A_c = sum_k (b_k / N_k) A_ik / C_i; the KL
+              term keeps its plain mean. The NFT loss is affine in A inside the advantage clip, so
+              this back-propagates sum_k b_k g_k = (sum_k a_k gh_k) mean(n): the full step's
+              direction (each g_k a mean over its N_k samples), with the last full step's norms.
 """
 
 from __future__ import annotations
@@ -148,17 +149,23 @@ class RewardBalancer:
         """The balanced update direction [D] for per-reward gradients G [K, D] under the current weights."""
         return balanced_direction(grads, self.weights.to(grads.device))
 
-    def amortized_advantages(self, adv: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """(A_c [B], scale of the NFT term) for an amortised step (module notation)."""
+    def amortized_advantages(self, adv: torch.Tensor, reward_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(A_c [B], per-sample loss weights [B] or None for the plain batch mean) for an amortised step.
+
+        adv [B, K] (NaN where a reward does not apply); reward_counts [K]: each reward's applicable
+        samples in the whole batch, as the full step's per-reward means count them (module notation).
+        """
         if self.amortized == "marble":
-            return combine_advantages(adv, self.weights.to(adv.device)), 1.0
+            return combine_advantages(adv, self.weights.to(adv.device)), None
         usable = self.norms > 0
         mean_norm = self.norms[usable].mean() if usable.any() else torch.tensor(0.0)
         b = torch.where(usable, self.weights * mean_norm / torch.where(usable, self.norms, 1.0), 0.0)
-        total = float(b.sum())
-        if total == 0:
-            return combine_advantages(adv, b.to(adv.device)), 0.0  # nothing usable at the last solve: only KL trains
-        return combine_advantages(adv, (b / total).to(adv.device)), total
+        # sample i's share of reward k's mean, c_ik = b_k / n_k where k applies; the NFT loss is affine in A,
+        # so sum_k c_ik L(A_ik) = C_i L(sum_k c_ik A_ik / C_i) with C_i = sum_k c_ik
+        c = torch.where(torch.isfinite(adv), (b / reward_counts.clamp_min(1)).to(adv.device), 0.0)
+        weights = c.sum(1)
+        combined = torch.where(weights > 0, (c * torch.nan_to_num(adv, nan=0.0)).sum(1) / weights.clamp_min(1e-30), 0.0)
+        return combined, weights
 
     def record(self, cosines: torch.Tensor) -> None:
         """Count one measured batch, and a conflict if the worst finite cosine is negative."""

@@ -4,9 +4,10 @@ output_dir/checkpoints/step_000010/    10 iterations done: a resumed run continu
   lora/pytorch_lora_weights.safetensors  the "policy" adapter in diffusers' LoRA format (keys
   lora/adapter_config.json                "transformer.<module>.lora_A.weight", the LoraConfig in the
                                           safetensors metadata too): pipe.load_lora_weights("…/lora")
-  old_lora/...                            the "old" adapter (DiffusionNFT's EMA sampling policy), same format
+  old_lora/...                            the "old" adapter (DiffusionNFT's soft-updated sampling policy), same format
+  ema_lora/...                            the EMA of the "policy" adapter (rl.ema): what evaluation samples with
   trainer.safetensors                     each learner's trainer-state tensors (AdamW moments or their ZeRO
-                                          shard, noise-generator state, balancer weights), keyed "<rank>/…"
+                                          shard, balancer weights and norms, the EMA), keyed "<rank>/…"
   state.json                              step, weights version, the recipe, the base transformer's fingerprint,
                                           and the trainer states without their tensors
 
@@ -32,6 +33,7 @@ from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER, Policy
 
 CHECKPOINTS = "checkpoints"
 ADAPTER_DIRS = {TRAINABLE_ADAPTER: "lora", OLD_ADAPTER: "old_lora"}
+EMA_LORA_DIR = "ema_lora"  # written for sampling (solray sample --lora .../ema_lora); a resume reads the EMA from trainer state
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name diffusers' loaders look for
 LORA_PREFIX = "transformer"  # pipelines route keys with this prefix to pipe.transformer
 LORA_METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps the LoraConfig in the safetensors header
@@ -183,7 +185,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 def save_checkpoint(root: str | Path, learners: list[dict[str, Any]], run_state: dict[str, Any], keep: int) -> Path:
     """Write step_{run_state["step"]} atomically, then keep only the newest `keep` checkpoints.
 
-    learners: LearnerWorker.checkpoint_state() of every rank ({"adapters", "lora_config", "trainer"});
+    learners: LearnerWorker.checkpoint_state() of every rank ({"adapters", "ema_lora", "lora_config", "trainer"});
     the adapters are the same on every rank, so rank 0's are written. run_state: JSON-able driver
     state with at least "step".
     """
@@ -198,6 +200,7 @@ def save_checkpoint(root: str | Path, learners: list[dict[str, Any]], run_state:
     temp.mkdir()
     for adapter, weights in learners[0]["adapters"].items():
         save_lora(weights, learners[0]["lora_config"], temp / ADAPTER_DIRS[adapter])
+    save_lora(learners[0]["ema_lora"], learners[0]["lora_config"], temp / EMA_LORA_DIR)
     skeleton, tensors = split_tensors([learner["trainer"] for learner in learners])
     save_file(tensors, temp / "trainer.safetensors")
     (temp / "state.json").write_text(json.dumps(run_state | {"trainers": skeleton}, indent=1) + "\n")

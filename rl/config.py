@@ -139,7 +139,7 @@ class SamplerConfig(Section):
 
 class RewardSpec(Section):
     name: str = Field(description="registry name, dotted path 'pkg.module:Class' or entry point")
-    weight: float = Field(1.0, description="weight in the weighted-sum baseline / reported score")
+    weight: float = Field(1.0, ge=0, description="weight in the weighted-sum baseline (sum_k w_k R_k) and the proxy that selects explored seeds")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="constructor arguments")
 
 
@@ -250,17 +250,31 @@ class Recipe(Section):
             raise ValueError(f"algorithm.group_size ({self.algorithm.group_size}) must be <= sol.pool_size ({self.sol.pool_size})")
         if self.balance.mode == "qp" and len(self.rewards.models) < 2:
             raise ValueError("balance.mode 'qp' needs at least 2 entries in rewards.models")
+        if not any(spec.weight > 0 for spec in self.rewards.models):
+            raise ValueError("rewards.models: at least one reward needs a positive weight")
+        trained = {spec.name for spec in self.rewards.models}
+        if twice := sorted(trained & set(self.eval.rewards)):
+            raise ValueError(f"eval.rewards {twice} are training rewards already, which evaluation scores anyway")
+        if self.balance.mode != "qp" and self.balance.amortized != "marble":
+            raise ValueError(f"balance.amortized '{self.balance.amortized}' applies to balance.mode 'qp' only")
         if self.sol.enabled and self.algorithm.name == "grpo":
             raise ValueError("sol.enabled with algorithm.name 'grpo' is not supported: Sol-RL regenerates with the ODE sampler; use nft")
         grpo = self.algorithm.grpo
         if grpo.sde_window_range is not None and not grpo.sde_window_size:
             raise ValueError("algorithm.grpo.sde_window_range is set but sde_window_size is 0: give the window a size, or drop the range")
         if grpo.sde_window_size:
+            if self.algorithm.name != "grpo":
+                raise ValueError("algorithm.grpo.sde_window_size applies to algorithm.name 'grpo' only")
             low, high = grpo.sde_window_range or (0, self.sampler.steps)
             if not low < high <= self.sampler.steps or grpo.sde_window_size > high - low:
                 raise ValueError(
                     f"algorithm.grpo.sde_window_range {grpo.sde_window_range} must satisfy lo < hi <= sampler.steps ({self.sampler.steps}) "
                     f"and hold sde_window_size ({grpo.sde_window_size}) steps"
+                )
+            if grpo.cps and high - grpo.sde_window_size >= self.sampler.steps - 1:
+                raise ValueError(
+                    f"algorithm.grpo.sde_window_range {grpo.sde_window_range}: a CPS window may hold only the last step, "
+                    "which is deterministic (its std is 0): keep the latest start below sampler.steps - 1"
                 )
         if self.cluster.learners > 1 and not self.cluster.remote_learners:
             raise ValueError(f"cluster.learners = {self.cluster.learners} needs cluster.remote_learners: true (a process holds one learner)")

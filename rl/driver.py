@@ -383,7 +383,8 @@ def ranking_fidelity(explored: np.ndarray, regenerated: np.ndarray) -> dict[str,
 def _mean_and_se(key: str, values: np.ndarray) -> dict[str, float]:
     """{key: mean, key_se: standard error of the mean} over the finite values."""
     finite = values[np.isfinite(values)]
-    return {key: float(finite.mean()) if finite.size else float("nan"), f"{key}_se": float(finite.std() / np.sqrt(finite.size)) if finite.size else float("nan")}
+    se = float(finite.std(ddof=1) / np.sqrt(finite.size)) if finite.size > 1 else float("nan")
+    return {key: float(finite.mean()) if finite.size else float("nan"), f"{key}_se": se}
 
 
 def unscored_shares(rewards: np.ndarray, names: list[str]) -> dict[str, float]:

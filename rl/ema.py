@@ -61,4 +61,5 @@ class AdapterEMA:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if state.keys() != self.weights.keys():
             raise KeyError(f"EMA state for other parameters; differing: {sorted(state.keys() ^ self.weights.keys())[:5]}")
-        self.weights = {name: w.detach().float().clone() for name, w in state.items()}
+        # on the device the EMA lives on (a checkpoint loads on the CPU)
+        self.weights = {name: w.detach().to(self.weights[name].device, torch.float32).clone() for name, w in state.items()}

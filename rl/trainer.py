@@ -22,9 +22,9 @@ same combination of the per-reward gradients.
 Samples whose advantages are all NaN (no applicable reward, or a dropped zero-variance group) are
 left out of the batch before anything is drawn.
 
-Several learners: learner r holds the r-th contiguous block of the batch's rows. Every learner
-draws the training plan (timesteps, noise) for the whole kept batch from the same generator and
-keeps its rows; losses weight each sample by 1 / (whole-batch count), so the whole-batch gradient
+Several learners: learner r holds the r-th contiguous block of the batch's rows. Each sample's
+training plan (timesteps, noise) comes from its own stream (run seed, step, index in the kept
+batch), so every learner draws exactly its rows' plan; losses weight each sample by 1 / (whole-batch count), so the whole-batch gradient
 is the sum over the learners of their local gradients. `_apply_gradient` takes the local gradient
 and steps along that sum; a multi-reward full step, whose QP needs the whole-batch gradients, sums
 them first with `all_reduce`. So n learners take the step one learner takes on the whole batch, and
@@ -44,6 +44,7 @@ from rl.ema import AdapterEMA
 from rl.grpo import Trajectory, grpo_kl, grpo_loss, step_log_prob
 from rl.nft import nft_loss, old_policy_decay, optimality, soft_update_, velocity_kl
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER, Conditioning, Policy
+from rollout.samplers import seed_for
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class TrainerSettings:
     weight_decay: float = 1e-4  # AdamW weight decay
     grad_clip: float = 1.0  # max global gradient norm
     microbatch_size: int = 8  # samples per forward pass; bounds memory, not the result
-    timestep_fraction: float = 0.6  # share of the sampler's steps trained on per batch
+    timestep_fraction: float = 0.6  # NFT: share of the sampler's timesteps each sample trains; GRPO: the first share of the chain
     adv_clip: float = 5.0  # advantage clip (optimality() and the PPO loss)
     nft_beta: float = 1.0  # DiffusionNFT beta (0.1 for multi-reward)
     loss_scale: float = 5.0  # DiffusionNFT multiplier of mean(L)
@@ -88,10 +89,11 @@ class GRPOBatch:
 
 
 GRPO_METRICS = ("loss/grpo", "grpo/kl", "grpo/approx_kl", "grpo/clipfrac")
+NFT_PLAN_STREAM = -3  # seed_for's prompt index of the NFT plan streams: no prompt has it
 
 
 class Trainer:
-    """Owns the optimizer over the "policy" LoRA adapter and the sampling-noise generator of training."""
+    """Owns the optimizer over the "policy" LoRA adapter, its EMA, and the seed of the training plan's noise."""
 
     def __init__(
         self,
@@ -114,7 +116,7 @@ class Trainer:
             for name, param in policy.adapter_parameters(OLD_ADAPTER).items()
         }
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
         self.ema = AdapterEMA(self.params, settings.ema_decay, settings.ema_every)
         self.step = 0
         self.rank, self.world_size = 0, 1
@@ -135,13 +137,13 @@ class Trainer:
         adv = adv[keep]
         x0 = batch.x0[keep.to(batch.x0.device)].to(self.policy.device, torch.float32)
         cond = self.policy.encode_prompts(batch.prompts).index(keep.cpu())
-        t_values, noise = self.nft_plan(count, x0.shape[1:])
-        rows = slice(int(counts[: self.rank].sum()), int(counts[: self.rank].sum()) + len(x0))
-        t_values, noise = t_values[rows], noise[:, rows]
+        start = int(counts[: self.rank].sum())
+        t_values, noise = self.nft_plan(range(start, start + len(x0)), x0.shape[1:])
         full = num_rewards > 1 and self.balancer.full_gradients_due(self.step)
+        # each reward's count of applicable samples in the whole batch
+        (reward_counts,) = self.all_reduce(torch.isfinite(adv).sum(0).float().cpu())
         if full:
             # MARBLE's loss mask: each reward's loss is a mean over the samples it applies to.
-            (reward_counts,) = self.all_reduce(torch.isfinite(adv).sum(0).float().cpu())
             grads, kl_grad, metrics = self.nft_gradients(x0, cond, adv, t_values, noise, count, reward_counts)
             grads, kl_grad = self.all_reduce(grads, kl_grad)  # the QP weighs the whole batch's gradients
             self.balancer.update(grads)
@@ -152,8 +154,8 @@ class Trainer:
             metrics["balance/conflict_fraction"] = self.balancer.conflict_fraction
             local_grad = update / self.world_size  # every learner holds the whole update
         else:
-            train_adv, nft_scale = (adv[:, 0], 1.0) if num_rewards == 1 else self.balancer.amortized_advantages(adv)
-            grads, _, metrics = self.nft_gradients(x0, cond, train_adv[:, None], t_values, noise, count, nft_scale=nft_scale)
+            train_adv, weights = (adv[:, 0], None) if num_rewards == 1 else self.balancer.amortized_advantages(adv, reward_counts)
+            grads, _, metrics = self.nft_gradients(x0, cond, train_adv[:, None], t_values, noise, count, sample_weights=weights)
             local_grad = grads[0]
         if num_rewards > 1:
             metrics |= {f"balance/weight_{k}": float(w) for k, w in enumerate(self.balancer.weights)}
@@ -164,19 +166,27 @@ class Trainer:
         soft_update_(self.old_params, self.params, decay)
         return metrics | {"train/old_decay": decay, "train/samples": float(count)}
 
-    def nft_plan(self, count: int, sample_shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per sample, its own random `timestep_fraction` of the sampler's timesteps t [count, n], and noise [n, count, ...].
+    def nft_plan(self, rows: range, sample_shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sample, its own random `timestep_fraction` of the sampler's timesteps t [len(rows), n], and noise [n, len(rows), ...].
 
         As DiffusionNFT (scripts/train_nft_sd3.py) and Sol-RL draw it: each sample permutes the N
         timesteps the sampler visits (t = 0, where x_t = x0, is not one of them) and trains the
         first n = int(N * timestep_fraction) of its permutation; fresh noise for every (sample, timestep).
+        rows: the samples' indices in the whole kept batch. Sample i draws from its own stream,
+        seeded by (run seed, optimizer step, i), so a learner draws only its own rows.
         """
         if self.sampler_timesteps is None:
             raise ValueError("NFT needs the sampler's timesteps: Trainer(..., sampler_timesteps=policy.sigmas(steps))")
         pool = self.sampler_timesteps[self.sampler_timesteps > 0].float()
         n = max(1, int(len(pool) * self.settings.timestep_fraction))
-        order = torch.stack([torch.randperm(len(pool), generator=self.generator)[:n] for _ in range(count)]) if count else torch.zeros(0, n, dtype=torch.long)
-        return pool[order], torch.randn((n, count, *sample_shape), generator=self.generator)
+        orders, noises = [], []
+        for i in rows:
+            generator = torch.Generator().manual_seed(seed_for(self.seed, self.step, NFT_PLAN_STREAM, i))
+            orders.append(torch.randperm(len(pool), generator=generator)[:n])
+            noises.append(torch.randn((n, *sample_shape), generator=generator))
+        if not orders:
+            return torch.zeros(0, n), torch.zeros(n, 0, *sample_shape)
+        return pool[torch.stack(orders)], torch.stack(noises, dim=1)
 
     def nft_gradients(
         self,
@@ -187,17 +197,19 @@ class Trainer:
         noise: torch.Tensor,
         count: int | None = None,
         reward_counts: torch.Tensor | None = None,
-        nft_scale: float = 1.0,
+        sample_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
-        """Local gradients [K, D] of each reward's batch loss nft_scale * loss_scale * mean(L), and the local KL gradient [D].
+        """Local gradients [K, D] of each reward's batch loss loss_scale * mean(L), and the local KL gradient [D].
 
         adv [B, K] may hold NaN where a reward does not apply: such a sample is left out of that
         reward's mean, which runs over its `reward_counts[k]` applicable samples of the whole batch
-        (default: all `count`). The KL mean runs over all `count` samples (None: this learner's x0 is
-        the whole batch), so the whole-batch gradients are the sums of the learners' local
-        gradients; the losses come back summed over the learners. t_values [B, n] are each sample's
-        trained timesteps and noise [n, B, ...] their noise. With K = 1 the KL term is folded into the
-        single gradient (one backward pass) and None is returned for it.
+        (default: all `count`). sample_weights [B] (K = 1 only) replaces the mean's 1 / count by a
+        weight per sample (rl.balance's normalized amortisation). The KL mean runs over all `count`
+        samples (None: this learner's x0 is the whole batch), so the whole-batch gradients are the
+        sums of the learners' local gradients; the losses come back summed over the learners.
+        t_values [B, n] are each sample's trained timesteps and noise [n, B, ...] their noise. With
+        K = 1 the KL term is folded into the single gradient (one backward pass) and None is
+        returned for it.
         """
         settings, params = self.settings, list(self.params.values())
         adv = adv.to(x0.device)
@@ -206,7 +218,10 @@ class Trainer:
         reward_counts = torch.full((num_rewards,), float(count)) if reward_counts is None else reward_counts
         applies = torch.isfinite(adv)
         # weight of one (sample, timestep) in each reward's mean; 0 where the reward does not apply
-        shares = applies / (reward_counts.to(x0.device).clamp_min(1) * steps)
+        if sample_weights is None:
+            shares = applies / (reward_counts.to(x0.device).clamp_min(1) * steps)
+        else:
+            shares = (sample_weights.to(x0.device) / steps)[:, None] * applies
         r = optimality(torch.nan_to_num(adv, nan=0.0), settings.adv_clip)
         kl_share = 1.0 / (count * steps)
         per_reward = torch.zeros(num_rewards, sum(p.numel() for p in params), device=x0.device)
@@ -216,7 +231,7 @@ class Trainer:
             for part in _microbatches(len(x0), settings.microbatch_size):
                 x_t, t, v_theta, v_old, v_ref = self._nft_forward(x0[part], cond.index(part), t_values[part, j], noise[j, part])
                 reward_losses = [
-                    nft_scale * settings.loss_scale * (shares[part, k] * nft_loss(v_theta, v_old, x_t, x0[part], t, r[part, k], settings.nft_beta)).sum()
+                    settings.loss_scale * (shares[part, k] * nft_loss(v_theta, v_old, x_t, x0[part], t, r[part, k], settings.nft_beta)).sum()
                     for k in range(num_rewards)
                 ]
                 targets = list(reward_losses)
@@ -358,16 +373,16 @@ class Trainer:
         """Everything beyond the adapter weights that a resumed run needs to continue identically."""
         return {
             "step": self.step,
+            "seed": self.seed,
             "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
             "balancer": None if self.balancer is None else self.balancer.state_dict(),
             "ema": self.ema.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
+        self.seed = state.get("seed", self.seed)  # checkpoints from before the per-sample plan streams kept a generator instead
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
         if self.balancer is not None:
             self.balancer.load_state_dict(state["balancer"])
         # Checkpoints written before the EMA was kept restart it from the adapter's weights.

@@ -1,4 +1,5 @@
-"""Stateless flow-matching samplers: seeded noise, the timestep schedule, and Euler / DPM++2M / SDE steps.
+"""Stateless flow-matching samplers: seeded noise and Euler / DPM++2M / SDE / CPS sampling on a policy's schedule
+(`Policy.sigmas`, rollout.schedules).
 
 Notation (DESIGN.md section 4):
   t, t_next   sigma of this step and the next (1 = noise, 0 = data); dt = t_next - t < 0

@@ -124,18 +124,20 @@ def test_amortized_marble_weighs_raw_advantages_and_normalized_rescales_by_the_l
     balancer.update(grads)
     torch.testing.assert_close(balancer.weights, torch.tensor([0.5, 0.5]))
     torch.testing.assert_close(balancer.norms, torch.tensor([3.0, 0.03]))
-    adv = torch.tensor([[1.0, 2.0], [NAN, -1.0], [NAN, NAN]])
-    combined, scale = balancer.amortized_advantages(adv)  # MARBLE: sum_k a_k nan_to_num(A_k), loss scale 1
-    torch.testing.assert_close(combined, torch.tensor([1.5, -0.5, NAN]), equal_nan=True)
-    assert scale == 1.0
+    adv = torch.tensor([[1.0, 2.0], [NAN, -1.0], [0.5, NAN]])
+    counts = torch.tensor([2.0, 2.0])
+    combined, weights = balancer.amortized_advantages(adv, counts)  # MARBLE: sum_k a_k nan_to_num(A_k), the plain mean
+    torch.testing.assert_close(combined, torch.tensor([1.5, -0.5, 0.25]))
+    assert weights is None
     normalized = RewardBalancer(2, full_every=10, amortized="normalized")
     normalized.update(grads)
-    # b_k = a_k mean(n) / n_k = 0.5 * 1.515 / (3, 0.03) = (0.2525, 25.25); A_c = sum b_k A_k / B, scale B = 25.5025
+    # b_k = a_k mean(n) / n_k = 0.5 * 1.515 / (3, 0.03); c_ik = b_k / N_k (N_k = 2) where reward k applies
     b = torch.tensor([0.5 * 1.515 / 3.0, 0.5 * 1.515 / 0.03])
-    combined, scale = normalized.amortized_advantages(adv)
-    torch.testing.assert_close(combined, torch.tensor([(b[0] + 2 * b[1]) / b.sum(), -b[1] / b.sum(), NAN]), equal_nan=True)
-    assert scale == pytest.approx(float(b.sum()))
-    # scale * (sum_k b_k / B) g_k = sum_k b_k g_k = (sum_k a_k g_k / n_k) mean(n): the full step's direction
+    c = torch.tensor([[b[0], b[1]], [0.0, b[1]], [b[0], 0.0]]) / 2
+    combined, weights = normalized.amortized_advantages(adv, counts)
+    torch.testing.assert_close(weights, c.sum(1))
+    torch.testing.assert_close(combined, torch.tensor([(c[0, 0] + 2 * c[0, 1]) / c[0].sum(), -1.0, 0.5]))
+    # sum_i C_i L(A_c,i) = sum_k b_k mean_{i: k applies} L(A_ik), and sum_k b_k g_k is the full step's direction
     torch.testing.assert_close(b @ grads, balancer.direction(grads))
 
 

@@ -25,6 +25,7 @@ from rl.checkpoint import (
     join_tensors,
     latest_checkpoint,
     load_checkpoint,
+    load_lora,
     lora_config,
     save_checkpoint,
     save_lora,
@@ -114,6 +115,10 @@ def test_learner_restored_from_a_checkpoint_continues_bit_identically(tmp_path):
         expected = _learner_step(original, rewarder, prompts, seeds)
         assert _learner_step(restored, rewarder, prompts, seeds) == expected
     assert "balance/weight_2" in expected
+    # the EMA (evaluation's weights) is part of the state, and its LoRA is written for sampling
+    assert all(torch.equal(restored.trainer.ema.weights[k], w) for k, w in original.trainer.ema.weights.items())
+    ema_lora = load_lora(path / "ema_lora")
+    assert ema_lora.keys() == adapter_state_dict(original.policy, TRAINABLE_ADAPTER).keys()
     for adapter in (TRAINABLE_ADAPTER, OLD_ADAPTER):
         mine, theirs = adapter_state_dict(restored.policy, adapter), adapter_state_dict(original.policy, adapter)
         assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
@@ -123,7 +128,8 @@ def _fake_learner_states(value: float) -> list[dict]:
     """Two learners: the same adapters, each its own trainer state (ZeRO shards differ by rank)."""
     adapters = {TRAINABLE_ADAPTER: {"block.lora_A.weight": torch.full((2, 3), value)}, OLD_ADAPTER: {"block.lora_A.weight": torch.zeros(2, 3)}}
     config = {"r": 2, "lora_alpha": 4.0, "target_modules": ["block"]}
-    return [{"adapters": adapters, "lora_config": config, "trainer": {"step": int(value), "shard": torch.full((rank + 1,), value)}} for rank in range(2)]
+    ema = {"block.lora_A.weight": torch.full((2, 3), value / 2)}
+    return [{"adapters": adapters, "ema_lora": ema, "lora_config": config, "trainer": {"step": int(value), "shard": torch.full((rank + 1,), value)}} for rank in range(2)]
 
 
 def test_saves_are_atomic_and_pruned_and_a_killed_save_is_ignored(tmp_path, monkeypatch):

@@ -74,6 +74,6 @@ def test_driver_probes_the_trained_prompts_with_an_eval_only_verifier(tmp_path):
     assert metrics["eval_train/strict"] == base["strict"]
     assert metrics["eval_train/tiny_verifier"] == pytest.approx(base["reward"], abs=1e-12)
     strict = base["strict"]
-    assert metrics["eval_train/strict_se"] == pytest.approx(np.sqrt(strict * (1 - strict) / 32))
+    assert metrics["eval_train/strict_se"] == pytest.approx(np.sqrt(strict * (1 - strict) / 31))  # the sample std (ddof 1) / sqrt(32)
     assert {"eval/strict", "eval/tiny_alignment", "eval/tiny_alignment_se", "eval_train/tiny_alignment"} <= metrics.keys()
     assert 0 < metrics["eval_train/tiny_alignment"] < 1

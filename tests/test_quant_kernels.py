@@ -316,3 +316,15 @@ def test_gpu_auto_explore_copy_runs_on_the_picked_path():
     assert torch.isfinite(v).all()
     layers = [m for m in explore.transformer.modules() if isinstance(m, (FP8Linear, NVFP4KernelLinear))]
     assert all(m.kernel for m in layers) == (explore.explore_state.backend == "scaled_mm")
+
+
+def test_nvfp4_kernel_layer_reference_takes_a_width_that_is_not_whole_blocks():
+    """40 inputs: 2.5 blocks of 16, padded like quant.nvfp4; the reference formula equals fake quantization."""
+    linear = torch.nn.Linear(40, 16)
+    layer = NVFP4KernelLinear.from_linear(linear)
+    layer.input_amax.fill_(3.0)
+    layer.calibrated = True
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(nvfp4_fake_quantize(x, amax=torch.tensor(3.0)), nvfp4_fake_quantize(linear.weight.detach()), linear.bias)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)

@@ -114,16 +114,19 @@ def test_nft_plan_draws_each_sample_its_own_fraction_of_the_nonzero_timesteps():
     # (t = 0 is not among them) and trains the first int(N * timestep_fraction) of its permutation.
     sigmas = torch.linspace(1, 0, 11)
     trainer = Trainer(make_policy(), TrainerSettings(timestep_fraction=0.6), sampler_timesteps=sigmas)
-    t_values, noise = trainer.nft_plan(8, (4, 8, 8))
+    t_values, noise = trainer.nft_plan(range(8), (4, 8, 8))
     assert t_values.shape == (8, 6) and noise.shape == (6, 8, 4, 8, 8)
     for row in t_values.tolist():
         assert len(set(row)) == 6 and set(row) <= set(sigmas[:-1].tolist())
     assert len({tuple(row) for row in t_values.tolist()}) > 1  # not one subset for the whole batch
-    again = Trainer(make_policy(), TrainerSettings(timestep_fraction=0.6), sampler_timesteps=sigmas)
-    assert torch.equal(again.nft_plan(8, (4, 8, 8))[0], t_values)
+    # a sample's plan depends on (seed, step, its index) only: a learner holding rows 3-4 draws exactly theirs
+    rows = trainer.nft_plan(range(3, 5), (4, 8, 8))
+    assert torch.equal(rows[0], t_values[3:5]) and torch.equal(rows[1], noise[:, 3:5])
+    trainer.step = 1
+    assert not torch.equal(trainer.nft_plan(range(8), (4, 8, 8))[1], noise)
     # DiffusionNFT's configs: 0.99 of 10 steps trains 9 per sample; Sol-RL's FLUX config: 0.4 trains 4
     for fraction, trained in ((0.99, 9), (0.4, 4)):
-        plan = Trainer(make_policy(), TrainerSettings(timestep_fraction=fraction), sampler_timesteps=sigmas).nft_plan(3, (4, 8, 8))[0]
+        plan = Trainer(make_policy(), TrainerSettings(timestep_fraction=fraction), sampler_timesteps=sigmas).nft_plan(range(3), (4, 8, 8))[0]
         assert plan.shape == (3, trained)
 
 
@@ -166,7 +169,7 @@ def test_nft_gradient_is_the_gradient_of_the_batch_loss():
     policy, x0 = trainer.policy, x0_batch()
     adv = torch.tensor([1.0, -1.0, 0.5, -7.0])
     cond = policy.encode_prompts(PROMPTS)
-    t_values, noise = trainer.nft_plan(4, x0.shape[1:])
+    t_values, noise = trainer.nft_plan(range(4), x0.shape[1:])
     assert not (t_values == t_values[:1]).all()  # samples train other timesteps
     grads, kl_grad, metrics = trainer.nft_gradients(x0, cond, adv[:, None], t_values, noise)
     assert kl_grad is None and grads.shape[0] == 1
@@ -212,7 +215,7 @@ def _per_reward_and_amortised(adv: torch.Tensor, weights: torch.Tensor):
     trainer = Trainer(make_policy(), TrainerSettings(microbatch_size=2, kl_weight=1e-2), sampler_timesteps=TIMESTEPS)
     x0 = x0_batch()
     cond = trainer.policy.encode_prompts(PROMPTS)
-    t_values, noise = trainer.nft_plan(4, x0.shape[1:])
+    t_values, noise = trainer.nft_plan(range(4), x0.shape[1:])
     per_reward, kl_grad, _ = trainer.nft_gradients(x0, cond, torch.nan_to_num(adv), t_values, noise)
     amortised, no_separate_kl, _ = trainer.nft_gradients(x0, cond, combine_advantages(adv, weights)[:, None], t_values, noise)
     assert per_reward.shape[0] == 3 and no_separate_kl is None
@@ -270,11 +273,9 @@ def test_full_step_applies_the_balanced_direction_plus_kl(monkeypatch):
     settings = TrainerSettings(kl_weight=1e-2, grad_clip=1e9, nft_beta=0.1)
     trainer = Trainer(make_policy(), settings, sampler_timesteps=TIMESTEPS, balancer=balancer, seed=2)
     x0, adv = x0_batch(), torch.tensor([[1.0, -0.5, 2.0], [-1.5, float("nan"), 0.3], [0.2, 1.2, -2.0], [0.4, -0.8, 0.0]])
-    before = trainer.generator.get_state()
-    t_values, noise = trainer.nft_plan(4, x0.shape[1:])
+    t_values, noise = trainer.nft_plan(range(4), x0.shape[1:])  # what the step draws
     cond = trainer.policy.encode_prompts(PROMPTS)
     grads, kl_grad, _ = trainer.nft_gradients(x0, cond, adv, t_values, noise, reward_counts=torch.tensor([4.0, 3.0, 4.0]))
-    trainer.generator.set_state(before)  # the step draws the same timesteps and noise
     params = list(trainer.params.values())
     applied = []
     monkeypatch.setattr(trainer.optimizer, "step", lambda: applied.append(torch.cat([p.grad.reshape(-1) for p in params])))
@@ -289,7 +290,7 @@ def test_full_step_leaves_samples_out_of_the_rewards_that_do_not_apply_to_them()
     trainer = Trainer(make_policy(), TrainerSettings(kl_weight=0.0, microbatch_size=3), sampler_timesteps=TIMESTEPS)
     x0, cond = x0_batch(), trainer.policy.encode_prompts(PROMPTS)
     adv = torch.tensor([[1.0, -0.5], [-1.5, float("nan")], [0.2, 1.2], [0.4, float("nan")]])
-    t_values, noise = trainer.nft_plan(4, x0.shape[1:])
+    t_values, noise = trainer.nft_plan(range(4), x0.shape[1:])
     grads, _, metrics = trainer.nft_gradients(x0, cond, adv, t_values, noise, reward_counts=torch.tensor([4.0, 2.0]))
     valid = torch.tensor([0, 2])
     only_valid, _, alone = trainer.nft_gradients(x0[valid], cond.index(valid), adv[valid, 1:], t_values[valid], noise[:, valid])
@@ -314,8 +315,8 @@ def _full_and_amortised_directions(amortized: str, adv: torch.Tensor, monkeypatc
     trainer_with(solved).nft_step(NFTBatch(x0_batch(), PROMPTS, adv))
     reused = RewardBalancer(2, full_every=10, amortized=amortized)
     reused.load_state_dict(solved.state_dict())
+    reused.full_gradients_due = lambda step: False  # an amortised step at step 0: the same plan as the solve's
     amortised = trainer_with(reused)
-    amortised.step = 1  # between solves
     assert amortised.nft_step(NFTBatch(x0_batch(), PROMPTS, adv))["balance/full_step"] == 0.0
     return applied[0], applied[1], solved
 
@@ -329,6 +330,10 @@ def test_normalized_amortised_step_keeps_the_full_steps_direction_when_gradient_
     # MARBLE's amortised step applies the same weights to raw gradients: the large reward takes over
     full, marble, _ = _full_and_amortised_directions("marble", adv, monkeypatch)
     assert torch.nn.functional.cosine_similarity(full, marble, dim=0) < 0.95
+    # with rewards that skip samples, the per-sample weights keep each reward's mean over its own samples
+    adv[1, 0], adv[2, 1] = float("nan"), float("nan")
+    full, normalized, _ = _full_and_amortised_directions("normalized", adv, monkeypatch)
+    assert torch.nn.functional.cosine_similarity(full, normalized, dim=0) >= 0.99
 
 
 def test_multi_reward_needs_a_balancer():
