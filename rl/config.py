@@ -18,7 +18,8 @@ from rollout.loading import ModelConfig
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # inf / NaN in a recipe (lr: .inf, weight: .nan) would train into NaN without a word
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class RunConfig(Section):

@@ -24,7 +24,7 @@ PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", 
 class ModelConfig(BaseModel):
     """The recipe's `model` section."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     path: str = Field("tiny", description='"tiny" for the shipped testbed model, else a local directory or hub id')
     family: Literal["auto", "tiny", "sd3", "flux", "sana"] = Field("auto", description="model family; auto reads it from the checkpoint")
