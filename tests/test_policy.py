@@ -69,7 +69,7 @@ def test_lora_adapters_policy_old_and_reference():
 
 def test_load_policy_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="precision must be one of"):
-        load_policy("tiny", precision="fp8")
+        load_policy("tiny", precision="int4")
     with pytest.raises(ValueError, match="cannot tell the model family of"):
         load_policy(str(tmp_path))
     with pytest.raises(ValueError, match="extra_forbidden|Extra inputs"):
