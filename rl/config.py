@@ -222,7 +222,7 @@ class EvalConfig(Section):
     train_prompts: str | None = Field(None, description="a second probe on prompts the run trains on (metrics eval_train/), e.g. tiny:curriculum")
     train_seeds_per_prompt: int = Field(16, ge=1, description="probe seeds per train prompt: eval seeds, which training never draws")
     rewards: list[str] = Field(
-        default_factory=list, description="rewards scored only at evaluation, besides the training ones (tiny_verifier: strict accuracy)"
+        default_factory=list, description="rewards scored only at evaluation, besides the training ones (tiny_verifier: strict accuracy); a training reward named here is scored once"
     )
     steps: int = Field(10, ge=1)
     solver: Literal["euler", "dpm2"] = "euler"
@@ -245,6 +245,12 @@ class Recipe(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
 
+    @property
+    def eval_only_rewards(self) -> list[str]:
+        """eval.rewards less the training rewards (evaluation scores those anyway): each reward is scored once."""
+        trained = {spec.name for spec in self.rewards.models}
+        return [name for name in dict.fromkeys(self.eval.rewards) if name not in trained]
+
     @model_validator(mode="after")
     def _check_sizes(self) -> Recipe:
         if self.sol.enabled and self.algorithm.group_size > self.sol.pool_size:
@@ -253,9 +259,6 @@ class Recipe(Section):
             raise ValueError("balance.mode 'qp' needs at least 2 entries in rewards.models")
         if not any(spec.weight > 0 for spec in self.rewards.models):
             raise ValueError("rewards.models: at least one reward needs a positive weight")
-        trained = {spec.name for spec in self.rewards.models}
-        if twice := sorted(trained & set(self.eval.rewards)):
-            raise ValueError(f"eval.rewards {twice} are training rewards already, which evaluation scores anyway")
         if self.balance.mode != "qp" and self.balance.amortized != "marble":
             raise ValueError(f"balance.amortized '{self.balance.amortized}' applies to balance.mode 'qp' only")
         if self.sol.enabled and self.algorithm.name == "grpo":

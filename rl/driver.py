@@ -83,7 +83,7 @@ class Driver:
         specs = [spec.model_dump() for spec in recipe.rewards.models]
         self.reward = WorkerGroup(
             RewardWorker, cluster.reward_workers, cluster.reward_resources, cluster.max_restarts,
-            specs, recipe.rewards.retries, recipe.rewards.on_reward_error, cluster.threads(cluster.reward_resources), list(recipe.eval.rewards),
+            specs, recipe.rewards.retries, recipe.rewards.on_reward_error, cluster.threads(cluster.reward_resources), recipe.eval_only_rewards,
         )
         self.learner = LearnerGroup(LearnerWorker, cluster.learners, cluster.remote_learners, cluster.learner_resources, recipe.model_dump(), cluster.threads(cluster.learner_resources))
         self.base_fingerprint = ray.get(self.learner.call(0, "base_fingerprint"))

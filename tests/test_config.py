@@ -20,6 +20,9 @@ def test_defaults_and_derived_sizes(tmp_path):
     assert Recipe().base_precision == "fp32"  # auto, learners without GPUs
     assert load_recipe(_write(tmp_path, "cluster:\n  learner_resources: {num_gpus: 1}\n")).base_precision == "bf16"
     assert load_recipe(_write(tmp_path, "algorithm:\n  train_precision: fp32\ncluster:\n  learner_resources: {num_gpus: 1}\n")).base_precision == "fp32"
+    # a training reward also named in eval.rewards (say after overriding rewards.models) is scored once
+    both = load_recipe(_write(tmp_path, "rewards:\n  models: [{name: tiny_verifier}]\neval:\n  rewards: [tiny_alignment, tiny_verifier, tiny_alignment]\n"))
+    assert both.eval_only_rewards == ["tiny_alignment"]
 
 
 def test_overrides_use_dotted_keys_and_yaml_types(tmp_path):
@@ -62,7 +65,6 @@ def test_optimizer_and_per_algorithm_keys_are_their_own(tmp_path):
         ("", ["model.shift=.inf"], r"model.shift: Input should be a finite number"),
         ("", ["rewards.models=[{name: tiny_verifier, weight: -1}]"], r"rewards.models.0.weight: Input should be greater than or equal to 0"),
         ("", ["rewards.models=[{name: tiny_verifier, weight: 0}]"], r"at least one reward needs a positive weight"),
-        ("", ["eval.rewards=[tiny_verifier]"], r"eval.rewards \['tiny_verifier'\] are training rewards already"),
         ("", ["balance.amortized=normalized"], r"balance.amortized 'normalized' applies to balance.mode 'qp' only"),
         ("", ["algorithm.grpo.sde_window_size=2"], r"sde_window_size applies to algorithm.name 'grpo' only"),
         ("", ["algorithm.name=grpo", "sol.enabled=false", "algorithm.grpo.cps=true", "algorithm.grpo.sde_window_size=1", "algorithm.grpo.sde_window_range=[9, 10]"], r"a CPS window may hold only the last step"),
