@@ -163,6 +163,7 @@ class LearnerWorker:
             grpo_kl_weight=algorithm.grpo.beta_kl,
             ema_decay=self.recipe.eval.ema_decay,
             ema_every=self.recipe.eval.ema_every,
+            nonfinite=optim.nonfinite,
         )
         self.sampler_timesteps = self.policy.sigmas(self.recipe.sampler.steps, self.recipe.sampler.shift)
         self.trainer = Trainer(self.policy, settings, self.sampler_timesteps, balancer, seed=self.recipe.run.seed)

@@ -443,6 +443,12 @@ def _modelopt_input_amax(transformer: nn.Module, layer_names: list[str]) -> dict
 
 
 def _check_amax(amax: dict[str, torch.Tensor | None]) -> None:
+    overflowed = [name for name, value in amax.items() if value is not None and not torch.isfinite(value).all()]
+    if overflowed:
+        raise FloatingPointError(
+            f"calibration of the explore copy overflowed: inf or NaN input amax in {len(overflowed)} quantized linears, e.g. {overflowed[:3]}; "
+            "the weights the learner sent make its activations overflow (lower optim.lr)"
+        )
     bad = [name for name, value in amax.items() if value is None or not (torch.isfinite(value).all() and (value > 0).all())]
     if bad:
         raise RuntimeError(

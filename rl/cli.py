@@ -31,6 +31,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from rl.config import RecipeError, load_recipe
     from rl.driver import train
     from rl.tracking import evaluation_summary
+    from rl.trainer import NonFiniteTrainingError
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
@@ -38,6 +39,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     except (RecipeError, FileExistsError) as error:  # a bad recipe, or run.resume=never on an earlier run's checkpoint
         print(f"solray train: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except NonFiniteTrainingError as error:  # inf / NaN weights or gradients (optim.nonfinite: stop)
+        print(f"solray train: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
     last = result.history[-1] if result.history else {}
     rewards = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("reward/"))
     summary = evaluation_summary(result.evaluations)

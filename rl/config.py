@@ -200,6 +200,9 @@ class OptimConfig(Section):
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
         (0.9, 0.999), description="AdamW (beta1, beta2)"
     )
+    nonfinite: Literal["stop", "skip_step"] = Field(
+        "stop", description="an inf / NaN gradient: stop the run (the adapter and the last checkpoint stay finite) or skip the step (train/skipped_nonfinite counts them)"
+    )
 
 
 class LoggingConfig(Section):

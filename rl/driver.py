@@ -29,6 +29,7 @@ from rl.checkpoint import CHECKPOINTS, checkpoint_recipe, latest_checkpoint, loa
 from rl.config import Recipe, RecipeError, recipe_changes
 from rl.selection import select_contrastive
 from rl.tracking import Tracker
+from rl.trainer import NonFiniteTrainingError
 from rollout.prompts import PromptSource, load_prompts
 from rollout.tiny.evaluate import EVAL_SEED_BASE
 from rollout.tiny.world import TASKS, parse_prompt
@@ -336,7 +337,13 @@ def train(recipe: Recipe) -> RunResult:
         if start == 0 and grid_every:
             tracker.log_grid(0, *driver.grid_samples())
         for step in range(start, recipe.run.steps):
-            tracker.log({"step": step} | driver.step(step))
+            try:
+                row = driver.step(step)
+            except FloatingPointError as error:  # NonFiniteTrainingError, or an explore copy whose calibration overflowed
+                newest = latest_checkpoint(output_dir / CHECKPOINTS)
+                kept = f"the newest checkpoint, {newest}, holds finite weights" if newest else "no checkpoint had been written"
+                raise NonFiniteTrainingError(f"{getattr(error, 'cause', error)}. Training stopped in step {step + 1}; {kept}.") from None
+            tracker.log({"step": step} | row)
             last = step + 1 == recipe.run.steps
             if recipe.eval.enabled and (last or (eval_every and (step + 1) % eval_every == 0)):
                 with driver.timers("eval"):

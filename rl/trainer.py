@@ -68,6 +68,11 @@ class TrainerSettings:
     grpo_kl_weight: float = 0.04  # Flow-GRPO beta_kl
     ema_decay: float = 0.9  # EMA of the trainable adapter that evaluation samples with
     ema_every: int = 1  # EMA update every n optimizer steps
+    nonfinite: str = "stop"  # a non-finite gradient: "stop" (raise NonFiniteTrainingError) or "skip_step"
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """The whole-batch gradient or the adapter became inf / NaN; the adapter is left as the last finite step made it."""
 
 
 @dataclass
@@ -119,6 +124,7 @@ class Trainer:
         self.seed = seed
         self.ema = AdapterEMA(self.params, settings.ema_decay, settings.ema_every)
         self.step = 0
+        self.skipped_nonfinite = 0  # optimizer steps skipped for a non-finite gradient (optim.nonfinite: skip_step)
         self.rank, self.world_size = 0, 1
 
     # --- DiffusionNFT ---------------------------------------------------------------------------
@@ -160,7 +166,7 @@ class Trainer:
         if num_rewards > 1:
             metrics |= {f"balance/weight_{k}": float(w) for k, w in enumerate(self.balancer.weights)}
             metrics["balance/full_step"] = float(full)
-        metrics |= self._apply_gradient(local_grad)
+        metrics |= self._apply_finite_gradient(local_grad)
         # DiffusionNFT computes eta from the step counter after this step's increment.
         decay = old_policy_decay(self.step, self.settings.old_decay_flat, self.settings.old_decay_rate, self.settings.old_decay_cap)
         soft_update_(self.old_params, self.params, decay)
@@ -306,7 +312,7 @@ class Trainer:
                     ((log_ratio.exp() - 1).abs() > settings.clip_range).sum().item(),
                 ], dtype=torch.float64)
         (totals,) = self.all_reduce(totals)
-        metrics = dict(zip(GRPO_METRICS, totals.tolist())) | self._apply_gradient(gradient)
+        metrics = dict(zip(GRPO_METRICS, totals.tolist())) | self._apply_finite_gradient(gradient)
         self.policy.copy_adapter(TRAINABLE_ADAPTER, OLD_ADAPTER)
         return metrics | {"train/samples": float(samples)}
 
@@ -351,6 +357,23 @@ class Trainer:
         counts[self.rank] = count
         return self.all_reduce(counts)[0]
 
+    def _apply_finite_gradient(self, local_grad: torch.Tensor) -> dict[str, float]:
+        """_apply_gradient when the whole batch's gradient is finite on every learner; otherwise stop or skip the step
+        (settings.nonfinite). A step that leaves the adapter non-finite always stops: it cannot be skipped after the fact."""
+        (nonfinite,) = self.all_reduce(torch.tensor([0.0 if bool(torch.isfinite(local_grad).all()) else 1.0]))
+        if float(nonfinite[0]) > 0:
+            if self.settings.nonfinite == "stop":
+                raise NonFiniteTrainingError(
+                    f"optimizer step {self.step + 1}: the gradient is inf or NaN (an overflowing loss, reward or learning rate); "
+                    "the adapter is left as it was. Lower optim.lr, check the rewards, or set optim.nonfinite: skip_step"
+                )
+            self.skipped_nonfinite += 1
+            return {"train/skipped_nonfinite": float(self.skipped_nonfinite)}
+        metrics = self._apply_gradient(local_grad)
+        if not all(bool(torch.isfinite(param).all()) for param in self.params.values()):
+            raise NonFiniteTrainingError(f"optimizer step {self.step}: a finite gradient made the adapter inf or NaN (optim.lr {self.settings.lr:g}); lower optim.lr")
+        return metrics | {"train/skipped_nonfinite": float(self.skipped_nonfinite)}
+
     def _apply_gradient(self, local_grad: torch.Tensor) -> dict[str, float]:
         """Step along the whole-batch gradient, the sum over the learners of local_grad [D]: clip its norm, then AdamW."""
         (flat,) = self.all_reduce(local_grad)
@@ -374,6 +397,7 @@ class Trainer:
         return {
             "step": self.step,
             "seed": self.seed,
+            "skipped_nonfinite": self.skipped_nonfinite,
             "optimizer": self.optimizer.state_dict(),
             "balancer": None if self.balancer is None else self.balancer.state_dict(),
             "ema": self.ema.state_dict(),
@@ -382,6 +406,7 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
         self.seed = state.get("seed", self.seed)  # checkpoints from before the per-sample plan streams kept a generator instead
+        self.skipped_nonfinite = state.get("skipped_nonfinite", 0)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.balancer is not None:
             self.balancer.load_state_dict(state["balancer"])

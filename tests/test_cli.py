@@ -87,6 +87,28 @@ def test_train_refusing_an_earlier_runs_checkpoint_is_a_usage_error(tmp_path, ca
 
 
 @pytest.mark.parametrize(
+    "sol, message, kept",
+    [
+        ("false", "optimizer step 2: the gradient is inf or NaN", "Training stopped in step 2; the newest checkpoint, {}, holds finite weights."),
+        ("true", "calibration of the explore copy overflowed", "Training stopped in step 1; no checkpoint had been written."),
+    ],
+)
+def test_train_into_nan_stops_with_the_step_and_the_checkpoint_it_keeps(tmp_path, capsys, sol, message, kept):
+    # optim.lr 1e30 validates; step 1 moves the LoRA by about 1e30, so the NVFP4 copy's calibration (after step 1)
+    # or, without Sol-RL, step 2's gradient overflows.
+    small = ["run.steps=3", "algorithm.prompts_per_step=2", "algorithm.group_size=4", "sol.pool_size=8", "cluster.rollout_workers=0",
+             "cluster.reward_workers=0", "cluster.remote_learners=false", "eval.enabled=false", "logging.grid_every=0", "logging.progress=false"]
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "recipes/tiny_solrl.yaml", *small, f"sol.enabled={sol}", "optim.lr=1e30", "checkpoint.every=1", f"run.output_dir={tmp_path}"])
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert f"solray train: {message}" in err and "Traceback" not in err
+    assert kept.format(tmp_path / CHECKPOINTS / "step_000001") in err
+    written = sorted(p.name for p in (tmp_path / CHECKPOINTS).iterdir()) if (tmp_path / CHECKPOINTS).exists() else []
+    assert written == (["step_000001"] if sol == "false" else [])
+
+
+@pytest.mark.parametrize(
     "argv, message",
     [
         (["pretrain-tiny", "--out", "{out}", "--task-weight", "two_object=3", "--task-weight", "two_object=5"], "--task-weight two_object given twice (3 and 5)"),

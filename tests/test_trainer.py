@@ -9,7 +9,7 @@ from diffusers import SD3Transformer2DModel
 from rl.balance import RewardBalancer, balanced_direction, combine_advantages, min_norm_weights
 from rl.grpo import Trajectory, grpo_kl, grpo_loss, sample_trajectory, step_log_prob
 from rl.nft import nft_loss, nft_objective, optimality, velocity_kl
-from rl.trainer import GRPOBatch, NFTBatch, Trainer, TrainerSettings
+from rl.trainer import GRPOBatch, NFTBatch, NonFiniteTrainingError, Trainer, TrainerSettings
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER, Conditioning, Policy
 from rollout.schedules import flow_match_sigmas
 
@@ -146,6 +146,25 @@ def test_nft_step_updates_policy_then_soft_updates_old():
     metrics = trainer.nft_step(NFTBatch(x0_batch(seed=3), PROMPTS, torch.tensor([-1.0, 1.0, 0.5, -0.5])))
     assert metrics["train/old_decay"] == pytest.approx(0.002)
     assert_params_close(snapshot(old_params), {n: 0.002 * old_before[n] + 0.998 * policy_params[n].detach() for n in old_before})
+
+
+@pytest.mark.parametrize("nonfinite", ["stop", "skip_step"])
+def test_an_overflowing_step_stops_the_run_or_is_skipped_and_the_adapter_stays_finite(nonfinite):
+    # lr 1e30 passes the schema: the first step moves the LoRA by about 1e30 (still finite), so the
+    # next forward overflows and its gradient is NaN.
+    trainer = Trainer(make_policy(), TrainerSettings(lr=1e30, nonfinite=nonfinite), sampler_timesteps=TIMESTEPS)
+    batch = NFTBatch(x0_batch(), PROMPTS, torch.tensor([1.0, -1.0, 0.5, -0.5]))
+    assert trainer.nft_step(batch)["train/skipped_nonfinite"] == 0.0
+    after_first = snapshot(trainer.params)
+    assert all(bool(p.isfinite().all()) for p in after_first.values()) and max(float(p.abs().max()) for p in after_first.values()) > 1e29
+    if nonfinite == "stop":
+        with pytest.raises(NonFiniteTrainingError, match=r"optimizer step 2: the gradient is inf or NaN .* optim.nonfinite: skip_step"):
+            trainer.nft_step(batch)
+    else:
+        metrics = trainer.nft_step(batch)
+        assert metrics["train/skipped_nonfinite"] == 1.0 and "train/grad_norm" not in metrics
+        assert trainer.step == 1 and trainer.state_dict()["skipped_nonfinite"] == 1
+    assert all(torch.equal(after_first[name], p) for name, p in trainer.params.items())
 
 
 @pytest.mark.parametrize("sign, moves", [(1.0, "closer"), (-1.0, "away")])
