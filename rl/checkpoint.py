@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER, Policy
@@ -215,19 +216,51 @@ def save_checkpoint(root: str | Path, learners: list[dict[str, Any]], run_state:
     return final
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names it and what is wrong."""
+
+
+# what reading a truncated, missing or garbled checkpoint file raises
+_UNREADABLE = (OSError, ValueError, KeyError, TypeError, IndexError, SafetensorError)
+
+
 def checkpoint_recipe(path: str | Path) -> dict[str, Any]:
     """The recipe (as `Recipe.model_dump(mode="json")`) of the run that wrote the checkpoint at `path`."""
-    return json.loads((Path(path) / "state.json").read_text())["recipe"]
+    try:
+        return json.loads((Path(path) / "state.json").read_text())["recipe"]
+    except _UNREADABLE as error:
+        raise CheckpointError(f"{path}: state.json holds no readable recipe ({type(error).__name__}: {error})") from None
 
 
 def load_checkpoint(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """(each rank's state for LearnerWorker.restore_state, run state) of a checkpoint written by save_checkpoint."""
+    """(each rank's state for LearnerWorker.restore_state, run state) of a checkpoint written by save_checkpoint.
+
+    Raises CheckpointError for a file that is missing, truncated or garbled, and for LoRA weights that are inf or NaN."""
     path = Path(path)
-    run_state = json.loads((path / "state.json").read_text())
-    trainers = join_tensors(run_state.pop("trainers"), load_file(path / "trainer.safetensors"))
-    adapters = {adapter: load_lora(path / name) for adapter, name in ADAPTER_DIRS.items()}
-    config = json.loads((path / ADAPTER_DIRS[TRAINABLE_ADAPTER] / "adapter_config.json").read_text())
+    try:
+        run_state = json.loads((path / "state.json").read_text())
+        trainers = join_tensors(run_state.pop("trainers"), load_file(path / "trainer.safetensors"))
+        adapters = {adapter: load_lora(path / name) for adapter, name in ADAPTER_DIRS.items()}
+        config = json.loads((path / ADAPTER_DIRS[TRAINABLE_ADAPTER] / "adapter_config.json").read_text())
+    except _UNREADABLE as error:
+        raise CheckpointError(f"{path} cannot be read ({type(error).__name__}: {error})") from None
+    nonfinite = [f"{ADAPTER_DIRS[adapter]}/{key}" for adapter, weights in adapters.items() for key, value in weights.items() if not value.isfinite().all()]
+    if nonfinite:
+        raise CheckpointError(f"{path}: {len(nonfinite)} LoRA tensors hold inf or NaN, e.g. {nonfinite[:2]}")
     return [{"adapters": adapters, "lora_config": config, "trainer": trainer} for trainer in trainers], run_state
+
+
+def newest_valid_checkpoint(root: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint under root that loads, with finite weights and its recipe; and each newer one skipped, with why."""
+    skipped = []
+    for _, path in sorted(checkpoint_steps(root).items(), reverse=True):
+        try:
+            load_checkpoint(path)
+            checkpoint_recipe(path)
+            return path, skipped
+        except CheckpointError as error:
+            skipped.append((path, str(error)))
+    return None, skipped
 
 
 def _fsync_tree(directory: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from actors.workers import LearnerWorker, RewardWorker, RolloutWorker
 from rewards import RewardError
 from quant.fidelity import spearman
 from rl.advantages import group_advantages, weighted_reward, zero_variance_groups
-from rl.checkpoint import CHECKPOINTS, checkpoint_recipe, latest_checkpoint, load_checkpoint, save_checkpoint
+from rl.checkpoint import CHECKPOINTS, checkpoint_recipe, latest_checkpoint, load_checkpoint, newest_valid_checkpoint, save_checkpoint
 from rl.config import Recipe, RecipeError, recipe_changes
 from rl.selection import select_contrastive
 from rl.tracking import Tracker
@@ -321,6 +322,12 @@ def train(recipe: Recipe) -> RunResult:
     latest = latest_checkpoint(output_dir / CHECKPOINTS)
     if latest is not None and recipe.run.resume == "never":
         raise FileExistsError(f"{output_dir} holds a checkpoint of an earlier run ({latest.name}): set run.resume=auto to continue it, or another run.output_dir")
+    latest, unreadable = newest_valid_checkpoint(output_dir / CHECKPOINTS)
+    for path, reason in unreadable:
+        # Moved aside, not deleted (it may be worth a look), and out of the way of this run's own save of that step.
+        aside = path.with_name(f"unreadable-{path.name}")
+        os.rename(path, aside)
+        logger.warning("skipping checkpoint %s: %s; moved to %s", path.name, reason, aside)
     if latest is not None and (changes := recipe_changes(checkpoint_recipe(latest), recipe)):
         raise RecipeError(
             f"{latest} was written by a run with another recipe ({'; '.join(changes)}); resuming would mix the two. "

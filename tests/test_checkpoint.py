@@ -19,6 +19,7 @@ import rl.checkpoint as checkpoint
 from actors.workers import LearnerWorker, RewardWorker
 from rl.advantages import group_advantages
 from rl.checkpoint import (
+    CheckpointError,
     adapter_state_dict,
     attach_lora,
     checkpoint_steps,
@@ -27,6 +28,7 @@ from rl.checkpoint import (
     load_checkpoint,
     load_lora,
     lora_config,
+    newest_valid_checkpoint,
     save_checkpoint,
     save_lora,
     split_tensors,
@@ -196,6 +198,48 @@ def test_saved_lora_loads_with_diffusers_pipeline_loader_and_peft_config(tmp_pat
         attach_lora(load_policy("tiny"), tmp_path / "missing")
 
 
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:50])
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda step: _truncate(step / "trainer.safetensors"), r"cannot be read \(SafetensorError"),
+        (lambda step: (step / "state.json").write_text("{garbage"), r"cannot be read \(JSONDecodeError"),
+        (lambda step: (step / "state.json").unlink(), r"cannot be read \(FileNotFoundError: .*state.json"),
+        (lambda step: shutil.rmtree(step / "lora"), r"cannot be read \(FileNotFoundError: .*lora"),
+        (lambda step: [shutil.rmtree(child) if child.is_dir() else child.unlink() for child in step.iterdir()], r"cannot be read \(FileNotFoundError"),
+        (
+            lambda step: save_file({"transformer.block.lora_A.weight": torch.full((2, 3), float("nan"))}, step / "lora" / checkpoint.LORA_WEIGHTS),
+            r"1 LoRA tensors hold inf or NaN, e.g. \['lora/block.lora_A.weight'\]",
+        ),
+    ],
+    ids=["truncated_safetensors", "garbage_state", "no_state", "no_lora", "empty_dir", "nan_lora"],
+)
+def test_a_damaged_checkpoint_is_refused_by_name_and_the_newest_sound_one_is_found(tmp_path, damage, message):
+    for step in (2, 4):
+        save_checkpoint(tmp_path, _fake_learner_states(step), {"step": step, "recipe": {}}, keep=2)
+    damage(tmp_path / "step_000004")
+    with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "step_000004")) + ".*" + message):
+        load_checkpoint(tmp_path / "step_000004")
+    sound, skipped = newest_valid_checkpoint(tmp_path)
+    assert sound == tmp_path / "step_000002" and [path.name for path, _ in skipped] == ["step_000004"]
+    assert re.search(message, skipped[0][1])
+
+
+def test_resume_falls_back_past_a_truncated_checkpoint_and_sets_it_aside(tmp_path, caplog):
+    recipe = load_recipe(REPO / "recipes/tiny_solrl.yaml", SMALL + [f"run.output_dir={tmp_path}", "run.steps=2", "checkpoint.every=1", "logging.grid_every=0"])
+    first = train(recipe)
+    _truncate(tmp_path / "checkpoints" / "step_000002" / "trainer.safetensors")
+    resumed = train(recipe.model_copy(update={"run": recipe.run.model_copy(update={"steps": 3})}))
+    assert "skipping checkpoint step_000002" in caplog.text and "cannot be read (SafetensorError" in caplog.text
+    assert [row["step"] for row in resumed.history] == [0, 1, 2]  # step 1 (0-based) again, then step 2
+    assert resumed.history[1]["reward/tiny_alignment"] == first.history[1]["reward/tiny_alignment"]  # the step is repeated exactly
+    assert (tmp_path / "checkpoints" / "unreadable-step_000002").is_dir()
+    assert sorted(checkpoint_steps(tmp_path / "checkpoints")) == [2, 3]
+
+
 def test_resume_never_refuses_an_output_dir_with_checkpoints(tmp_path):
     save_checkpoint(tmp_path / "checkpoints", _fake_learner_states(2), {"step": 2}, keep=1)
     recipe = load_recipe(REPO / "recipes/tiny_solrl.yaml", SMALL + [f"run.output_dir={tmp_path}", "run.resume=never"])
@@ -208,7 +252,7 @@ def test_resume_refuses_a_changed_recipe_and_names_the_keys(tmp_path):
     run_state = {"step": 2, "recipe": recipe.model_dump(mode="json")}
     save_checkpoint(tmp_path / "checkpoints", _fake_learner_states(2), run_state, keep=1)
     changed = load_recipe(REPO / "recipes/tiny_solrl.yaml", SMALL + [f"run.output_dir={tmp_path}", "optim.lr=0.01", "sol.pool_size=16", "run.steps=50"])
-    with pytest.raises(RecipeError, match=r"another recipe \(optim.lr: 0.0003 -> 0.01; sol.pool_size: 8 -> 16\); resuming would mix"):
+    with pytest.raises(RecipeError, match=r"another recipe \(optim.lr: 0.003 -> 0.01; sol.pool_size: 8 -> 16\); resuming would mix"):
         train(changed)
     # Changing only the length, logging, evaluation or cluster layout is a continuation.
     assert recipe_changes(run_state["recipe"], load_recipe(REPO / "recipes/tiny_solrl.yaml", SMALL + ["run.steps=50", "eval.every=5", "logging.grid_every=0"])) == []
