@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from rollout.loading import ModelConfig
 
@@ -21,10 +21,18 @@ class Section(BaseModel):
     # inf / NaN in a recipe (lr: .inf, weight: .nan) would train into NaN without a word
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML reads `true` as a boolean, which pydantic would take as 1 in a number field (run.steps: true)
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation in (int, float, int | None, float | None):
+            raise ValueError(f"Input should be a number, not the boolean {str(value).lower()}")
+        return value
+
 
 class RunConfig(Section):
     name: str = Field("run", description="run name; also the W&B run name")
-    seed: int = Field(0, description="run seed: prompts, seeds and LoRA init derive from it")
+    seed: int = Field(0, ge=0, description="run seed: prompts, seeds and LoRA init derive from it")
     steps: int = Field(10, ge=1, description="RL iterations")
     output_dir: str = Field("outputs/run", description="metrics, grids and checkpoints go here")
     prompts: str = Field("tiny:train", description='"tiny:train", "tiny:eval", "tiny:curriculum" or a text file with one prompt per line')
@@ -354,19 +362,66 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+# A recipe is a few hundred values; YAML aliases can make a small file expand to billions ("billion laughs").
+MAX_RECIPE_VALUES = 100_000
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in lines:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (lines {lines[key] + 1} and {key_node.start_mark.line + 1})", key_node.start_mark
+                )
+            lines[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    try:
+        tree = yaml.load(text, Loader=_RecipeLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        problem = getattr(error, "problem", None) or str(error)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise RecipeError(f"{where}: not valid YAML{at}: {problem}") from None
+    if _expanded_size(tree, {}) > MAX_RECIPE_VALUES:
+        raise RecipeError(f"{where}: expands to more than {MAX_RECIPE_VALUES} values (YAML aliases?); a recipe holds a few hundred")
+    return tree
+
+
+def _expanded_size(node: Any, sizes: dict[int, int]) -> int:
+    """Values in `node` with every alias expanded; shared sub-trees are counted once per use but sized once."""
+    if not isinstance(node, (dict, list)):
+        return 1
+    if id(node) not in sizes:
+        sizes[id(node)] = MAX_RECIPE_VALUES + 1  # a node that contains itself (`&a [*a]`) expands forever
+        children = list(node.keys()) + list(node.values()) if isinstance(node, dict) else node
+        sizes[id(node)] = min(1 + sum(_expanded_size(child, sizes) for child in children), MAX_RECIPE_VALUES + 1)
+    return sizes[id(node)]
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Parse and validate a recipe YAML; overrides are "dotted.key=value" with YAML-typed values."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {str(path)!r} does not exist")
-    tree = yaml.safe_load(path.read_text()) or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); save the recipe as UTF-8") from None
+    tree = _parse_yaml(text, str(path)) or {}
     if not isinstance(tree, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(tree).__name__}")
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key:
             raise RecipeError(f"override {override!r} must look like section.key=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        _set_dotted(tree, key.strip(), _parse_yaml(raw, f"override {override!r}"))
     try:
         return Recipe.model_validate(tree)
     except ValidationError as error:

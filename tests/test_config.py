@@ -74,6 +74,21 @@ def test_optimizer_and_per_algorithm_keys_are_their_own(tmp_path):
         ("", ["sol.allow_fp8=true", "sol.explore_precision=fp8"], r"sol.allow_fp8 lets quant_backend 'auto' trade nvfp4 for fp8; it does nothing with explore_precision 'fp8'"),
         ("", ["sol.allow_fp8=true", "sol.quant_backend=emulate"], r"does nothing with explore_precision 'nvfp4' and quant_backend 'emulate'"),
         ("", ["sol.allow_fp8s=true"], r"sol.allow_fp8s: Extra inputs are not permitted"),
+        ("run:\n  steps: 3\n  seed: 1\n  steps: 4\n", [], r"recipe.yaml: not valid YAML \(line 4, column 3\): key 'steps' given twice \(lines 2 and 4\)"),
+        ("run:\n  steps: [3\n", [], r"recipe.yaml: not valid YAML \(line 3, column 1\): expected ',' or ']', but got '<stream end>'"),
+        ("run:\n  name: 'x\n", [], r"recipe.yaml: not valid YAML \(line 3, column 1\): found unexpected end of stream"),
+        ("", ["run.steps=true"], r"run.steps: Value error, Input should be a number, not the boolean true"),
+        ("", ["optim.lr=yes"], r"optim.lr: Value error, Input should be a number, not the boolean true"),
+        ("", ["run.seed=-1"], r"run.seed: Input should be greater than or equal to 0"),
+        ("", ["run.steps=[1"], r"override 'run.steps=\[1': not valid YAML"),
+        # billion laughs: 9 levels of 10 aliases each expand to 10^9 values
+        (
+            "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 10))
+            + "rewards:\n  models: [{name: brightness, kwargs: {bomb: *a9}}]\n",
+            [],
+            r"recipe.yaml: expands to more than 100000 values \(YAML aliases\?\)",
+        ),
+        ("run: &loop\n  nested: *loop\n", [], r"expands to more than 100000 values"),
     ],
 )
 def test_bad_recipes_name_the_key_and_the_file(tmp_path, text, overrides, message):
@@ -90,6 +105,9 @@ def test_fp8_exploring_and_the_kernel_backend_validate(tmp_path):
 def test_missing_file_and_malformed_override(tmp_path):
     with pytest.raises(RecipeError, match="does not exist"):
         load_recipe(tmp_path / "nope.yaml")
+    (tmp_path / "latin1.yaml").write_bytes("run:\n  name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match=r"latin1.yaml: not UTF-8 text \(byte 16: invalid continuation byte\)"):
+        load_recipe(tmp_path / "latin1.yaml")
     with pytest.raises(RecipeError, match="must look like section.key=value"):
         load_recipe(_write(tmp_path, ""), ["run.steps"])
 
