@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 
 
+MAX_SEEDS = 10_000  # images a seed list may ask for; 0-999999999 would fill memory before drawing one
+
+
 def _seeds(text: str) -> list[int]:
     """'7' -> [7]; '0-3' -> [0, 1, 2, 3]; '1,5,9' -> [1, 5, 9]."""
     seeds: list[int] = []
@@ -19,6 +22,10 @@ def _seeds(text: str) -> list[int]:
         if not match:
             raise argparse.ArgumentTypeError(f"bad seed list {text!r}: use 7, 0-3 or 1,5,9")
         first, last = int(match[1]), int(match[2] or match[1])
+        if last < first:
+            raise argparse.ArgumentTypeError(f"bad seed list {text!r}: the range {part.strip()} runs backwards")
+        if len(seeds) + last - first + 1 > MAX_SEEDS:
+            raise argparse.ArgumentTypeError(f"bad seed list {text!r}: more than {MAX_SEEDS} seeds")
         seeds += list(range(first, last + 1))
     return seeds
 

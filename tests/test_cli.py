@@ -48,12 +48,16 @@ def test_sample_with_a_trained_lora_changes_the_images_in_every_precision(tmp_pa
     assert "wrote" in capsys.readouterr().out
 
 
-def test_bad_seed_list_is_a_usage_error(capsys):
-    try:
-        main(["sample", "--prompt", "a circle", "--seed", "three", "--out", "x"])
-    except SystemExit as exit_:
-        assert exit_.code == 2
-    assert "bad seed list 'three'" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "seeds, message",
+    [("three", "use 7, 0-3 or 1,5,9"), ("5-2", "the range 5-2 runs backwards"), ("0-999999999", "more than 10000 seeds"), ("0-9999,10000", "more than 10000 seeds")],
+)
+def test_bad_seed_list_is_a_usage_error(tmp_path, capsys, seeds, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["sample", "--prompt", "a circle", "--seed", seeds, "--out", str(tmp_path / "x")])
+    assert exit_.value.code == 2
+    assert f"bad seed list '{seeds}': {message}" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize(
