@@ -1,8 +1,8 @@
 """Sol-RL's convergence speed-up and QP balancing, measured on the tiny testbed with the real driver.
 
 Every run is `rl.driver.train` on the main job's recipe (recipes/tiny_solrl.yaml) with its actors
-in-process (one process, no Ray actors: the runs then share nothing but the machine), for 15 steps
-with the trained prompts' probe every 3 (FULL). Arms differ only where the comparison needs them to:
+in-process (one process, no Ray actors: the runs then share nothing but the machine), probing the
+trained prompts every few steps (FULL). Arms differ only where the comparison needs them to:
 
   speed-up   sol_rl     the recipe as is: explore N seeds per prompt in NVFP4, regenerate the best / worst K
              nft        sol.enabled false: K on-policy samples per prompt (DiffusionNFT)
@@ -58,9 +58,13 @@ STUDIES = {
         "qp_normalized": ["sol.enabled=false", QP_REWARDS, "balance.mode=qp", "balance.amortized=normalized", "balance.solve_every=5", "algorithm.nft.beta=0.1"],
     },
 }
-# 15 steps with a probe every 3 (6 points per curve) keep a study of 9 runs near 60 minutes on 2 cores; the
-# held-out eval (eval/) is not read here, so it gets 1 seed per prompt.
-FULL = ["run.steps=15", "eval.every=3", "eval.seeds_per_prompt=1"]
+# Sized so that a study of 9 runs takes under 60 minutes on 2 cores. speedup: 15 steps with a probe every 3
+# (6 points per curve); qp reads only the first and last probe: 12 steps, a probe every 4 with 8 seeds per
+# prompt. The held-out eval (eval/) is not read here, so it gets 1 seed per prompt.
+FULL = {
+    "speedup": ["run.steps=15", "eval.every=3", "eval.seeds_per_prompt=1"],
+    "qp": ["run.steps=12", "eval.every=4", "eval.seeds_per_prompt=1", "eval.train_seeds_per_prompt=8"],
+}
 QUICK = ["run.steps=2", "eval.every=1", "eval.seeds_per_prompt=1", "eval.train_seeds_per_prompt=1", "algorithm.prompts_per_step=2", "sol.pool_size=8", "algorithm.group_size=4"]
 BOOTSTRAP = 2000
 # the driver's timers of one training step (time/requantize is inside sync; eval, grid and checkpoint are not training)
@@ -202,7 +206,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {}
     for arm, overrides in STUDIES[args.study].items():
         for seed in args.seeds:
-            run = run_arm([*overrides, *(QUICK if args.quick else FULL)], seed, scratch / f"{arm}-{seed}")
+            run = run_arm([*overrides, *(QUICK if args.quick else FULL[args.study])], seed, scratch / f"{arm}-{seed}")
             run["compute_per_step"] = step_compute(run.pop("recipe"), flops, share)
             runs.setdefault(arm, []).append(run)
             print(f"{arm} seed {seed}: {run['wall_s']:.0f} s, evaluations {[round(row.get('eval_train/tiny_alignment', float('nan')), 3) for row in run['evaluations']]}", flush=True)
