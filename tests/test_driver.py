@@ -46,7 +46,7 @@ def test_in_process_sol_rl_steps_are_deterministic(tmp_path):
     first, second = train(runs[0]).history, train(runs[1]).history
     assert len(first) == 2
     for a, b in zip(first, second):
-        assert a["reward/tiny_verifier"] == b["reward/tiny_verifier"]
+        assert a["reward/tiny_alignment"] == b["reward/tiny_alignment"]
         assert a["explore/reward_mean"] == b["explore/reward_mean"]
         assert a["loss/nft"] == pytest.approx(b["loss/nft"], rel=1e-6)
     assert {"time/explore", "time/score", "time/select", "time/regen", "time/rescore", "time/update", "time/sync"} <= set(first[0])

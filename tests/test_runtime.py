@@ -71,7 +71,7 @@ def remote_driver(local_ray, tmp_path_factory):
 def assert_same_run(a: list[dict], b: list[dict], loss_rel: float) -> None:
     for first, second in zip(a, b, strict=True):
         assert first["explore/reward_mean"] == second["explore/reward_mean"]
-        assert first["reward/tiny_verifier"] == second["reward/tiny_verifier"]
+        assert first["reward/tiny_alignment"] == second["reward/tiny_alignment"]
         assert first["loss/nft"] == pytest.approx(second["loss/nft"], rel=loss_rel)
 
 
@@ -157,12 +157,12 @@ def test_on_reward_error_skip_drops_whole_groups_and_fail_names_the_prompt(caplo
     driver.recipe = recipe
     rewards = np.array([[0.5], [np.nan], [0.2], [0.9], [0.1], [0.3]])
     prompts = ["a circle"] * 3 + ["a square"] * 3
-    with pytest.raises(RewardError, match=r"step 3: 1 of 6 images got no reward from \['tiny_verifier'\] \(first: prompt 'a circle'\)"):
+    with pytest.raises(RewardError, match=r"step 3: 1 of 6 images got no reward from \['tiny_alignment'\] \(first: prompt 'a circle'\)"):
         driver.check_rewards(rewards, prompts, [0, 0, 0, 1, 1, 1], step=3)
     driver.recipe = recipe.model_copy(update={"rewards": recipe.rewards.model_copy(update={"on_reward_error": "skip"})})
     kept, dropped = driver.check_rewards(rewards, prompts, [0, 0, 0, 1, 1, 1], step=3)
     assert dropped == 1
-    assert "step 3: 1 images got no reward from ['tiny_verifier']; skipped their 1 prompt groups" in caplog.text
+    assert "step 3: 1 images got no reward from ['tiny_alignment']; skipped their 1 prompt groups" in caplog.text
     assert np.isnan(kept[:3]).all() and kept[3:, 0].tolist() == [0.9, 0.1, 0.3]
 
 
