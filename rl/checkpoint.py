@@ -224,14 +224,6 @@ class CheckpointError(ValueError):
 _UNREADABLE = (OSError, ValueError, KeyError, TypeError, IndexError, SafetensorError)
 
 
-def checkpoint_recipe(path: str | Path) -> dict[str, Any]:
-    """The recipe (as `Recipe.model_dump(mode="json")`) of the run that wrote the checkpoint at `path`."""
-    try:
-        return json.loads((Path(path) / "state.json").read_text())["recipe"]
-    except _UNREADABLE as error:
-        raise CheckpointError(f"{path}: state.json holds no readable recipe ({type(error).__name__}: {error})") from None
-
-
 def load_checkpoint(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(each rank's state for LearnerWorker.restore_state, run state) of a checkpoint written by save_checkpoint.
 
@@ -250,17 +242,21 @@ def load_checkpoint(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, A
     return [{"adapters": adapters, "lora_config": config, "trainer": trainer} for trainer in trainers], run_state
 
 
-def newest_valid_checkpoint(root: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest checkpoint under root that loads, with finite weights and its recipe; and each newer one skipped, with why."""
+def newest_valid_checkpoint(root: str | Path) -> tuple[Path | None, tuple[list[dict[str, Any]], dict[str, Any]] | None, list[tuple[Path, str]]]:
+    """The newest checkpoint under root that loads whole, with finite weights and the recipe that wrote it;
+    what load_checkpoint read from it (None if there is none); and each newer one skipped, with why."""
     skipped = []
     for _, path in sorted(checkpoint_steps(root).items(), reverse=True):
         try:
-            load_checkpoint(path)
-            checkpoint_recipe(path)
-            return path, skipped
+            learners, run_state = load_checkpoint(path)
         except CheckpointError as error:
             skipped.append((path, str(error)))
-    return None, skipped
+            continue
+        if "recipe" not in run_state:
+            skipped.append((path, f"{path}: state.json holds no recipe"))
+            continue
+        return path, (learners, run_state), skipped
+    return None, None, skipped
 
 
 def _fsync_tree(directory: Path) -> None:

@@ -26,7 +26,7 @@ from actors.workers import LearnerWorker, RewardWorker, RolloutWorker
 from rewards import RewardError
 from quant.fidelity import spearman
 from rl.advantages import group_advantages, weighted_reward, zero_variance_groups
-from rl.checkpoint import CHECKPOINTS, checkpoint_recipe, latest_checkpoint, load_checkpoint, newest_valid_checkpoint, save_checkpoint
+from rl.checkpoint import CHECKPOINTS, latest_checkpoint, newest_valid_checkpoint, save_checkpoint
 from rl.config import Recipe, RecipeError, recipe_changes
 from rl.selection import select_contrastive
 from rl.tracking import Tracker
@@ -249,9 +249,9 @@ class Driver:
         run_state = {"step": steps_done, "version": self.version, "recipe": self.recipe.model_dump(mode="json"), "base_fingerprint": self.base_fingerprint}
         return save_checkpoint(root, learner_states, run_state, self.recipe.checkpoint.keep)
 
-    def restore(self, path: Path) -> int:
-        """Load a checkpoint into the learners and bring the rollout workers to its weights; returns the step to continue at."""
-        learner_states, run_state = load_checkpoint(path)
+    def restore(self, path: Path, learner_states: list[dict[str, Any]], run_state: dict[str, Any]) -> int:
+        """Load the checkpoint read from `path` (rl.checkpoint.load_checkpoint) into the learners and bring the rollout
+        workers to its weights; returns the step to continue at."""
         saved = run_state.get("base_fingerprint")  # None in checkpoints written before it was recorded
         if saved is not None and saved != self.base_fingerprint:
             raise RecipeError(
@@ -322,13 +322,13 @@ def train(recipe: Recipe) -> RunResult:
     latest = latest_checkpoint(output_dir / CHECKPOINTS)
     if latest is not None and recipe.run.resume == "never":
         raise FileExistsError(f"{output_dir} holds a checkpoint of an earlier run ({latest.name}): set run.resume=auto to continue it, or another run.output_dir")
-    latest, unreadable = newest_valid_checkpoint(output_dir / CHECKPOINTS)
+    latest, saved, unreadable = newest_valid_checkpoint(output_dir / CHECKPOINTS)
     for path, reason in unreadable:
         # Moved aside, not deleted (it may be worth a look), and out of the way of this run's own save of that step.
         aside = path.with_name(f"unreadable-{path.name}")
         os.rename(path, aside)
         logger.warning("skipping checkpoint %s: %s; moved to %s", path.name, reason, aside)
-    if latest is not None and (changes := recipe_changes(checkpoint_recipe(latest), recipe)):
+    if saved is not None and (changes := recipe_changes(saved[1]["recipe"], recipe)):
         raise RecipeError(
             f"{latest} was written by a run with another recipe ({'; '.join(changes)}); resuming would mix the two. "
             "Restore those values, or use another run.output_dir"
@@ -337,7 +337,7 @@ def train(recipe: Recipe) -> RunResult:
     tracker = None
     grid_every, checkpoint_every, eval_every = recipe.logging.grid_every, recipe.checkpoint.every, recipe.eval.every
     try:
-        start = 0 if latest is None else driver.restore(latest)
+        start = 0 if saved is None else driver.restore(latest, *saved)
         tracker = Tracker(recipe, start)
         if start == 0 and recipe.eval.enabled:
             tracker.log_eval(0, driver.evaluate())

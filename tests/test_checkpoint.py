@@ -223,8 +223,8 @@ def test_a_damaged_checkpoint_is_refused_by_name_and_the_newest_sound_one_is_fou
     damage(tmp_path / "step_000004")
     with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "step_000004")) + ".*" + message):
         load_checkpoint(tmp_path / "step_000004")
-    sound, skipped = newest_valid_checkpoint(tmp_path)
-    assert sound == tmp_path / "step_000002" and [path.name for path, _ in skipped] == ["step_000004"]
+    sound, (_, run_state), skipped = newest_valid_checkpoint(tmp_path)
+    assert sound == tmp_path / "step_000002" and run_state["step"] == 2 and [path.name for path, _ in skipped] == ["step_000004"]
     assert re.search(message, skipped[0][1])
 
 
