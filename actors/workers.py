@@ -28,7 +28,6 @@ from rollout import ModelConfig, load_policy
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER
 from rollout.samplers import sample, seed_for
 
-
 SDE_WINDOW_STREAM = -1  # seed_for's prompt index of the SDE-window draw: no prompt has it
 
 

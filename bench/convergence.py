@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from quant_coverage import forward_inputs, linear_flops
 
 from quant.selection import select_layers

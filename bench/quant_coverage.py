@@ -121,7 +121,7 @@ def main() -> None:
     result["tiny"] = {"model": "tiny testbed", "recipe": "tiny_solrl", "resolution": 32, "text_tokens": MAX_TOKENS, **coverage(tiny, "tiny", flops)}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2) + "\n")
-    for family, row in result.items():
+    for row in result.values():
         print(
             f"{row['model']:>14}: {row['nvfp4_linears']:4d} of {row['linears']:4d} linears in NVFP4, {row['nvfp4_linear_flop_share']:.3f} of the "
             f"linear FLOPs (the previous rule: {row['previous_rule_linear_flop_share']:.3f}); {', '.join(row['nvfp4_layer_kinds'])}"

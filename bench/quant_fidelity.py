@@ -158,7 +158,7 @@ def requantize_cost(explore: Policy, source: Policy, prompts: list[str], repeats
     g = torch.Generator().manual_seed(0)
     base = {k: v for k, v in source.transformer.state_dict().items() if v.is_floating_point()}
     requant_s, load_s, calibrate_s, explore_s = [], [], [], []
-    for i in range(repeats):
+    for _ in range(repeats):
         weights = {k: v + 1e-3 * v.std() * torch.randn(v.shape, generator=g) if v.numel() > 1 else v for k, v in base.items()}
         requant_s.append(requantize(explore, weights, explore.explore_state.version + 1))
         timings = explore.explore_state.timings

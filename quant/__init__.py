@@ -1,7 +1,17 @@
 """Explore precision: NVFP4 and FP8 numerics, their GEMMs, layer selection, calibrated explore copies, re-quantization, fidelity metrics."""
 
 from quant.calibration import CalibrationSet, default_calibration_set
-from quant.explore import BACKENDS, ExploreState, linear_weights, lora_merged_weights, lora_update, merge_lora_update, quantize_policy, requantize, resolve_explore_path
+from quant.explore import (
+    BACKENDS,
+    ExploreState,
+    linear_weights,
+    lora_merged_weights,
+    lora_update,
+    merge_lora_update,
+    quantize_policy,
+    requantize,
+    resolve_explore_path,
+)
 from quant.fp8 import fp8_fake_quantize
 from quant.kernels import kernel_support
 from quant.layers import DelayedScaling, FP8Linear, NVFP4KernelLinear, NVFP4Linear, QuantLinear

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 MAX_SEEDS = 10_000  # images a seed list may ask for; 0-999999999 would fill memory before drawing one
 
 

@@ -12,9 +12,9 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
@@ -23,8 +23,8 @@ import torch
 from actors.groups import WorkerGroup
 from actors.learners import LearnerGroup
 from actors.workers import LearnerWorker, RewardWorker, RolloutWorker
-from rewards import RewardError
 from quant.fidelity import spearman
+from rewards import RewardError
 from rl.advantages import group_advantages, weighted_reward, zero_variance_groups
 from rl.checkpoint import CHECKPOINTS, latest_checkpoint, newest_valid_checkpoint, save_checkpoint
 from rl.config import Recipe, RecipeError, recipe_changes
@@ -32,10 +32,9 @@ from rl.selection import select_contrastive
 from rl.tracking import Tracker
 from rl.trainer import NonFiniteTrainingError
 from rollout.prompts import PromptSource, load_prompts
+from rollout.samplers import seed_for
 from rollout.tiny.evaluate import EVAL_SEED_BASE
 from rollout.tiny.world import TASKS, parse_prompt
-from rollout.samplers import seed_for
-
 
 logger = logging.getLogger(__name__)
 GRID_PROMPTS, GRID_SEEDS = 4, 4  # the image-grid probe: eval prompts x seeds, the same at every grid

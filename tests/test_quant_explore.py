@@ -10,7 +10,19 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 
-from quant import CalibrationSet, DelayedScaling, ExploreState, NVFP4Linear, linear_weights, lora_merged_weights, lora_update, merge_lora_update, nvfp4_fake_quantize, quantize_policy, requantize
+from quant import (
+    CalibrationSet,
+    DelayedScaling,
+    ExploreState,
+    NVFP4Linear,
+    linear_weights,
+    lora_merged_weights,
+    lora_update,
+    merge_lora_update,
+    nvfp4_fake_quantize,
+    quantize_policy,
+    requantize,
+)
 from quant.layers import DelayedAmax, ExploreLinear
 from quant.selection import select_layers
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER, Conditioning, Policy

@@ -10,7 +10,17 @@ import pytest
 import torch
 from test_quant_explore import CALIBRATION, MIN_DIM, StubPolicy, inputs
 
-from quant import FP8Linear, NVFP4KernelLinear, NVFP4Linear, fp8_fake_quantize, kernel_support, nvfp4_fake_quantize, quantize_policy, requantize, resolve_explore_path
+from quant import (
+    FP8Linear,
+    NVFP4KernelLinear,
+    NVFP4Linear,
+    fp8_fake_quantize,
+    kernel_support,
+    nvfp4_fake_quantize,
+    quantize_policy,
+    requantize,
+    resolve_explore_path,
+)
 from quant.fp8 import FP8Codes, fp8_quantize
 from quant.kernels import (
     KernelSupport,

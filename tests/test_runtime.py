@@ -46,12 +46,12 @@ def run_steps(driver: Driver, kill_at: int | None = None) -> list[dict]:
         if step == kill_at:
             explore, score = driver.explore, driver.score
 
-            def explore_then_kill(prompts, step):
+            def explore_then_kill(prompts, step, explore=explore):
                 refs = explore(prompts, step)
                 ray.kill(driver.rollout.actors[0], no_restart=False)  # mid-shard: its calls are in flight
                 return refs
 
-            def score_then_kill(image_refs, prompts):
+            def score_then_kill(image_refs, prompts, score=score):
                 ray.kill(driver.reward.actors[0], no_restart=False)
                 return score(image_refs, prompts)
 
