@@ -27,7 +27,11 @@ def main() -> int:
                 py_compile.compile(str(path), cfile=f"{scratch}/{len(problems)}.pyc", doraise=True)
             except py_compile.PyCompileError as error:
                 problems.append(f"compile {path.relative_to(ROOT)}: {error.msg}")
-    modules = sorted(".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__") for package in PACKAGES for path in (ROOT / package).rglob("*.py"))
+    modules = sorted(
+        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for package in PACKAGES
+        for path in (ROOT / package).rglob("*.py")
+    )
     imported, stopped_at = [], {}
     for module in modules:
         try:
@@ -41,8 +45,10 @@ def main() -> int:
         except Exception as error:  # any other failure at import is a 3.12 incompatibility
             problems.append(f"import {module}: {type(error).__name__}: {error}")
     version = ".".join(map(str, sys.version_info[:3]))
-    print(f"python {version}: {len(files)} files byte-compiled; {len(imported)} of {len(modules)} modules imported, "
-          f"the others stop at a missing {', '.join(f'{name} ({count})' for name, count in sorted(stopped_at.items()))}")
+    print(
+        f"python {version}: {len(files)} files byte-compiled; {len(imported)} of {len(modules)} modules imported, "
+        f"the others stop at a missing {', '.join(f'{name} ({count})' for name, count in sorted(stopped_at.items()))}"
+    )
     for problem in problems:
         print(f"python {version}: {problem}")
     return 1 if problems else 0

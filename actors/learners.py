@@ -92,7 +92,9 @@ class DeepSpeedTrainer(Trainer):
             "zero_optimization": {"stage": zero_stage},
             "zero_allow_untested_optimizer": True,  # the client optimizer is torch's AdamW
         }
-        self.engine, *_ = deepspeed.initialize(model=policy.transformer, optimizer=self.optimizer, model_parameters=list(self.params.values()), config=config)
+        self.engine, *_ = deepspeed.initialize(
+            model=policy.transformer, optimizer=self.optimizer, model_parameters=list(self.params.values()), config=config
+        )
 
     def all_reduce(self, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
         """Each tensor summed over the world (None stays None), on the learner's device for nccl."""

@@ -40,14 +40,18 @@ def worker_device(num_gpus: float) -> torch.device:
     if num_gpus == 0:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError(f"the recipe gives this worker num_gpus={num_gpus}, but torch sees no CUDA device here (a CPU build of torch, or no GPU on the node)")
+        raise RuntimeError(
+            f"the recipe gives this worker num_gpus={num_gpus}, but torch sees no CUDA device here (a CPU build of torch, or no GPU on the node)"
+        )
     return torch.device("cuda", 0)
 
 
 class RolloutWorker:
     """An explore-precision copy of the policy; generates candidate pools with the ODE sampler."""
 
-    def __init__(self, model: dict[str, Any], sol: dict[str, Any], base_precision: str = "fp32", num_gpus: float = 0.0, torch_threads: int = 1) -> None:
+    def __init__(
+        self, model: dict[str, Any], sol: dict[str, Any], base_precision: str = "fp32", num_gpus: float = 0.0, torch_threads: int = 1
+    ) -> None:
         """model, sol: the recipe's sections (explore precision, quantization backend and coverage, activation
         scaling); base_precision: the learners' (Recipe.base_precision), so that merged updates equal theirs."""
         torch.set_num_threads(torch_threads)
@@ -57,8 +61,14 @@ class RolloutWorker:
         self.base_weights = linear_weights(source.transformer, source.lora_target_modules)
         delayed = DelayedScaling(sol.amax_history_len, sol.amax_compute_algo) if sol.activation_scaling == "delayed" else None
         self.policy = quantize_policy(
-            source, sol.explore_precision, sol.quant_backend,
-            skip_modules=sol.skip_modules, min_dim=sol.min_dim, keep_patterns=sol.keep_high_precision, delayed=delayed, allow_fp8=sol.allow_fp8,
+            source,
+            sol.explore_precision,
+            sol.quant_backend,
+            skip_modules=sol.skip_modules,
+            min_dim=sol.min_dim,
+            keep_patterns=sol.keep_high_precision,
+            delayed=delayed,
+            allow_fp8=sol.allow_fp8,
         )
 
     @property
@@ -73,7 +83,9 @@ class RolloutWorker:
         merged = merge_lora_update(self.base_weights, update, self.policy.device)
         return time.perf_counter() - start + requantize(self.policy, merged, version)
 
-    def explore(self, prompts: list[str], seeds: list[int], steps: int, solver: str, shift: float | None, version: int, weights: list | None = None) -> np.ndarray:
+    def explore(
+        self, prompts: list[str], seeds: list[int], steps: int, solver: str, shift: float | None, version: int, weights: list | None = None
+    ) -> np.ndarray:
         """uint8 images [B, H, W, 3] sampled with the weights of `version`.
 
         weights: [ref] to that version's LoRA factors, wrapped in a list so that Ray does not fetch
@@ -94,7 +106,9 @@ class RolloutWorker:
 class RewardWorker:
     """Hosts the recipe's reward models; scores a batch with every one of them."""
 
-    def __init__(self, specs: list[dict[str, Any]], retries: int = 1, on_error: str = "fail", torch_threads: int = 1, eval_rewards: list[str] = ()) -> None:
+    def __init__(
+        self, specs: list[dict[str, Any]], retries: int = 1, on_error: str = "fail", torch_threads: int = 1, eval_rewards: list[str] = ()
+    ) -> None:
         """specs: the training rewards (rewards.models); eval_rewards: names of rewards only evaluation scores (eval.rewards)."""
         torch.set_num_threads(torch_threads)
         self.rewards = [build_reward(spec["name"], **spec.get("kwargs", {})) for spec in specs]
@@ -104,7 +118,11 @@ class RewardWorker:
 
     def describe(self) -> dict[str, Any]:
         """The hosted rewards' names and the worker's pid."""
-        return {"rewards": [reward.name for reward in self.rewards], "eval_rewards": [reward.name for reward in self.eval_rewards], "pid": os.getpid()}
+        return {
+            "rewards": [reward.name for reward in self.rewards],
+            "eval_rewards": [reward.name for reward in self.eval_rewards],
+            "pid": os.getpid(),
+        }
 
     def score(self, images: np.ndarray, prompts: list[str], evaluation: bool = False) -> np.ndarray:
         """float64 [B, R], R the training rewards (then, with evaluation, the eval-only ones). A reward that still
@@ -137,14 +155,20 @@ class LearnerWorker:
         torch.set_num_threads(torch_threads)
         self.recipe = Recipe.model_validate(recipe)
         algorithm, optim = self.recipe.algorithm, self.recipe.optim
-        self.policy = load_policy(self.recipe.model, self.recipe.base_precision, worker_device(self.recipe.cluster.learner_resources.num_gpus))
+        self.policy = load_policy(
+            self.recipe.model, self.recipe.base_precision, worker_device(self.recipe.cluster.learner_resources.num_gpus)
+        )
         self._base_fingerprint = weights_fingerprint(self.policy.transformer)  # before LoRA wraps the linears
         self.policy.add_lora(algorithm.lora_rank, algorithm.lora_alpha, init_seed=self.recipe.run.seed)
         if algorithm.gradient_checkpointing:
             self.policy.transformer.enable_gradient_checkpointing()
         balance = self.recipe.balance
         # The weighted sum reaches the learner as one advantage column (the driver combines the rewards).
-        balancer = RewardBalancer(len(self.recipe.rewards.models), balance.solve_every, balance.ema, balance.floor, balance.amortized) if balance.mode == "qp" else None
+        balancer = (
+            RewardBalancer(len(self.recipe.rewards.models), balance.solve_every, balance.ema, balance.floor, balance.amortized)
+            if balance.mode == "qp"
+            else None
+        )
         settings = TrainerSettings(
             lr=optim.lr,
             betas=optim.betas,
@@ -198,12 +222,23 @@ class LearnerWorker:
         grpo = algorithm.name == "grpo"
         window = None
         if grpo and algorithm.grpo.sde_window_size:
-            window = sde_window(seed_for(self.recipe.run.seed, step, SDE_WINDOW_STREAM, 0), algorithm.grpo.sde_window_size, algorithm.grpo.sde_window_range or (0, sampler.steps))
+            window = sde_window(
+                seed_for(self.recipe.run.seed, step, SDE_WINDOW_STREAM, 0),
+                algorithm.grpo.sde_window_size,
+                algorithm.grpo.sde_window_range or (0, sampler.steps),
+            )
         rows = learner_rows(len(prompts), self.rank, self.world_size)
         out = sample(
-            self.policy, prompts[rows], seeds[rows], sampler.steps,
+            self.policy,
+            prompts[rows],
+            seeds[rows],
+            sampler.steps,
             solver=("cps" if algorithm.grpo.cps else "sde") if grpo else sampler.solver,
-            shift=sampler.shift, noise_level=algorithm.grpo.noise_level, sde_window=window, adapter=OLD_ADAPTER, batch_size=32,
+            shift=sampler.shift,
+            noise_level=algorithm.grpo.noise_level,
+            sde_window=window,
+            adapter=OLD_ADAPTER,
+            batch_size=32,
         )
         self.regen = (out.trajectory if grpo else out.x0, list(prompts[rows]), rows, len(prompts))
         return out.images
@@ -233,7 +268,16 @@ class LearnerWorker:
         sampler = self.recipe.sampler
         weights = self.trainer.ema.swapped_into(self.trainer.params) if self.recipe.eval.adapter == "ema" else contextlib.nullcontext()
         with weights:
-            return sample(self.policy, prompts, seeds, steps or sampler.steps, solver=solver or sampler.solver, shift=sampler.shift, adapter=TRAINABLE_ADAPTER, batch_size=32).images
+            return sample(
+                self.policy,
+                prompts,
+                seeds,
+                steps or sampler.steps,
+                solver=solver or sampler.solver,
+                shift=sampler.shift,
+                adapter=TRAINABLE_ADAPTER,
+                batch_size=32,
+            ).images
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Both adapters and the trainable one's EMA (peft keys), their LoRA config and the trainer state: what rl.checkpoint writes."""

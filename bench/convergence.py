@@ -47,14 +47,34 @@ from rl.driver import train
 from rollout.tiny.model import MAX_TOKENS, TEXT_DIM, build_transformer
 
 RECIPE = Path("recipes/tiny_solrl.yaml")
-IN_PROCESS = ["cluster.rollout_workers=0", "cluster.reward_workers=0", "cluster.remote_learners=false", "logging.grid_every=0", "logging.progress=false"]
+IN_PROCESS = [
+    "cluster.rollout_workers=0",
+    "cluster.reward_workers=0",
+    "cluster.remote_learners=false",
+    "logging.grid_every=0",
+    "logging.progress=false",
+]
 QP_REWARDS = "rewards.models=[{name: tiny_alignment}, {name: brightness}, {name: jpeg_compressibility}]"
 STUDIES = {
     "speedup": {"sol_rl": [], "nft": ["sol.enabled=false"], "random_k": ["sol.selection=random"]},
     "qp": {
         "weighted_sum": ["sol.enabled=false", QP_REWARDS, "balance.mode=weighted_sum", "algorithm.nft.beta=0.1"],
-        "qp_marble": ["sol.enabled=false", QP_REWARDS, "balance.mode=qp", "balance.amortized=marble", "balance.solve_every=5", "algorithm.nft.beta=0.1"],
-        "qp_normalized": ["sol.enabled=false", QP_REWARDS, "balance.mode=qp", "balance.amortized=normalized", "balance.solve_every=5", "algorithm.nft.beta=0.1"],
+        "qp_marble": [
+            "sol.enabled=false",
+            QP_REWARDS,
+            "balance.mode=qp",
+            "balance.amortized=marble",
+            "balance.solve_every=5",
+            "algorithm.nft.beta=0.1",
+        ],
+        "qp_normalized": [
+            "sol.enabled=false",
+            QP_REWARDS,
+            "balance.mode=qp",
+            "balance.amortized=normalized",
+            "balance.solve_every=5",
+            "algorithm.nft.beta=0.1",
+        ],
     },
 }
 # Sized so that a study of 9 runs takes under 60 minutes on 2 cores. speedup: 15 steps with a probe every 3
@@ -64,7 +84,15 @@ FULL = {
     "speedup": ["run.steps=15", "eval.every=3", "eval.seeds_per_prompt=1"],
     "qp": ["run.steps=12", "eval.every=4", "eval.seeds_per_prompt=1", "eval.train_seeds_per_prompt=8"],
 }
-QUICK = ["run.steps=2", "eval.every=1", "eval.seeds_per_prompt=1", "eval.train_seeds_per_prompt=1", "algorithm.prompts_per_step=2", "sol.pool_size=8", "algorithm.group_size=4"]
+QUICK = [
+    "run.steps=2",
+    "eval.every=1",
+    "eval.seeds_per_prompt=1",
+    "eval.train_seeds_per_prompt=1",
+    "algorithm.prompts_per_step=2",
+    "sol.pool_size=8",
+    "algorithm.group_size=4",
+]
 BOOTSTRAP = 2000
 # the driver's timers of one training step (time/requantize is inside sync; eval, grid and checkpoint are not training)
 STEP_PHASES = ("prompts", "explore", "score", "select", "regen", "rescore", "advantage", "update", "sync")
@@ -84,7 +112,14 @@ def step_compute(recipe: Recipe, flops: float, nvfp4_share: float) -> float:
     """BF16-equivalent linear FLOPs of one training step of `recipe` (module docstring)."""
     algorithm, sol = recipe.algorithm, recipe.sol
     samples = algorithm.prompts_per_step * algorithm.group_size
-    explore = algorithm.prompts_per_step * sol.pool_size * sol.explore_steps * (1 - 0.75 * nvfp4_share if sol.explore_precision == "nvfp4" else 1.0) if sol.enabled else 0.0
+    explore = (
+        algorithm.prompts_per_step
+        * sol.pool_size
+        * sol.explore_steps
+        * (1 - 0.75 * nvfp4_share if sol.explore_precision == "nvfp4" else 1.0)
+        if sol.enabled
+        else 0.0
+    )
     timesteps = max(1, int(recipe.sampler.steps * algorithm.nft.timestep_fraction))
     update = samples * timesteps * ((3 if algorithm.nft.kl_weight > 0 else 2) + 2)
     return flops * (explore + samples * recipe.sampler.steps + update)
@@ -125,6 +160,7 @@ def speedup(runs: dict[str, list[dict]], key: str) -> dict:
     final = baseline.mean(0)[-3:].mean()
     report = {"baseline_final": float(final), "baseline_gain": float(gain.mean()), "baseline_gain_se": float(gain_se), "arms": {}}
     defined = gain.mean() >= 2 * gain_se
+
     def cost(arm: str, rows: np.ndarray, target: float) -> float:
         return per_step[arm] * reach(steps[arm], values[arm][rows].mean(0), target)
 
@@ -161,7 +197,11 @@ def changes(runs: dict[str, list[dict]], keys: list[str]) -> dict:
         for key in keys:
             delta = np.array([row["evaluations"][-1][key] - row["evaluations"][0][key] for row in rows])
             half = 4.303 * delta.std(ddof=1) / np.sqrt(len(delta)) if len(delta) == 3 else float("nan")  # t(0.975, 2)
-            report[arm][key] = {"change": float(delta.mean()), "interval_95": [float(delta.mean() - half), float(delta.mean() + half)], "per_seed": delta.tolist()}
+            report[arm][key] = {
+                "change": float(delta.mean()),
+                "interval_95": [float(delta.mean() - half), float(delta.mean() + half)],
+                "per_seed": delta.tolist(),
+            }
         worst = min(keys, key=lambda k: report[arm][k]["change"])
         report[arm]["worst"] = {"reward": worst, **report[arm][worst]}
     return report
@@ -197,7 +237,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", choices=sorted(STUDIES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--quick", action="store_true", help="2 tiny steps per arm and seed: a smoke test; writes into a temporary directory")
+    parser.add_argument(
+        "--quick", action="store_true", help="2 tiny steps per arm and seed: a smoke test; writes into a temporary directory"
+    )
     args = parser.parse_args()
     flops, share = linear_flops_per_forward()
     scratch = Path(tempfile.mkdtemp(prefix="convergence-"))
@@ -208,9 +250,18 @@ def main() -> None:
             run = run_arm([*overrides, *(QUICK if args.quick else FULL[args.study])], seed, scratch / f"{arm}-{seed}")
             run["compute_per_step"] = step_compute(run.pop("recipe"), flops, share)
             runs.setdefault(arm, []).append(run)
-            print(f"{arm} seed {seed}: {run['wall_s']:.0f} s, evaluations {[round(row.get('eval_train/tiny_alignment', float('nan')), 3) for row in run['evaluations']]}", flush=True)
+            print(
+                f"{arm} seed {seed}: {run['wall_s']:.0f} s, evaluations {[round(row.get('eval_train/tiny_alignment', float('nan')), 3) for row in run['evaluations']]}",
+                flush=True,
+            )
     key = "eval_train/tiny_alignment"
-    result = {"study": args.study, "seeds": args.seeds, "flops_per_forward": flops, "nvfp4_linear_share": share, "runs": {a: [{k: v for k, v in r.items()} for r in rows] for a, rows in runs.items()}}
+    result = {
+        "study": args.study,
+        "seeds": args.seeds,
+        "flops_per_forward": flops,
+        "nvfp4_linear_share": share,
+        "runs": {a: [{k: v for k, v in r.items()} for r in rows] for a, rows in runs.items()},
+    }
     if args.study == "speedup":
         result["speedup"] = speedup(runs, key)
     else:

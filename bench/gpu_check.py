@@ -52,7 +52,19 @@ sys.path.insert(0, str(REPO))
 PROMPTS = ["a red circle", "two blue squares", "a green cross left of a circle"]
 SEEDS = [11, 12, 13]
 EXPLORE_STEPS = 6
-PACKAGES = ("torch", "transformers", "diffusers", "peft", "safetensors", "numpy", "pydantic", "pytest", "ray", "deepspeed", "nvidia-modelopt")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "diffusers",
+    "peft",
+    "safetensors",
+    "numpy",
+    "pydantic",
+    "pytest",
+    "ray",
+    "deepspeed",
+    "nvidia-modelopt",
+)
 RESULT_FILE = "gpu_check.json"
 
 
@@ -70,8 +82,26 @@ class Sizes:
     subprocess_timeout_s: int  # pytest and the Ray recipe
 
 
-GPU_SIZES = Sizes(steps=4, wide_heads=24, wide_head_dim=128, wide_rope_axes=(16, 56, 56), wide_resolution=256, timing_batch=4, timing_repeats=3, subprocess_timeout_s=240)
-DRY_SIZES = Sizes(steps=2, wide_heads=4, wide_head_dim=16, wide_rope_axes=(4, 6, 6), wide_resolution=64, timing_batch=2, timing_repeats=1, subprocess_timeout_s=240)
+GPU_SIZES = Sizes(
+    steps=4,
+    wide_heads=24,
+    wide_head_dim=128,
+    wide_rope_axes=(16, 56, 56),
+    wide_resolution=256,
+    timing_batch=4,
+    timing_repeats=3,
+    subprocess_timeout_s=240,
+)
+DRY_SIZES = Sizes(
+    steps=2,
+    wide_heads=4,
+    wide_head_dim=16,
+    wide_rope_axes=(4, 6, 6),
+    wide_resolution=64,
+    timing_batch=2,
+    timing_repeats=1,
+    subprocess_timeout_s=240,
+)
 
 
 @dataclass
@@ -153,7 +183,11 @@ def device_row(context: Context) -> Row:
     from quant import resolve_explore_path
 
     if context.device.type == "cuda" and not torch.cuda.is_available():
-        return Row("fail", f"torch {torch.__version__} sees no CUDA device (torch.version.cuda = {torch.version.cuda}); --dry-run checks the code on CPU", {})
+        return Row(
+            "fail",
+            f"torch {torch.__version__} sees no CUDA device (torch.version.cuda = {torch.version.cuda}); --dry-run checks the code on CPU",
+            {},
+        )
     data = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -162,7 +196,11 @@ def device_row(context: Context) -> Row:
     }
     if context.device.type == "cuda":
         properties = torch.cuda.get_device_properties(context.device)
-        data |= {"name": properties.name, "compute_capability": f"{properties.major}.{properties.minor}", "memory_gib": round(properties.total_memory / 2**30, 1)}
+        data |= {
+            "name": properties.name,
+            "compute_capability": f"{properties.major}.{properties.minor}",
+            "memory_gib": round(properties.total_memory / 2**30, 1),
+        }
     picks = {}
     for precision, allow_fp8 in (("nvfp4", False), ("nvfp4", True), ("fp8", False)):
         picked, backend, reason = resolve_explore_path(precision, "auto", context.device, allow_fp8)
@@ -213,7 +251,9 @@ def family_row(family: str) -> Callable[[Context], Row]:
         if data["alone_vs_batch_mean_abs_pixel"] >= 2:  # the real-checkpoint test's tolerance for bf16 GPU kernels
             problems.append(f"a seed alone differs from it in a batch by {data['alone_vs_batch_mean_abs_pixel']:.2f} mean |pixel|")
         data |= training_steps(policy, steps)
-        problems += [f"{name}: loss {data[name]} not finite" for name in ("grpo_loss", "nft_loss") if not torch.isfinite(torch.tensor(data[name]))]
+        problems += [
+            f"{name}: loss {data[name]} not finite" for name in ("grpo_loss", "nft_loss") if not torch.isfinite(torch.tensor(data[name]))
+        ]
         problems += [f"{name} moved no LoRA weight" for name in ("grpo", "nft") if not data[f"{name}_weights_moved"]]
         detail = "; ".join(problems) or (
             f"{len(SOLVERS)} solvers, alone vs batch {data['alone_vs_batch_mean_abs_pixel']:.2f} mean |pixel|, "
@@ -313,10 +353,19 @@ def backends_row(context: Context) -> Row:
                 continue
             with torch.no_grad():
                 v = explore.velocity(x, t, cond).float()
-            weights = [quantized_operands(explore.transformer.get_submodule(name), None)[0] - quantized_operands(baseline.transformer.get_submodule(name), None)[0] for name in baseline.explore_state.selection.quantized]
-            inputs = quantized_operands(explore.transformer.get_submodule(layer_name), layer_input)[1] - quantized_operands(baseline.transformer.get_submodule(layer_name), layer_input)[1]
+            weights = [
+                quantized_operands(explore.transformer.get_submodule(name), None)[0]
+                - quantized_operands(baseline.transformer.get_submodule(name), None)[0]
+                for name in baseline.explore_state.selection.quantized
+            ]
+            inputs = (
+                quantized_operands(explore.transformer.get_submodule(layer_name), layer_input)[1]
+                - quantized_operands(baseline.transformer.get_submodule(layer_name), layer_input)[1]
+            )
             data[f"{precision}/{backend} vs emulate"] = {
-                "runs": "kernel" if backend == "scaled_mm" and kernel_support(context.device, precision).available else ("reference formula" if backend == "scaled_mm" else backend),
+                "runs": "kernel"
+                if backend == "scaled_mm" and kernel_support(context.device, precision).available
+                else ("reference formula" if backend == "scaled_mm" else backend),
                 "max_abs_quantized_weight_difference": max(float(w.abs().max()) for w in weights),
                 "max_abs_quantized_input_difference": float(inputs.abs().max()),
                 "input_layer": layer_name,
@@ -326,7 +375,11 @@ def backends_row(context: Context) -> Row:
             }
     data["skipped"] = skipped
     bad = [name for name, value in data.items() if isinstance(value, dict) and not value["finite"]]
-    summary = ", ".join(f"{name}: velocity {value['relative_velocity_difference']:.1e} ({value['runs']})" for name, value in data.items() if isinstance(value, dict))
+    summary = ", ".join(
+        f"{name}: velocity {value['relative_velocity_difference']:.1e} ({value['runs']})"
+        for name, value in data.items()
+        if isinstance(value, dict)
+    )
     return Row("fail" if bad else "pass", f"non-finite velocities: {bad}" if bad else summary, data)
 
 
@@ -365,13 +418,25 @@ def speed_row(size: str) -> Callable[[Context], Row]:
         options = {"min_dim": 16} if size == "tiny" else {}  # the tiny linears are under FLUX's min_dim 1000
         # bf16 exploring is a bf16 explore copy (on CPU its linears accumulate in fp32, as the quantized ones do)
         times = {"bf16": time_sampling(quantize_policy(policy, "bf16"), context)}
-        data, skipped = {"width": linear_width(policy), "image_tokens": image_tokens(policy), "batch": context.sizes.timing_batch, "steps": EXPLORE_STEPS}, []
+        data, skipped = (
+            {
+                "width": linear_width(policy),
+                "image_tokens": image_tokens(policy),
+                "batch": context.sizes.timing_batch,
+                "steps": EXPLORE_STEPS,
+            },
+            [],
+        )
         for precision, backend, unavailable in explore_paths(context):
             if unavailable:
                 skipped.append(f"{precision}/{backend}: {unavailable}")
                 continue
             explore = quantize_policy(policy, precision, backend, calibration=small_calibration(), **options)
-            runs = "kernel" if backend == "scaled_mm" and kernel_support(context.device, precision).available else ("reference formula" if backend == "scaled_mm" else backend)
+            runs = (
+                "kernel"
+                if backend == "scaled_mm" and kernel_support(context.device, precision).available
+                else ("reference formula" if backend == "scaled_mm" else backend)
+            )
             times[f"{precision}/{backend} ({runs})"] = time_sampling(explore, context)
             del explore
             if context.device.type == "cuda":
@@ -380,7 +445,9 @@ def speed_row(size: str) -> Callable[[Context], Row]:
         data["speedup_over_bf16"] = {name: times["bf16"] / seconds for name, seconds in times.items() if name != "bf16"}
         data["skipped"] = skipped
         summary = ", ".join(f"{name} {speedup:.2f}x" for name, speedup in data["speedup_over_bf16"].items())
-        return Row("pass", f"width {data['width']}, {data['image_tokens']} tokens; over bf16 ({times['bf16'] * 1000:.0f} ms): {summary}", data)
+        return Row(
+            "pass", f"width {data['width']}, {data['image_tokens']} tokens; over bf16 ({times['bf16'] * 1000:.0f} ms): {summary}", data
+        )
 
     return check
 
@@ -460,7 +527,9 @@ def ray_row(context: Context) -> Row:
     steps = len(metrics.read_text().splitlines()) if metrics.exists() else 0
     result |= {"num_gpus_per_actor": gpus, "steps_logged": steps}
     ok = result["returncode"] == 0 and steps == 2
-    return Row("pass" if ok else "fail", f"tiny_solrl, 2 steps, num_gpus {gpus} per rollout worker and learner: {steps} steps logged", result)
+    return Row(
+        "pass" if ok else "fail", f"tiny_solrl, 2 steps, num_gpus {gpus} per rollout worker and learner: {steps} steps logged", result
+    )
 
 
 def run_subprocess(command: list[str], context: Context) -> dict:
@@ -469,11 +538,17 @@ def run_subprocess(command: list[str], context: Context) -> dict:
     if context.dry_run:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the same code on CPU, even on a machine with a GPU
     try:
-        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=context.sizes.subprocess_timeout_s, check=False)
+        done = subprocess.run(
+            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=context.sizes.subprocess_timeout_s, check=False
+        )
         return {"command": command, "returncode": done.returncode, "output_tail": (done.stdout + done.stderr)[-4000:]}
     except subprocess.TimeoutExpired as error:
         output = (error.stdout or b"").decode(errors="replace") + (error.stderr or b"").decode(errors="replace")
-        return {"command": command, "returncode": None, "output_tail": output[-4000:] + f"\ntimed out after {context.sizes.subprocess_timeout_s} s"}
+        return {
+            "command": command,
+            "returncode": None,
+            "output_tail": output[-4000:] + f"\ntimed out after {context.sizes.subprocess_timeout_s} s",
+        }
 
 
 ROWS: dict[str, Callable[[Context], Row]] = {

@@ -59,7 +59,9 @@ def linear_flops(transformer: torch.nn.Module, inputs: dict) -> dict[str, int]:
     flops: dict[str, int] = {}
 
     def hook(name):
-        return lambda module, args, output: flops.__setitem__(name, args[0].numel() // module.in_features * module.in_features * module.out_features)
+        return lambda module, args, output: flops.__setitem__(
+            name, args[0].numel() // module.in_features * module.in_features * module.out_features
+        )
 
     handles = [m.register_forward_hook(hook(n)) for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
     try:
@@ -114,11 +116,25 @@ def main() -> None:
         with torch.device("meta"):
             transformer = CLASSES[family](**config)
             flops = linear_flops(transformer, forward_inputs(family, config, resolution, vae_factor, text_tokens, text_width))
-        result[family] = {"model": model, "recipe": recipe, "resolution": resolution, "text_tokens": text_tokens, **coverage(transformer, family, flops)}
+        result[family] = {
+            "model": model,
+            "recipe": recipe,
+            "resolution": resolution,
+            "text_tokens": text_tokens,
+            **coverage(transformer, family, flops),
+        }
     tiny = build_transformer().to("meta")
     with torch.device("meta"):
-        flops = linear_flops(tiny, forward_inputs("sd3", {"in_channels": 3, "pooled_projection_dim": TEXT_DIM}, 32, 1, MAX_TOKENS, TEXT_DIM))
-    result["tiny"] = {"model": "tiny testbed", "recipe": "tiny_solrl", "resolution": 32, "text_tokens": MAX_TOKENS, **coverage(tiny, "tiny", flops)}
+        flops = linear_flops(
+            tiny, forward_inputs("sd3", {"in_channels": 3, "pooled_projection_dim": TEXT_DIM}, 32, 1, MAX_TOKENS, TEXT_DIM)
+        )
+    result["tiny"] = {
+        "model": "tiny testbed",
+        "recipe": "tiny_solrl",
+        "resolution": 32,
+        "text_tokens": MAX_TOKENS,
+        **coverage(tiny, "tiny", flops),
+    }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2) + "\n")
     for row in result.values():

@@ -76,20 +76,36 @@ PAIRS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ablate", action="store_true", help="also quantize only one block / layer group, or all but one, and measure noise sensitivity")
+    parser.add_argument(
+        "--ablate", action="store_true", help="also quantize only one block / layer group, or all but one, and measure noise sensitivity"
+    )
     parser.add_argument("--requant-repeats", type=int, default=3)
     parser.add_argument("--seeds", type=int, default=96, help="N seeds per prompt (96 for the reported figures)")
     parser.add_argument("--prompts", type=int, default=8, help="eval prompts (8 for the reported figures)")
     parser.add_argument("--reward", default="tiny_verifier", help="reward that ranks the seeds (any registered name)")
-    parser.add_argument("--keep", action="append", default=[], metavar="REGEX", help="keep matching linears in bf16 in the NVFP4 copy (sol.keep_high_precision); repeat")
-    parser.add_argument("--skip", action="append", default=None, metavar="REGEX", help="the skip list in place of the family's (sol.skip_modules); repeat")
+    parser.add_argument(
+        "--keep",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="keep matching linears in bf16 in the NVFP4 copy (sol.keep_high_precision); repeat",
+    )
+    parser.add_argument(
+        "--skip", action="append", default=None, metavar="REGEX", help="the skip list in place of the family's (sol.skip_modules); repeat"
+    )
     parser.add_argument("--min-dim", type=int, default=None, help="sol.min_dim in place of the family's")
     parser.add_argument("--activation-scaling", choices=("static", "delayed"), default="static", help="sol.activation_scaling")
     parser.add_argument("--amax-history-len", type=int, default=16, help="sol.amax_history_len (delayed scaling)")
-    parser.add_argument("--out", default=None, help="default: bench/results/quant_fidelity.json, or quant_fidelity_REWARD.json for another reward; required with other coverage or scaling")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="default: bench/results/quant_fidelity.json, or quant_fidelity_REWARD.json for another reward; required with other coverage or scaling",
+    )
     args = parser.parse_args()
     if (args.keep or args.skip is not None or args.min_dim is not None or args.activation_scaling != "static") and not args.out:
-        parser.error("--keep, --skip, --min-dim and --activation-scaling need --out: runs of other explore copies must not overwrite each other")
+        parser.error(
+            "--keep, --skip, --min-dim and --activation-scaling need --out: runs of other explore copies must not overwrite each other"
+        )
     torch.manual_seed(0)
     prompts = prompt_set("eval")[::3][: args.prompts]
     seeds = [EVAL_SEED_BASE + j for j in range(args.seeds)]
@@ -100,7 +116,10 @@ def main() -> None:
     policies["nvfp4"] = quantize_policy(policies["bf16"], "nvfp4", "emulate", **coverage)
     policies["fp8"] = quantize_policy(policies["bf16"], "fp8", "emulate", **coverage)
     reward = build_reward(args.reward)
-    out = Path(args.out or ("bench/results/quant_fidelity.json" if args.reward == "tiny_verifier" else f"bench/results/quant_fidelity_{args.reward}.json"))
+    out = Path(
+        args.out
+        or ("bench/results/quant_fidelity.json" if args.reward == "tiny_verifier" else f"bench/results/quant_fidelity_{args.reward}.json")
+    )
 
     rewards = {name: np.zeros((len(prompts), len(seeds))) for name in RUNS}
     seconds = {name: [] for name in RUNS}
@@ -115,14 +134,23 @@ def main() -> None:
     fidelity = {f"{a} vs {b}": pair_report(rewards[a], rewards[b], min(K, len(seeds))) for a, b in PAIRS}
     per_image = {name: float(np.median(seconds[name])) / len(seeds) for name in RUNS}
     result = {
-        "protocol": {"prompts": prompts, "seeds": f"{EVAL_SEED_BASE} + j, j < {len(seeds)}", "k": K, "solver": "euler", "reward": args.reward},
+        "protocol": {
+            "prompts": prompts,
+            "seeds": f"{EVAL_SEED_BASE} + j, j < {len(seeds)}",
+            "k": K,
+            "solver": "euler",
+            "reward": args.reward,
+        },
         "weights_commit": git_commit("rollout/tiny/weights"),
         "quantization": {
             **{k: v for k, v in policies["nvfp4"].explore_state.to_dict().items() if k not in ("quantized_layers", "kept_layers")},
             "linear_flop_share": linear_flop_share(policies["bf16"], policies["nvfp4"].explore_state.selection.quantized),
         },
         "fidelity": fidelity,
-        "rewards": {name: {"mean": float(r.mean()), "strict": float((r == 1.0).mean()), "distinct_values": int(np.unique(r).size)} for name, r in rewards.items()},
+        "rewards": {
+            name: {"mean": float(r.mean()), "strict": float((r == 1.0).mean()), "distinct_values": int(np.unique(r).size)}
+            for name, r in rewards.items()
+        },
         "cpu_cost": {
             "seconds_per_image_6_steps_median": {name: per_image[name] for name in ("nvfp4@6", "fp8@6", "bf16@6", "fp32@6")},
             "nvfp4_over_fp32": per_image["nvfp4@6"] / per_image["fp32@6"],
@@ -147,7 +175,9 @@ def main() -> None:
 
 def pair_report(explore: np.ndarray, reference: np.ndarray, k: int) -> dict:
     summary = fidelity_summary(torch.from_numpy(explore), torch.from_numpy(reference), k)
-    summary["spearman_per_prompt"] = [None if np.isnan(v) else round(v, 4) for v in spearman(torch.from_numpy(explore), torch.from_numpy(reference)).tolist()]
+    summary["spearman_per_prompt"] = [
+        None if np.isnan(v) else round(v, 4) for v in spearman(torch.from_numpy(explore), torch.from_numpy(reference)).tolist()
+    ]
     summary["identical_rewards"] = float((explore == reference).mean())
     return summary
 
@@ -167,7 +197,15 @@ def requantize_cost(explore: Policy, source: Policy, prompts: list[str], repeats
         start = time.perf_counter()
         sample(explore, [p for p, _ in pairs], [s for _, s in pairs], EXPLORE_STEPS)
         explore_s.append(time.perf_counter() - start)
-    median = {name: float(np.median(values)) for name, values in [("requantize_s", requant_s), ("load_quantize_weights_s", load_s), ("calibrate_s", calibrate_s), ("explore_batch_s", explore_s)]}
+    median = {
+        name: float(np.median(values))
+        for name, values in [
+            ("requantize_s", requant_s),
+            ("load_quantize_weights_s", load_s),
+            ("calibrate_s", calibrate_s),
+            ("explore_batch_s", explore_s),
+        ]
+    }
     return {
         "explore_batch": f"{len(pairs)} images x {EXPLORE_STEPS} steps (P * N / workers = 4 * 96 / 2)",
         "calibration_images": None if explore.explore_state.calibration is None else explore.explore_state.calibration.num_images,
@@ -232,18 +270,31 @@ def ablation(bf16: Policy, prompts: list[str], seeds: list[int], reference: np.n
     blocks = {f"block_{b}": rf"^transformer_blocks\.{b}\." for b in range(len(bf16.transformer.transformer_blocks))}
     fine_groups = {name: pattern for name, pattern in LAYER_GROUPS.items() if not name.endswith("_stream")}
     result = {}
-    variants = [("only", name, rf"^(?!.*(?:{pattern}))") for name, pattern in (blocks | LAYER_GROUPS).items()]  # keep what `pattern` does not match
+    variants = [
+        ("only", name, rf"^(?!.*(?:{pattern}))") for name, pattern in (blocks | LAYER_GROUPS).items()
+    ]  # keep what `pattern` does not match
     variants += [("without", name, pattern) for name, pattern in (blocks | fine_groups).items()]  # keep what it matches
     for kind, name, keep in variants:
         explore = quantize_policy(bf16, "nvfp4", "emulate", keep_patterns=(keep,))
         selection = explore.explore_state.selection
-        rewards = np.stack([reward.score(sample(explore, [p] * len(seeds), seeds, EXPLORE_STEPS).images, [p] * len(seeds)) for p in prompts])
+        rewards = np.stack(
+            [reward.score(sample(explore, [p] * len(seeds), seeds, EXPLORE_STEPS).images, [p] * len(seeds)) for p in prompts]
+        )
         summary = fidelity_summary(torch.from_numpy(rewards), torch.from_numpy(reference), k)
-        result[f"nvfp4_{kind}_{name}"] = {"quantized_layers": len(selection.quantized), "linear_flop_share": linear_flop_share(bf16, selection.quantized), **summary}
+        result[f"nvfp4_{kind}_{name}"] = {
+            "quantized_layers": len(selection.quantized),
+            "linear_flop_share": linear_flop_share(bf16, selection.quantized),
+            **summary,
+        }
         what = f"only {name} in NVFP4" if kind == "only" else f"all but {name} in NVFP4"
         print(f"{what} ({len(selection.quantized)} linears): Spearman {summary['spearman']:.4f}", flush=True)
     for sigma in NOISE_SIGMAS:
-        rewards = np.stack([reward.score(sample(NoisyVelocity(bf16, seeds, sigma), [p] * len(seeds), seeds, EXPLORE_STEPS).images, [p] * len(seeds)) for p in prompts])
+        rewards = np.stack(
+            [
+                reward.score(sample(NoisyVelocity(bf16, seeds, sigma), [p] * len(seeds), seeds, EXPLORE_STEPS).images, [p] * len(seeds))
+                for p in prompts
+            ]
+        )
         summary = fidelity_summary(torch.from_numpy(rewards), torch.from_numpy(reference), k)
         result[f"bf16_velocity_noise_{sigma}"] = summary
         print(f"bf16 + {sigma} relative velocity noise: Spearman {summary['spearman']:.4f}", flush=True)
@@ -277,7 +328,9 @@ def linear_flop_share(policy: Policy, names: list[str]) -> float:
     flops: dict[str, int] = {}
 
     def hook(name):
-        return lambda module, inputs, output: flops.__setitem__(name, inputs[0].numel() // module.in_features * module.in_features * module.out_features)
+        return lambda module, inputs, output: flops.__setitem__(
+            name, inputs[0].numel() // module.in_features * module.in_features * module.out_features
+        )
 
     handles = [m.register_forward_hook(hook(n)) for n, m in policy.transformer.named_modules() if isinstance(m, torch.nn.Linear)]
     try:
@@ -309,7 +362,9 @@ def plot(rewards: dict[str, np.ndarray], prompts: list[str], fidelity: dict, rew
             ax.scatter(x, y, s=9, alpha=0.45, label=prompt)
         ax.plot([low, high], [low, high], color="gray", lw=0.8, ls="--")
         report = fidelity[f"nvfp4@6 vs {reference}"]
-        ax.set_title(f"NVFP4 (6 steps) vs {reference.replace('@', ', ')} steps\nSpearman {report['spearman']:.3f}, top-{report['topk']} overlap {report['topk_overlap']:.3f}")
+        ax.set_title(
+            f"NVFP4 (6 steps) vs {reference.replace('@', ', ')} steps\nSpearman {report['spearman']:.3f}, top-{report['topk']} overlap {report['topk_overlap']:.3f}"
+        )
         ax.set_xlabel(f"{reference} reward ({reward_name}{', jittered' if jitter else ''})")
         ax.set_aspect("equal")
     axes[0].set_ylabel(f"NVFP4 explore reward{' (jittered)' if jitter else ''}")
@@ -322,7 +377,10 @@ def plot(rewards: dict[str, np.ndarray], prompts: list[str], fidelity: dict, rew
 
 def git_commit(path: str) -> str | None:
     try:
-        return subprocess.run(["git", "log", "-1", "--format=%h %cI", "--", path], capture_output=True, text=True, check=True).stdout.strip() or None
+        return (
+            subprocess.run(["git", "log", "-1", "--format=%h %cI", "--", path], capture_output=True, text=True, check=True).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.CalledProcessError):
         return None
 

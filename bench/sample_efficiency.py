@@ -85,7 +85,9 @@ RUNS = {
 def train(run: Run, seed: int) -> tuple[Policy, Trainer, list[dict]]:
     policy = load_policy("tiny")
     policy.add_lora(run.lora_rank, 2.0 * run.lora_rank, init_seed=seed)
-    settings = TrainerSettings(lr=run.lr, nft_beta=run.nft_beta, kl_weight=run.kl_weight, timestep_fraction=run.timestep_fraction, microbatch_size=64)
+    settings = TrainerSettings(
+        lr=run.lr, nft_beta=run.nft_beta, kl_weight=run.kl_weight, timestep_fraction=run.timestep_fraction, microbatch_size=64
+    )
     trainer = Trainer(policy, settings, sampler_timesteps=policy.sigmas(STEPS), seed=seed)
     rewards = [build_reward(name) for name in run.reward.split("+")]
     curriculum = prompt_set("curriculum")
@@ -110,7 +112,9 @@ def train(run: Run, seed: int) -> tuple[Policy, Trainer, list[dict]]:
         metrics = trainer.nft_step(NFTBatch(out.x0, flat, advantages))
         if explore is not None:
             requantize(explore, lora_merged_weights(policy.transformer, OLD_ADAPTER), step + 1)
-        history.append({"step": step, "reward": float(scores.mean()), "grad_norm": metrics["train/grad_norm"], "seconds": time.perf_counter() - start})
+        history.append(
+            {"step": step, "reward": float(scores.mean()), "grad_norm": metrics["train/grad_norm"], "seconds": time.perf_counter() - start}
+        )
     return policy, trainer, history
 
 
@@ -128,7 +132,12 @@ def probe(policy, prompts: list[str], seeds_per_prompt: int, alignment) -> dict:
     strict = np.array([verify(image, p) == 1.0 for image, p in zip(images, flat)])
     dense = alignment.score(images, flat)
     n = len(flat)
-    return {"strict": float(strict.mean()), "strict_se": float(strict.std(ddof=1) / np.sqrt(n)), "alignment": float(dense.mean()), "alignment_se": float(dense.std(ddof=1) / np.sqrt(n))}
+    return {
+        "strict": float(strict.mean()),
+        "strict_se": float(strict.std(ddof=1) / np.sqrt(n)),
+        "alignment": float(dense.mean()),
+        "alignment_se": float(dense.std(ddof=1) / np.sqrt(n)),
+    }
 
 
 def evaluate(policy, trainer, alignment) -> dict:
@@ -164,7 +173,13 @@ def main() -> None:
             start = time.perf_counter()
             policy, trainer, history = train(RUNS[name], seed)
             after = evaluate(policy, trainer, alignment)
-            results[f"{name}/seed{seed}"] = {"run": asdict(RUNS[name]), "seed": seed, "after": after, "train_reward": [h["reward"] for h in history], "seconds": time.perf_counter() - start}
+            results[f"{name}/seed{seed}"] = {
+                "run": asdict(RUNS[name]),
+                "seed": seed,
+                "after": after,
+                "train_reward": [h["reward"] for h in history],
+                "seconds": time.perf_counter() - start,
+            }
             ema, current = after["ema"]["curriculum"], after["current"]["curriculum"]
             print(
                 f"{name} seed {seed}: curriculum strict {results['before']['curriculum']['strict']:.3f} -> {current['strict']:.3f} "

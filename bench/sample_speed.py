@@ -29,7 +29,14 @@ def main() -> None:
     prompts = [eval_prompts[i % len(eval_prompts)] for i in range(96)]
     seeds = list(range(96))
     sample(policy, prompts, seeds, steps=2)  # warm-up: allocator and prompt cache
-    result = {"images": 96, "steps": 10, "precision": "fp32", "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine()}
+    result = {
+        "images": 96,
+        "steps": 10,
+        "precision": "fp32",
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+    }
     for solver in ("euler", "dpm2", "sde"):
         times = []
         for _ in range(args.repeats):

@@ -193,7 +193,9 @@ def lora_update(transformer: nn.Module, adapter: str = OLD_ADAPTER) -> dict[str,
     return update
 
 
-def merge_lora_update(base: dict[str, torch.Tensor], update: dict[str, torch.Tensor], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+def merge_lora_update(
+    base: dict[str, torch.Tensor], update: dict[str, torch.Tensor], device: torch.device | str | None = None
+) -> dict[str, torch.Tensor]:
     """W = W_base + scaling * (B @ A) for every linear in a `lora_update`, keyed "<name>.weight".
 
     Computed on `device` (default: each base weight's) in the wider of the two dtypes and not rounded
@@ -257,13 +259,17 @@ def resolve_explore_path(precision: str, backend: str, device: torch.device | st
             raise ValueError(f"backend 'modelopt' quantizes to nvfp4 only, not {precision!r}; use 'scaled_mm' or 'emulate'")
         reason = modelopt_unavailable(device)
         if reason:
-            raise RuntimeError(f"NVFP4 backend 'modelopt' cannot run on device {device}: {reason}; use backend='emulate' (any device) or 'auto'")
+            raise RuntimeError(
+                f"NVFP4 backend 'modelopt' cannot run on device {device}: {reason}; use backend='emulate' (any device) or 'auto'"
+            )
         reason = "modelopt fake quantization"
     elif backend == "scaled_mm":
         support = kernel_support(device, precision)
         reason = support.reason if support.available else f"reference formula of the GEMM ({support.reason})"
         if not support.available:
-            logger.warning("%s explore with backend scaled_mm on %s computes the GEMM's reference formula: %s", precision, device, support.reason)
+            logger.warning(
+                "%s explore with backend scaled_mm on %s computes the GEMM's reference formula: %s", precision, device, support.reason
+            )
     else:
         reason = "emulation in pure torch"
     return precision, backend, reason

@@ -209,7 +209,9 @@ def _probe(index: int, precision: str) -> KernelSupport:
     try:
         _check_compiled_quantizer(device, precision)
     except Exception as error:  # torch.compile (triton) unavailable, failing or computing other codes: quantize eagerly, slower
-        logger.warning("%s activations are quantized eagerly: the compiled quantizer failed its check (%s: %s)", precision, type(error).__name__, error)
+        logger.warning(
+            "%s activations are quantized eagerly: the compiled quantizer failed its check (%s: %s)", precision, type(error).__name__, error
+        )
         return KernelSupport(True, f"{precision} scaled-matmul GEMM on {name}, eager activation quantization", False)
     return KernelSupport(True, f"{precision} scaled-matmul GEMM on {name}", True)
 
@@ -242,7 +244,9 @@ def _check_compiled_quantizer(device: torch.device, precision: str) -> None:
 
 def _operand_bits(operand: PackedNVFP4 | FP8Codes) -> tuple[torch.Tensor, ...]:
     """The operand's tensors, 1-byte float formats viewed as uint8 (comparable bit for bit)."""
-    tensors = (operand.values, operand.scale) if isinstance(operand, FP8Codes) else (operand.data, operand.block_scales, operand.tensor_scale)
+    tensors = (
+        (operand.values, operand.scale) if isinstance(operand, FP8Codes) else (operand.data, operand.block_scales, operand.tensor_scale)
+    )
     return tuple(t.view(torch.uint8) if t.element_size() == 1 else t for t in tensors)
 
 

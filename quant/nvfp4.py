@@ -70,7 +70,9 @@ def nvfp4_quantize(x: torch.Tensor, block_size: int = NVFP4_BLOCK_SIZE, amax: to
     """
     _check_input(x, block_size)
     blocks = _pad_last_dim(x.float(), block_size).unflatten(-1, (-1, block_size))
-    tensor_scale = nvfp4_tensor_scale(x) if amax is None else torch.as_tensor(amax, dtype=torch.float32, device=x.device) / (E2M1_MAX * E4M3_MAX)
+    tensor_scale = (
+        nvfp4_tensor_scale(x) if amax is None else torch.as_tensor(amax, dtype=torch.float32, device=x.device) / (E2M1_MAX * E4M3_MAX)
+    )
     block_scales = nvfp4_block_scales(blocks, tensor_scale)
     values = round_to_e2m1(blocks / (block_scales * tensor_scale).unsqueeze(-1))
     return NVFP4Codes(values.flatten(-2), block_scales, tensor_scale, x.shape[-1])

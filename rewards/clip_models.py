@@ -65,7 +65,9 @@ class ClipSimilarity(PretrainedReward):
 class PickScore(ClipSimilarity):
     name = "pickscore"
 
-    def __init__(self, model: str = "yuvalkirstain/PickScore_v1", processor: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", **kwargs) -> None:
+    def __init__(
+        self, model: str = "yuvalkirstain/PickScore_v1", processor: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", **kwargs
+    ) -> None:
         super().__init__(model, processor, **kwargs)
 
     def _from_cosine(self, cosine: torch.Tensor) -> torch.Tensor:
@@ -106,7 +108,14 @@ class Aesthetic(PretrainedReward):
     name = "aesthetic"
     resources: ClassVar[dict[str, float]] = {"num_cpus": 1.0, "num_gpus": 0.125}
 
-    def __init__(self, head: str, model: str = "openai/clip-vit-large-patch14", device: str | None = None, precision: str = "fp32", batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        head: str,
+        model: str = "openai/clip-vit-large-patch14",
+        device: str | None = None,
+        precision: str = "fp32",
+        batch_size: int = 32,
+    ) -> None:
         super().__init__(device, precision, batch_size)
         clip = CLIPModel.from_pretrained(model)
         self.vision_model = self._prepare(clip.vision_model)
@@ -141,7 +150,13 @@ _OPEN_CLIP_NAMES = {
 # open_clip stores projections as x @ proj; nn.Linear as x @ W^T.
 _OPEN_CLIP_PROJECTIONS = {"visual.proj": "visual_projection.weight", "text_projection": "text_projection.weight"}
 _OPEN_CLIP_BLOCK = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.(.+)$")
-_OPEN_CLIP_BLOCK_NAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2", "attn.out_proj": "self_attn.out_proj"}
+_OPEN_CLIP_BLOCK_NAMES = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+    "attn.out_proj": "self_attn.out_proj",
+}
 
 
 def clip_state_from_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

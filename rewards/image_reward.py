@@ -70,17 +70,24 @@ class ImageReward(PretrainedReward):
         self.image_size = {"height": vision_config.image_size, "width": vision_config.image_size}
 
     def _score(self, images: list[np.ndarray], prompts: list[str]) -> torch.Tensor:
-        text = self.processor.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_tokens, return_tensors="pt").to(self.device)
+        text = self.processor.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_tokens, return_tensors="pt").to(
+            self.device
+        )
         pixels = self.processor.image_processor(images, size=self.image_size, return_tensors="pt").pixel_values.to(self.device, self.dtype)
         image_embeds = self.vision(pixel_values=pixels).last_hidden_state
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
         hidden = self.text(
-            input_ids=text.input_ids, attention_mask=text.attention_mask, encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask
+            input_ids=text.input_ids,
+            attention_mask=text.attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_mask,
         ).last_hidden_state
         return (self.head(hidden[:, 0]).float() - self.mean) / self.std
 
 
-def split_imagereward_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def split_imagereward_state(
+    state: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """ImageReward.pt -> (BlipVisionModel, BlipTextModel, ScoreHead) state dicts; other BLIP parts are unused."""
     vision, text, head = {}, {}, {}
     for key, value in state.items():

@@ -99,7 +99,9 @@ class RemoteReward(Reward):
     def _post(self, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]) -> np.ndarray:
         encoded = [encode_image(image, self.image_format, self.jpeg_quality) for image in images]
         body = pack({"images": encoded, "prompts": prompts, "metadata": metadata}, self.content_type)
-        answer, content_type = post_with_retries(f"{self.url}/score", body, {"Content-Type": self.content_type}, self.timeout, self.retries, self.backoff)
+        answer, content_type = post_with_retries(
+            f"{self.url}/score", body, {"Content-Type": self.content_type}, self.timeout, self.retries, self.backoff
+        )
         scores = unpack(answer, content_type)["scores"]
         if len(scores) != len(images):
             raise RuntimeError(f"{self.url}/score returned {len(scores)} scores for {len(images)} images")

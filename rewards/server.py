@@ -166,7 +166,9 @@ class RewardServer:
     def _score_jobs(self, jobs: list[_Job]) -> None:
         try:
             scores = self.reward.score(
-                np.concatenate([job.images for job in jobs]), [p for job in jobs for p in job.prompts], [m for job in jobs for m in job.metadata]
+                np.concatenate([job.images for job in jobs]),
+                [p for job in jobs for p in job.prompts],
+                [m for job in jobs for m in job.metadata],
             )
         except Exception as error:  # RewardError, or anything else: the batcher thread must outlive every batch
             if len(jobs) > 1:
@@ -190,7 +192,9 @@ def decode_request(payload: dict[str, Any], content_type: str) -> tuple[np.ndarr
         raise RequestError(400, 'the body needs "images" and "prompts" lists')
     metadata = payload.get("metadata") or [{} for _ in images]
     if not (len(images) == len(prompts) == len(metadata)):
-        raise RequestError(400, f"{len(images)} images, {len(prompts)} prompts and {len(metadata)} metadata entries: give one of each per image")
+        raise RequestError(
+            400, f"{len(images)} images, {len(prompts)} prompts and {len(metadata)} metadata entries: give one of each per image"
+        )
     if not all(isinstance(p, str) for p in prompts) or not all(isinstance(m, dict) for m in metadata):
         raise RequestError(400, "prompts must be strings and metadata entries maps")
     if not images:
@@ -231,7 +235,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path == "/health":
             app = self.app
-            info = {"status": "ok", "reward": app.reward.name, "queued": app.queued, "max_batch": app.max_batch, "max_request_bytes": app.max_request_bytes}
+            info = {
+                "status": "ok",
+                "reward": app.reward.name,
+                "queued": app.queued,
+                "max_batch": app.max_batch,
+                "max_request_bytes": app.max_request_bytes,
+            }
             self._send(200, info, JSON)
         elif self.path == "/score":
             self._send_error(405, "use POST for /score")
@@ -283,4 +293,3 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s - %s", self.address_string(), format % args)
-

@@ -119,7 +119,10 @@ class VLMJudge(Reward):
         return np.array([np.nan if score is None else score for score in scores], dtype=np.float64)
 
     def metrics(self) -> dict[str, float]:
-        return {"reward/vlm_judge/unparsable": float(self.unparsable_last), "reward/vlm_judge/unparsable_total": float(self.unparsable_total)}
+        return {
+            "reward/vlm_judge/unparsable": float(self.unparsable_last),
+            "reward/vlm_judge/unparsable_total": float(self.unparsable_total),
+        }
 
     def _ask(self, image: np.ndarray, prompt: str) -> str:
         data_url = f"data:image/{self.image_format};base64,{base64.b64encode(encode_image(image, self.image_format)).decode('ascii')}"
@@ -127,7 +130,10 @@ class VLMJudge(Reward):
             "model": self.model,
             "messages": [
                 {"role": "system", "content": self.rubric},
-                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": f"Prompt: {prompt}"}]},
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": f"Prompt: {prompt}"}],
+                },
             ],
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,

@@ -33,9 +33,7 @@ def group_advantages(
     rewards = _as_float(rewards)
     columns = rewards if rewards.ndim == 2 else rewards[:, None]
     group_index = _group_index(group_ids, columns.shape[0])
-    adv = torch.stack(
-        [_column_advantages(column, group_index, global_std, eps, drop_zero_variance) for column in columns.T], dim=1
-    )
+    adv = torch.stack([_column_advantages(column, group_index, global_std, eps, drop_zero_variance) for column in columns.T], dim=1)
     return adv if rewards.ndim == 2 else adv[:, 0]
 
 

@@ -179,7 +179,13 @@ class RewardBalancer:
         return self.conflicts / self.measured if self.measured else 0.0
 
     def state_dict(self) -> dict:
-        return {"weights": self.weights.clone(), "norms": self.norms.clone(), "solves": self.solves, "measured": self.measured, "conflicts": self.conflicts}
+        return {
+            "weights": self.weights.clone(),
+            "norms": self.norms.clone(),
+            "solves": self.solves,
+            "measured": self.measured,
+            "conflicts": self.conflicts,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.weights = state["weights"].clone()

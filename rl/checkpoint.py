@@ -113,7 +113,9 @@ def attach_lora(policy: Policy, directory: str | Path) -> None:
     if (directory / ADAPTER_DIRS[TRAINABLE_ADAPTER] / LORA_WEIGHTS).is_file():
         directory = directory / ADAPTER_DIRS[TRAINABLE_ADAPTER]
     if not (directory / LORA_WEIGHTS).is_file():
-        raise FileNotFoundError(f"{directory} holds no {LORA_WEIGHTS}: pass a checkpoint directory (checkpoints/step_N) or its lora/ folder")
+        raise FileNotFoundError(
+            f"{directory} holds no {LORA_WEIGHTS}: pass a checkpoint directory (checkpoints/step_N) or its lora/ folder"
+        )
     config = json.loads((directory / "adapter_config.json").read_text())
     policy.add_lora(rank=config["r"], alpha=config["lora_alpha"])
     load_adapter_state_dict(policy, TRAINABLE_ADAPTER, load_lora(directory))
@@ -236,13 +238,20 @@ def load_checkpoint(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, A
         config = json.loads((path / ADAPTER_DIRS[TRAINABLE_ADAPTER] / "adapter_config.json").read_text())
     except _UNREADABLE as error:
         raise CheckpointError(f"{path} cannot be read ({type(error).__name__}: {error})") from None
-    nonfinite = [f"{ADAPTER_DIRS[adapter]}/{key}" for adapter, weights in adapters.items() for key, value in weights.items() if not value.isfinite().all()]
+    nonfinite = [
+        f"{ADAPTER_DIRS[adapter]}/{key}"
+        for adapter, weights in adapters.items()
+        for key, value in weights.items()
+        if not value.isfinite().all()
+    ]
     if nonfinite:
         raise CheckpointError(f"{path}: {len(nonfinite)} LoRA tensors hold inf or NaN, e.g. {nonfinite[:2]}")
     return [{"adapters": adapters, "lora_config": config, "trainer": trainer} for trainer in trainers], run_state
 
 
-def newest_valid_checkpoint(root: str | Path) -> tuple[Path | None, tuple[list[dict[str, Any]], dict[str, Any]] | None, list[tuple[Path, str]]]:
+def newest_valid_checkpoint(
+    root: str | Path,
+) -> tuple[Path | None, tuple[list[dict[str, Any]], dict[str, Any]] | None, list[tuple[Path, str]]]:
     """The newest checkpoint under root that loads whole, with finite weights and the recipe that wrote it;
     what load_checkpoint read from it (None if there is none); and each newer one skipped, with why."""
     skipped = []

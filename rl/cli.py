@@ -92,12 +92,16 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if args.compare_precision:
         # The same prompts x seeds in a second precision; compare.png puts the two grids side by side.
         other_policy = _load_policy(args, args.compare_precision)
-        other = sample(other_policy, [p for p, _ in pairs], [s for _, s in pairs], args.steps, solver=args.solver, batch_size=96, progress=True)
+        other = sample(
+            other_policy, [p for p, _ in pairs], [s for _, s in pairs], args.steps, solver=args.solver, batch_size=96, progress=True
+        )
         grids = [image_grid(images, columns=len(args.seed), scale=args.scale) for images in (out.images, other.images)]
         gap = np.full((grids[0].shape[0], 4 * args.scale, 3), 255, dtype=np.uint8)
         compare = save_png(np.concatenate([grids[0], gap, grids[1]], axis=1), out_dir / "compare.png")
         difference = np.abs(out.images.astype(np.int16) - other.images).mean()
-        print(f"wrote {compare}: left {args.precision}, right {args.compare_precision} (same seeds); mean |pixel difference| {difference:.2f}")
+        print(
+            f"wrote {compare}: left {args.precision}, right {args.compare_precision} (same seeds); mean |pixel difference| {difference:.2f}"
+        )
         if all(p in ALL_PROMPTS for p in args.prompt):
             other_scores = build_reward("tiny_verifier").score(other.images, [p for p, _ in pairs])
             print(f"  verifier reward: {args.precision} {np.mean(scores):.3f}, {args.compare_precision} {np.mean(other_scores):.3f}")
@@ -116,7 +120,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_pretrain_tiny(args: argparse.Namespace) -> None:
     from rollout.tiny.pretrain import pretrain_tiny
 
-    losses = pretrain_tiny(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every, init=args.init, guidance=args.guidance, task_weights=_unique_keys(args.task_weight, "--task-weight"))
+    losses = pretrain_tiny(
+        args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        save_every=args.save_every,
+        init=args.init,
+        guidance=args.guidance,
+        task_weights=_unique_keys(args.task_weight, "--task-weight"),
+    )
     print(f"saved to {args.out}; loss {np.mean(losses[:50]):.4f} (first 50 steps) -> {np.mean(losses[-50:]):.4f} (last 50)")
 
 
@@ -182,7 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=_seeds, default=[0], help="seeds: 7, 0-3 or 1,5,9 (default 0)")
     sample.add_argument("--out", required=True, help="output directory")
     sample.add_argument("--scale", type=int, default=4, help="grid upscaling factor")
-    sample.add_argument("--compare-precision", choices=["fp32", "bf16", "nvfp4", "fp8"], help="also sample in this precision and write compare.png (grids side by side)")
+    sample.add_argument(
+        "--compare-precision",
+        choices=["fp32", "bf16", "nvfp4", "fp8"],
+        help="also sample in this precision and write compare.png (grids side by side)",
+    )
     sample.set_defaults(run=cmd_sample)
 
     evaluate = commands.add_parser("eval", help="strict verifier accuracy on the tiny eval prompts, per task type")
@@ -199,13 +217,23 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--seed", type=int, default=0)
     pretrain.add_argument("--save-every", type=int, default=0, help="also save step-N snapshots every N steps")
     pretrain.add_argument("--init", help="continue from a saved tiny policy instead of a random init")
-    pretrain.add_argument("--guidance", type=float, default=1.0, help="bake classifier-free guidance of this scale into the model (1 = none)")
-    pretrain.add_argument("--task-weight", type=_task_weight, action="append", default=[], help="draw a task this many times as often as the others (default 1 each): two_object=3; repeat")
+    pretrain.add_argument(
+        "--guidance", type=float, default=1.0, help="bake classifier-free guidance of this scale into the model (1 = none)"
+    )
+    pretrain.add_argument(
+        "--task-weight",
+        type=_task_weight,
+        action="append",
+        default=[],
+        help="draw a task this many times as often as the others (default 1 each): two_object=3; repeat",
+    )
     pretrain.set_defaults(run=cmd_pretrain_tiny)
 
     reward_server = commands.add_parser("reward-server", help="serve a registered reward over HTTP for the `remote` reward")
     reward_server.add_argument("reward", help="registry name or dotted path 'pkg.module:Class' of the reward to serve")
-    reward_server.add_argument("--arg", type=_reward_kwarg, action="append", default=[], help="reward constructor argument key=value; repeat")
+    reward_server.add_argument(
+        "--arg", type=_reward_kwarg, action="append", default=[], help="reward constructor argument key=value; repeat"
+    )
     reward_server.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for every interface)")
     reward_server.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
     reward_server.add_argument("--max-batch", type=int, default=64, help="most images scored in one reward call")

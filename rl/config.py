@@ -73,7 +73,8 @@ class AlgorithmConfig(Section):
     lora_rank: int = Field(32, ge=1)
     lora_alpha: float = Field(64.0, gt=0)
     train_precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="the learners' base weights, which rollout workers also merge into: auto = bf16 when learners have GPUs, else fp32; LoRA weights stay fp32"
+        "auto",
+        description="the learners' base weights, which rollout workers also merge into: auto = bf16 when learners have GPUs, else fp32; LoRA weights stay fp32",
     )
     gradient_checkpointing: bool = Field(False, description="recompute the transformer's activations in backward (large models)")
     global_std: bool = Field(True, description="advantage std over the whole batch (else per prompt group)")
@@ -87,7 +88,8 @@ class SolConfig(Section):
     enabled: bool = Field(True, description="two-stage explore/regenerate (Sol-RL); false = plain baseline")
     pool_size: int = Field(96, ge=2, description="N: candidate seeds explored per prompt")
     explore_precision: Literal["nvfp4", "fp8", "bf16", "fp32"] = Field(
-        "nvfp4", description="precision of the rollout copies: nvfp4 = W4A4 (Sol-RL), fp8 = W8A8 E4M3 with per-tensor scales, on the same linears"
+        "nvfp4",
+        description="precision of the rollout copies: nvfp4 = W4A4 (Sol-RL), fp8 = W8A8 E4M3 with per-tensor scales, on the same linears",
     )
     explore_steps: int = Field(6, ge=1, description="ODE steps of the exploration sampler")
     selection: Literal["best_worst", "random", "extremes_random", "mean_deviation"] = "best_worst"
@@ -102,9 +104,12 @@ class SolConfig(Section):
         "real FP8 GEMMs instead of NVFP4 fake quant (faster, other numerics: its own ranking fidelity)",
     )
     skip_modules: list[str] | None = Field(
-        None, description="Sol-RL's skip list: linears whose name matches one (regex search; plain names match as substrings) stay in high precision; None = the family's (quant.selection)"
+        None,
+        description="Sol-RL's skip list: linears whose name matches one (regex search; plain names match as substrings) stay in high precision; None = the family's (quant.selection)",
     )
-    min_dim: int | None = Field(None, ge=0, description="Sol-RL's min_dim: linears with max(in, out) <= min_dim stay in high precision; None = the family's")
+    min_dim: int | None = Field(
+        None, ge=0, description="Sol-RL's min_dim: linears with max(in, out) <= min_dim stay in high precision; None = the family's"
+    )
     keep_high_precision: list[str] = Field(
         default_factory=list,
         description="regexes of linears that stay in high precision besides skip_modules "
@@ -116,12 +121,16 @@ class SolConfig(Section):
         "in any batch); delayed = Transformer Engine's DelayedScaling as Sol-RL runs it (running amax history; images depend on earlier calls)",
     )
     amax_history_len: int = Field(16, ge=1, description="delayed scaling: amax values kept per quantized input")
-    amax_compute_algo: Literal["max", "most_recent"] = Field("max", description="delayed scaling: amax from the history's max or its newest entry")
+    amax_compute_algo: Literal["max", "most_recent"] = Field(
+        "max", description="delayed scaling: amax from the history's max or its newest entry"
+    )
 
     @model_validator(mode="after")
     def _backend_fits_the_precision(self) -> SolConfig:
         if self.quant_backend == "modelopt" and self.explore_precision != "nvfp4":
-            raise ValueError(f"sol.quant_backend 'modelopt' quantizes to nvfp4 only, not explore_precision {self.explore_precision!r}: use scaled_mm, emulate or auto")
+            raise ValueError(
+                f"sol.quant_backend 'modelopt' quantizes to nvfp4 only, not explore_precision {self.explore_precision!r}: use scaled_mm, emulate or auto"
+            )
         if self.allow_fp8 and (self.explore_precision != "nvfp4" or self.quant_backend != "auto"):
             raise ValueError(
                 f"sol.allow_fp8 lets quant_backend 'auto' trade nvfp4 for fp8; it does nothing with explore_precision "
@@ -148,7 +157,9 @@ class SamplerConfig(Section):
 
 class RewardSpec(Section):
     name: str = Field(description="registry name, dotted path 'pkg.module:Class' or entry point")
-    weight: float = Field(1.0, ge=0, description="weight in the weighted-sum baseline (sum_k w_k R_k) and the proxy that selects explored seeds")
+    weight: float = Field(
+        1.0, ge=0, description="weight in the weighted-sum baseline (sum_k w_k R_k) and the proxy that selects explored seeds"
+    )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="constructor arguments")
 
 
@@ -160,7 +171,8 @@ class RewardsConfig(Section):
 
 class BalanceConfig(Section):
     mode: Literal["weighted_sum", "qp"] = Field(
-        "weighted_sum", description="multi-reward combination: weighted_sum = the group advantage of sum_k w_k R_k (DiffusionNFT); qp = MARBLE"
+        "weighted_sum",
+        description="multi-reward combination: weighted_sum = the group advantage of sum_k w_k R_k (DiffusionNFT); qp = MARBLE",
     )
     solve_every: int = Field(10, ge=1, description="full K-backward QP solve every n steps; amortised in between")
     amortized: Literal["marble", "normalized"] = Field(
@@ -209,7 +221,8 @@ class OptimConfig(Section):
         (0.9, 0.999), description="AdamW (beta1, beta2)"
     )
     nonfinite: Literal["stop", "skip_step"] = Field(
-        "stop", description="an inf / NaN gradient: stop the run (the adapter and the last checkpoint stay finite) or skip the step (train/skipped_nonfinite counts them)"
+        "stop",
+        description="an inf / NaN gradient: stop the run (the adapter and the last checkpoint stay finite) or skip the step (train/skipped_nonfinite counts them)",
     )
 
 
@@ -230,14 +243,19 @@ class EvalConfig(Section):
     every: int = Field(0, ge=0, description="evaluate every n steps (0 = only before and after training)")
     prompts: str = Field("tiny:eval", description="eval prompt source (held out from training)")
     seeds_per_prompt: int = Field(8, ge=1)
-    train_prompts: str | None = Field(None, description="a second probe on prompts the run trains on (metrics eval_train/), e.g. tiny:curriculum")
+    train_prompts: str | None = Field(
+        None, description="a second probe on prompts the run trains on (metrics eval_train/), e.g. tiny:curriculum"
+    )
     train_seeds_per_prompt: int = Field(16, ge=1, description="probe seeds per train prompt: eval seeds, which training never draws")
     rewards: list[str] = Field(
-        default_factory=list, description="rewards scored only at evaluation, besides the training ones (tiny_verifier: strict accuracy); a training reward named here is scored once"
+        default_factory=list,
+        description="rewards scored only at evaluation, besides the training ones (tiny_verifier: strict accuracy); a training reward named here is scored once",
     )
     steps: int = Field(10, ge=1)
     solver: Literal["euler", "dpm2"] = "euler"
-    adapter: Literal["ema", "current"] = Field("ema", description="evaluate the EMA of the trained LoRA (as the references do) or the LoRA itself")
+    adapter: Literal["ema", "current"] = Field(
+        "ema", description="evaluate the EMA of the trained LoRA (as the references do) or the LoRA itself"
+    )
     ema_decay: float = Field(0.9, ge=0, lt=1, description="EMA decay cap; the decay warms up as min((1 + s) / (10 + s), cap)")
     ema_every: int = Field(1, ge=1, description="EMA update every n optimizer steps (Flow-GRPO: 8)")
 
@@ -292,7 +310,9 @@ class Recipe(Section):
                     "which is deterministic (its std is 0): keep the latest start below sampler.steps - 1"
                 )
         if self.cluster.learners > 1 and not self.cluster.remote_learners:
-            raise ValueError(f"cluster.learners = {self.cluster.learners} needs cluster.remote_learners: true (a process holds one learner)")
+            raise ValueError(
+                f"cluster.learners = {self.cluster.learners} needs cluster.remote_learners: true (a process holds one learner)"
+            )
         return self
 
     # Derived sizes, computed once from the validated fields.
@@ -340,7 +360,11 @@ def recipe_changes(saved: dict[str, Any], recipe: Recipe) -> list[str]:
     old, new = leaves(Recipe().model_dump(mode="json")) | leaves(saved), leaves(current)
     precision = "algorithm.train_precision"
     keys = sorted((set(old) | set(new)) - {precision})
-    changes = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in keys if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)]
+    changes = [
+        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in keys
+        if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)
+    ]
     resolved = [resolve_train_precision(tree[precision], tree["cluster.learner_resources.num_gpus"]) for tree in (old, new)]
     if resolved[0] != resolved[1]:
         shown = [f"{tree[precision]!r}" + (f" ({value})" if tree[precision] == "auto" else "") for tree, value in zip((old, new), resolved)]

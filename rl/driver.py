@@ -78,15 +78,36 @@ class Driver:
         self.rollout = None
         if recipe.sol.enabled:
             self.rollout = WorkerGroup(
-                RolloutWorker, cluster.rollout_workers, cluster.rollout_resources, cluster.max_restarts,
-                model, recipe.sol.model_dump(), recipe.base_precision, cluster.rollout_resources.num_gpus, cluster.threads(cluster.rollout_resources),
+                RolloutWorker,
+                cluster.rollout_workers,
+                cluster.rollout_resources,
+                cluster.max_restarts,
+                model,
+                recipe.sol.model_dump(),
+                recipe.base_precision,
+                cluster.rollout_resources.num_gpus,
+                cluster.threads(cluster.rollout_resources),
             )
         specs = [spec.model_dump() for spec in recipe.rewards.models]
         self.reward = WorkerGroup(
-            RewardWorker, cluster.reward_workers, cluster.reward_resources, cluster.max_restarts,
-            specs, recipe.rewards.retries, recipe.rewards.on_reward_error, cluster.threads(cluster.reward_resources), recipe.eval_only_rewards,
+            RewardWorker,
+            cluster.reward_workers,
+            cluster.reward_resources,
+            cluster.max_restarts,
+            specs,
+            recipe.rewards.retries,
+            recipe.rewards.on_reward_error,
+            cluster.threads(cluster.reward_resources),
+            recipe.eval_only_rewards,
         )
-        self.learner = LearnerGroup(LearnerWorker, cluster.learners, cluster.remote_learners, cluster.learner_resources, recipe.model_dump(), cluster.threads(cluster.learner_resources))
+        self.learner = LearnerGroup(
+            LearnerWorker,
+            cluster.learners,
+            cluster.remote_learners,
+            cluster.learner_resources,
+            recipe.model_dump(),
+            cluster.threads(cluster.learner_resources),
+        )
         self.base_fingerprint = ray.get(self.learner.call(0, "base_fingerprint"))
         self.weights_ref = None
         self.version = 0
@@ -102,10 +123,22 @@ class Driver:
         pool = np.array_split(np.arange(sol.pool_size), shards)
         refs = []
         for p, prompt in enumerate(prompts):
-            refs.append([
-                self.rollout.call(p * shards + s, "explore", [prompt] * len(js), [seed_for(self.recipe.run.seed, step, p, int(j)) for j in js], sol.explore_steps, self.recipe.sampler.solver, self.recipe.sampler.shift, self.version, self.catch_up_weights)
-                for s, js in enumerate(pool)
-            ])
+            refs.append(
+                [
+                    self.rollout.call(
+                        p * shards + s,
+                        "explore",
+                        [prompt] * len(js),
+                        [seed_for(self.recipe.run.seed, step, p, int(j)) for j in js],
+                        sol.explore_steps,
+                        self.recipe.sampler.solver,
+                        self.recipe.sampler.shift,
+                        self.version,
+                        self.catch_up_weights,
+                    )
+                    for s, js in enumerate(pool)
+                ]
+            )
         return refs
 
     def score(self, image_refs: list[ray.ObjectRef], prompts: list[list[str]]) -> np.ndarray:
@@ -126,7 +159,9 @@ class Driver:
         no reward applies to stays NaN and is picked last)."""
         k, mode = self.recipe.algorithm.group_size, self.recipe.sol.selection
         generator = torch.Generator().manual_seed(seed_for(self.recipe.run.seed, step, len(pool_scores), 0))
-        proxy = weighted_reward(torch.from_numpy(pool_scores.reshape(-1, pool_scores.shape[2])), self.reward_weights).reshape(pool_scores.shape[:2])
+        proxy = weighted_reward(torch.from_numpy(pool_scores.reshape(-1, pool_scores.shape[2])), self.reward_weights).reshape(
+            pool_scores.shape[:2]
+        )
         return [select_contrastive(row, k, mode, generator).tolist() for row in proxy]
 
     # --- one iteration ------------------------------------------------------------------------
@@ -163,7 +198,10 @@ class Driver:
             table = torch.tensor(rewards, dtype=torch.float32)
             trained = table if recipe.balance.mode == "qp" else weighted_reward(table, self.reward_weights)
             advantages = group_advantages(
-                trained, torch.tensor(group_ids), global_std=recipe.algorithm.global_std, drop_zero_variance=recipe.algorithm.drop_zero_variance
+                trained,
+                torch.tensor(group_ids),
+                global_std=recipe.algorithm.global_std,
+                drop_zero_variance=recipe.algorithm.drop_zero_variance,
             )
         with timer("update"):
             metrics |= self.fetch(self.learner.train(advantages.numpy()))[0]
@@ -172,7 +210,9 @@ class Driver:
                 metrics["time/requantize"] = self.sync_weights(self.version + 1)
             metrics |= ranking_fidelity(np.stack([pool_scores[p, chosen[p], 0] for p in range(P)]), rewards[:, 0].reshape(P, K))
         metrics |= {f"reward/{spec.name}": float(np.nanmean(rewards[:, r])) for r, spec in enumerate(recipe.rewards.models)}
-        metrics["train/zero_variance_groups"] = float(zero_variance_groups(trained if trained.ndim == 1 else trained[:, 0], torch.tensor(group_ids)))
+        metrics["train/zero_variance_groups"] = float(
+            zero_variance_groups(trained if trained.ndim == 1 else trained[:, 0], torch.tensor(group_ids))
+        )
         metrics["driver/fetched_bytes"], self.fetched_bytes = float(self.fetched_bytes), 0
         return metrics | self.timers.pop()
 
@@ -181,7 +221,9 @@ class Driver:
         shard_prompts = [[prompt] * n for prompt, n in self._shard_sizes(prompts)]
         scores = self.score([ref for shards in pool_refs for ref in shards], shard_prompts)
         pool_size = self.recipe.sol.pool_size
-        scores, failed = self.check_rewards(scores, [prompt for prompt in prompts for _ in range(pool_size)], np.repeat(np.arange(len(prompts)), pool_size).tolist(), step)
+        scores, failed = self.check_rewards(
+            scores, [prompt for prompt in prompts for _ in range(pool_size)], np.repeat(np.arange(len(prompts)), pool_size).tolist(), step
+        )
         return scores.reshape(len(prompts), pool_size, -1), failed
 
     def sync_weights(self, version: int) -> float:
@@ -225,7 +267,13 @@ class Driver:
         dropped = np.unique(groups[failed])
         rewards = rewards.copy()
         rewards[np.isin(groups, dropped)] = np.nan
-        logger.warning("step %d: %d images got no reward from %s; skipped their %d prompt groups (rewards.on_reward_error: skip)", step, int(failed.sum()), names, len(dropped))
+        logger.warning(
+            "step %d: %d images got no reward from %s; skipped their %d prompt groups (rewards.on_reward_error: skip)",
+            step,
+            int(failed.sum()),
+            names,
+            len(dropped),
+        )
         return rewards, len(dropped)
 
     def _shard_sizes(self, prompts: list[str]) -> list[tuple[str, int]]:
@@ -245,7 +293,12 @@ class Driver:
         """The learners' adapters, optimizer states and noise generators, and the run's position after `steps_done` iterations."""
         learner_states = ray.get(self.learner.call_all("checkpoint_state"))
         root = Path(self.recipe.run.output_dir) / CHECKPOINTS
-        run_state = {"step": steps_done, "version": self.version, "recipe": self.recipe.model_dump(mode="json"), "base_fingerprint": self.base_fingerprint}
+        run_state = {
+            "step": steps_done,
+            "version": self.version,
+            "recipe": self.recipe.model_dump(mode="json"),
+            "base_fingerprint": self.base_fingerprint,
+        }
         return save_checkpoint(root, learner_states, run_state, self.recipe.checkpoint.keep)
 
     def restore(self, path: Path, learner_states: list[dict[str, Any]], run_state: dict[str, Any]) -> int:
@@ -260,7 +313,9 @@ class Driver:
             )
         if len(learner_states) != len(self.learner):
             # Optimizer states may be ZeRO shards, one per rank: they only fit a world of the same size.
-            raise RecipeError(f"{path} holds the state of {len(learner_states)} learners, this run has {len(self.learner)} (cluster.learners)")
+            raise RecipeError(
+                f"{path} holds the state of {len(learner_states)} learners, this run has {len(self.learner)} (cluster.learners)"
+            )
         ray.get([self.learner.call(rank, "restore_state", state) for rank, state in enumerate(learner_states)])
         if self.rollout is not None and run_state["version"] > 0:
             self.sync_weights(run_state["version"])
@@ -320,7 +375,9 @@ def train(recipe: Recipe) -> RunResult:
     output_dir = Path(recipe.run.output_dir)
     latest = latest_checkpoint(output_dir / CHECKPOINTS)
     if latest is not None and recipe.run.resume == "never":
-        raise FileExistsError(f"{output_dir} holds a checkpoint of an earlier run ({latest.name}): set run.resume=auto to continue it, or another run.output_dir")
+        raise FileExistsError(
+            f"{output_dir} holds a checkpoint of an earlier run ({latest.name}): set run.resume=auto to continue it, or another run.output_dir"
+        )
     latest, saved, unreadable = newest_valid_checkpoint(output_dir / CHECKPOINTS)
     for path, reason in unreadable:
         # Moved aside, not deleted (it may be worth a look), and out of the way of this run's own save of that step.
@@ -414,7 +471,9 @@ def _driver_sized(value: Any) -> int:
         return sum(_driver_sized(v) for v in value)
     if isinstance(value, (np.ndarray, torch.Tensor)):
         if value.ndim > 2 or value.dtype in (np.uint8, torch.uint8):
-            raise TypeError(f"the driver fetched a {tuple(value.shape)} {value.dtype} array: images and latents must stay in the object store")
+            raise TypeError(
+                f"the driver fetched a {tuple(value.shape)} {value.dtype} array: images and latents must stay in the object store"
+            )
         return value.nbytes
     if value is None or isinstance(value, (bool, int, float, str, np.floating, np.integer)):
         return 8

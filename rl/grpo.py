@@ -78,7 +78,13 @@ def cps_log_prob(x_next: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
 
 
 def step_log_prob(
-    method: str, x: torch.Tensor, v: torch.Tensor, x_next: torch.Tensor, t: float | torch.Tensor, t_next: float | torch.Tensor, noise_level: float
+    method: str,
+    x: torch.Tensor,
+    v: torch.Tensor,
+    x_next: torch.Tensor,
+    t: float | torch.Tensor,
+    t_next: float | torch.Tensor,
+    noise_level: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp [B], mean, std) of a recorded transition x -> x_next under the velocity v."""
     _, mean, std = _step_function(method)(x, v, t, t_next, noise_level, torch.zeros_like(x))
@@ -137,7 +143,11 @@ class Trajectory:
     def __post_init__(self) -> None:
         steps, batch = self.log_probs.shape
         _check_method(self.method)
-        if self.latents.shape[:2] != (steps + 1, batch) or self.timesteps.shape != (steps + 1,) or self.noise.shape != self.latents[1:].shape:
+        if (
+            self.latents.shape[:2] != (steps + 1, batch)
+            or self.timesteps.shape != (steps + 1,)
+            or self.noise.shape != self.latents[1:].shape
+        ):
             raise ValueError(
                 f"inconsistent trajectory: latents {tuple(self.latents.shape)}, timesteps {tuple(self.timesteps.shape)}, "
                 f"log_probs {tuple(self.log_probs.shape)}, noise {tuple(self.noise.shape)}"
@@ -149,7 +159,15 @@ class Trajectory:
 
     def index(self, samples: torch.Tensor | slice) -> Trajectory:
         """The same chains for a subset of the batch."""
-        return Trajectory(self.latents[:, samples], self.timesteps, self.log_probs[:, samples], self.noise[:, samples], self.noise_level, self.method, self.window)
+        return Trajectory(
+            self.latents[:, samples],
+            self.timesteps,
+            self.log_probs[:, samples],
+            self.noise[:, samples],
+            self.noise_level,
+            self.method,
+            self.window,
+        )
 
     def stochastic_steps(self) -> torch.Tensor:
         """Indices of steps whose transition is random: those in the window (all without one), except
@@ -163,7 +181,13 @@ class Trajectory:
 
     def to(self, device: torch.device | str) -> Trajectory:
         return Trajectory(
-            self.latents.to(device), self.timesteps.to(device), self.log_probs.to(device), self.noise.to(device), self.noise_level, self.method, self.window
+            self.latents.to(device),
+            self.timesteps.to(device),
+            self.log_probs.to(device),
+            self.noise.to(device),
+            self.noise_level,
+            self.method,
+            self.window,
         )
 
 

@@ -28,9 +28,7 @@ MODES = ("best_worst", "random", "extremes_random", "mean_deviation")
 RANDOM_MODES = ("random", "extremes_random")
 
 
-def select_contrastive(
-    scores: torch.Tensor, k: int, mode: str = "best_worst", generator: torch.Generator | None = None
-) -> torch.Tensor:
+def select_contrastive(scores: torch.Tensor, k: int, mode: str = "best_worst", generator: torch.Generator | None = None) -> torch.Tensor:
     """Indices [k] of the candidates to regenerate, chosen by `mode` from the proxy scores [N]."""
     scores = torch.as_tensor(scores)
     if scores.ndim != 1:

@@ -48,9 +48,15 @@ def evaluation_summary(evaluations: list[dict[str, Any]]) -> str:
     if len(evaluations) < 2:
         return ""
     first, last = evaluations[0], evaluations[-1]
-    lines = [f"{'evaluation (' + str(last.get('adapter', 'current')) + ' adapter)':<36} {'before (step ' + str(first['step']) + ')':>18} {'after (step ' + str(last['step']) + ')':>18}"]
+    lines = [
+        f"{'evaluation (' + str(last.get('adapter', 'current')) + ' adapter)':<36} {'before (step ' + str(first['step']) + ')':>18} {'after (step ' + str(last['step']) + ')':>18}"
+    ]
     for prefix, title in PROBES.items():
-        keys = [key.removesuffix("_se") for key in last if key.startswith(prefix + "/") and key.endswith("_se") and key.removesuffix("_se") in first]
+        keys = [
+            key.removesuffix("_se")
+            for key in last
+            if key.startswith(prefix + "/") and key.endswith("_se") and key.removesuffix("_se") in first
+        ]
         if keys:
             lines.append(title)
             for key in sorted(keys, key=lambda k: (k != f"{prefix}/strict", k)):
@@ -127,7 +133,9 @@ class Tracker:
         self.eval_path.write_text("".join(json.dumps(row) + "\n" for row in self.evaluations))
         self.reward_key = f"reward/{recipe.rewards.models[0].name}"
         self.wandb = self._start_wandb() if recipe.logging.wandb != "disabled" else None
-        self.progress = tqdm(total=recipe.run.steps, initial=start_step, desc=recipe.run.name, unit="step", disable=not recipe.logging.progress)
+        self.progress = tqdm(
+            total=recipe.run.steps, initial=start_step, desc=recipe.run.name, unit="step", disable=not recipe.logging.progress
+        )
 
     def _start_wandb(self) -> Any:
         import wandb
@@ -165,7 +173,10 @@ class Tracker:
             file.write(json.dumps(row) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
-        self.progress.write(f"eval after {step} steps ({adapter} adapter): " + ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if "/task/" not in k and not k.endswith("_se")))
+        self.progress.write(
+            f"eval after {step} steps ({adapter} adapter): "
+            + ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if "/task/" not in k and not k.endswith("_se"))
+        )
 
     def log_grid(self, step: int, images: np.ndarray, prompts: list[str], rewards: np.ndarray) -> Path:
         """A captioned grid of uint8 images [B, H, W, 3] with their prompts and rewards [B]: PNG and W&B."""
@@ -175,7 +186,9 @@ class Tracker:
         if self.wandb is not None:
             import wandb
 
-            self.wandb.log({"samples/grid": wandb.Image(grid, caption=f"step {step}: rows are prompts, numbers are {self.reward_key}")}, step=step)
+            self.wandb.log(
+                {"samples/grid": wandb.Image(grid, caption=f"step {step}: rows are prompts, numbers are {self.reward_key}")}, step=step
+            )
         return path
 
     def close(self) -> Path:

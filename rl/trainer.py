@@ -237,7 +237,8 @@ class Trainer:
             for part in _microbatches(len(x0), settings.microbatch_size):
                 x_t, t, v_theta, v_old, v_ref = self._nft_forward(x0[part], cond.index(part), t_values[part, j], noise[j, part])
                 reward_losses = [
-                    settings.loss_scale * (shares[part, k] * nft_loss(v_theta, v_old, x_t, x0[part], t, r[part, k], settings.nft_beta)).sum()
+                    settings.loss_scale
+                    * (shares[part, k] * nft_loss(v_theta, v_old, x_t, x0[part], t, r[part, k], settings.nft_beta)).sum()
                     for k in range(num_rewards)
                 ]
                 targets = list(reward_losses)
@@ -305,12 +306,15 @@ class Trainer:
             for part in _microbatches(len(adv), settings.microbatch_size):
                 loss, kl, log_ratio = self._grpo_losses(trajectory, i, part, cond.index(part), adv[part])
                 gradient += _flat_gradient(loss.sum() * share, params, retain_graph=False)
-                totals += share * torch.tensor([
-                    loss.detach().sum().item(),
-                    0.0 if kl is None else kl.sum().item(),
-                    0.5 * (log_ratio**2).sum().item(),
-                    ((log_ratio.exp() - 1).abs() > settings.clip_range).sum().item(),
-                ], dtype=torch.float64)
+                totals += share * torch.tensor(
+                    [
+                        loss.detach().sum().item(),
+                        0.0 if kl is None else kl.sum().item(),
+                        0.5 * (log_ratio**2).sum().item(),
+                        ((log_ratio.exp() - 1).abs() > settings.clip_range).sum().item(),
+                    ],
+                    dtype=torch.float64,
+                )
         (totals,) = self.all_reduce(totals)
         metrics = dict(zip(GRPO_METRICS, totals.tolist())) | self._apply_finite_gradient(gradient)
         self.policy.copy_adapter(TRAINABLE_ADAPTER, OLD_ADAPTER)
@@ -371,7 +375,9 @@ class Trainer:
             return {"train/skipped_nonfinite": float(self.skipped_nonfinite)}
         metrics = self._apply_gradient(local_grad)
         if not all(bool(torch.isfinite(param).all()) for param in self.params.values()):
-            raise NonFiniteTrainingError(f"optimizer step {self.step}: a finite gradient made the adapter inf or NaN (optim.lr {self.settings.lr:g}); lower optim.lr")
+            raise NonFiniteTrainingError(
+                f"optimizer step {self.step}: a finite gradient made the adapter inf or NaN (optim.lr {self.settings.lr:g}); lower optim.lr"
+            )
         return metrics | {"train/skipped_nonfinite": float(self.skipped_nonfinite)}
 
     def _apply_gradient(self, local_grad: torch.Tensor) -> dict[str, float]:

@@ -24,7 +24,16 @@ class FluxPolicy(PipelinePolicy):
     family = "flux"
     pipeline_class = FluxPipeline
     # "attn.*" also matches the single-stream blocks' attention (to_q/to_k/to_v; they have no to_out).
-    lora_target_modules = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+    lora_target_modules = (
+        "attn.to_q",
+        "attn.to_k",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_q_proj",
+        "attn.add_k_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+    )
     default_max_sequence_length: ClassVar[int] = 512
     latent_multiple = 2
 
@@ -33,7 +42,9 @@ class FluxPolicy(PipelinePolicy):
         if self.transformer.config.guidance_embeds:
             self.distilled_guidance = DEFAULT_DISTILLED_GUIDANCE if distilled_guidance is None else distilled_guidance
         elif distilled_guidance is not None:
-            raise ValueError("distilled_guidance is set, but this FLUX transformer has no guidance embedding (guidance_embeds=False, e.g. FLUX.1-schnell)")
+            raise ValueError(
+                "distilled_guidance is set, but this FLUX transformer has no guidance embedding (guidance_embeds=False, e.g. FLUX.1-schnell)"
+            )
         else:
             self.distilled_guidance = None
 
@@ -49,8 +60,11 @@ class FluxPolicy(PipelinePolicy):
         config = self.pipeline.scheduler.config
         image_tokens = (self.latent_shape[1] // 2) * (self.latent_shape[2] // 2)
         mu = calculate_shift(
-            image_tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5), config.get("max_shift", 1.15),
+            image_tokens,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
         )
         grid = {} if config.get("use_flow_sigmas", False) else {"sigmas": np.linspace(1.0, 1 / steps, steps)}
         return grid | {"mu": mu}

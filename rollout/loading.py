@@ -37,7 +37,9 @@ class ModelConfig(BaseModel):
     schedule: Literal["pipeline", "linear"] = Field(
         "pipeline", description="sampling sigmas: the family pipeline's schedule, or linspace(1, 0, steps + 1) as Sol-RL samples SANA"
     )
-    lora_targets: list[str] | None = Field(None, min_length=1, description="module-name suffixes LoRA wraps (peft target_modules); None = the family's")
+    lora_targets: list[str] | None = Field(
+        None, min_length=1, description="module-name suffixes LoRA wraps (peft target_modules); None = the family's"
+    )
 
 
 PIPELINE_OPTIONS = ("resolution", "cfg_scale", "distilled_guidance", "max_sequence_length", "schedule")
@@ -49,7 +51,11 @@ def _family(path: str) -> str:
     class_name = _pipeline_class_name(path)
     if class_name in PIPELINE_FAMILIES:
         return PIPELINE_FAMILIES[class_name]
-    found = f"a diffusers {class_name}" if class_name else "neither 'tiny', a tiny policy (policy.json) nor a diffusers pipeline (model_index.json)"
+    found = (
+        f"a diffusers {class_name}"
+        if class_name
+        else "neither 'tiny', a tiny policy (policy.json) nor a diffusers pipeline (model_index.json)"
+    )
     raise ValueError(
         f"cannot tell the model family of {path!r}: it is {found}; supported families: {', '.join(FAMILIES)} "
         f"(pipelines {', '.join(PIPELINE_FAMILIES)}); set model.family to override"
@@ -76,7 +82,9 @@ def load_policy(model: str | ModelConfig = "tiny", precision: str = "fp32", devi
     options = {name: getattr(config, name) for name in PIPELINE_OPTIONS if getattr(config, name) != ModelConfig.model_fields[name].default}
     if family == "tiny":
         if options:
-            raise ValueError(f"model options {sorted(options)} apply to the diffusers families {', '.join(PIPELINE_POLICIES)}, not to the tiny model")
+            raise ValueError(
+                f"model options {sorted(options)} apply to the diffusers families {', '.join(PIPELINE_POLICIES)}, not to the tiny model"
+            )
         policy: Policy = TinyPolicy.from_pretrained(WEIGHTS_DIR if config.path == "tiny" else config.path, load_precision, device)
     else:
         if "distilled_guidance" in options and family != "flux":

@@ -56,7 +56,9 @@ class PipelinePolicy(Policy):
         self.resolution = resolution or self.default_resolution()
         multiple = pipeline.vae_scale_factor * self.latent_multiple
         if self.resolution % multiple:
-            raise ValueError(f"{self.family} needs a resolution divisible by {multiple} (VAE factor x latent multiple), got {self.resolution}")
+            raise ValueError(
+                f"{self.family} needs a resolution divisible by {multiple} (VAE factor x latent multiple), got {self.resolution}"
+            )
         size = self.resolution // pipeline.vae_scale_factor
         self.latent_shape = (self.latent_channels(), size, size)
         self.shift = None  # the pipeline's own schedule; model.shift sets a static one

@@ -10,7 +10,7 @@ from rollout.tiny.world import prompt_set
 
 
 def load_prompts(spec: str) -> list[str]:
-    """"tiny:train" / "tiny:eval" / "tiny:curriculum", or a text file with one prompt per line (blank lines ignored)."""
+    """ "tiny:train" / "tiny:eval" / "tiny:curriculum", or a text file with one prompt per line (blank lines ignored)."""
     if spec.startswith("tiny:"):
         return prompt_set(spec.removeprefix("tiny:"))
     path = Path(spec)

@@ -72,7 +72,9 @@ def _log_snr(t: float) -> float:
     return float(np.log1p(-t) - np.log(t)) if 0.0 < t < 1.0 else (-np.inf if t >= 1.0 else np.inf)
 
 
-def dpm2_step(x: torch.Tensor, x0_hat: torch.Tensor, prev_x0_hat: torch.Tensor | None, t_prev: float | None, t: float, t_next: float) -> torch.Tensor:
+def dpm2_step(
+    x: torch.Tensor, x0_hat: torch.Tensor, prev_x0_hat: torch.Tensor | None, t_prev: float | None, t: float, t_next: float
+) -> torch.Tensor:
     """DPM-Solver++(2M) on the x0 prediction: x_next = (t_next/t) x - a_next (e^-h - 1) D, D = x0 + (x0 - x0_prev)/(2r).
 
     a = 1 - t is the signal coefficient, h = lambda_next - lambda_t, r = h_prev / h. First order (DDIM,
@@ -147,7 +149,11 @@ def sample(
 
 
 def ode_solve(
-    velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor, solver: str, progress: bool = False
+    velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    solver: str,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Integrate the probability-flow ODE from x at sigmas[0] to sigmas[-1] with "euler" or "dpm2"."""
     prev_x0_hat: torch.Tensor | None = None

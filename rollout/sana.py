@@ -21,8 +21,14 @@ class SanaPolicy(PipelinePolicy):
     pipeline_class = SanaPipeline
     # Self-attention (attn1: the linear-attention qkv and output projection) and cross-attention (attn2).
     lora_target_modules = (
-        "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-        "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+        "attn1.to_q",
+        "attn1.to_k",
+        "attn1.to_v",
+        "attn1.to_out.0",
+        "attn2.to_q",
+        "attn2.to_k",
+        "attn2.to_v",
+        "attn2.to_out.0",
     )
     default_max_sequence_length: ClassVar[int] = 300
 
@@ -32,8 +38,11 @@ class SanaPolicy(PipelinePolicy):
 
     def _encode(self, prompts: list[str]) -> Conditioning:
         prompt_embeds, prompt_attention_mask, _, _ = self.pipeline.encode_prompt(
-            prompts, do_classifier_free_guidance=False, device=self.device,
-            max_sequence_length=self.max_sequence_length, complex_human_instruction=COMPLEX_HUMAN_INSTRUCTION,
+            prompts,
+            do_classifier_free_guidance=False,
+            device=self.device,
+            max_sequence_length=self.max_sequence_length,
+            complex_human_instruction=COMPLEX_HUMAN_INSTRUCTION,
         )
         return Conditioning({"prompt_embeds": prompt_embeds, "prompt_attention_mask": prompt_attention_mask}).to(self.device, self.dtype)
 

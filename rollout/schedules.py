@@ -70,7 +70,9 @@ def scheduler_sigmas(
         scheduler.set_timesteps(steps, **set_timesteps)
     sigmas = scheduler.sigmas.float().cpu()
     if sigmas.shape != (steps + 1,) or sigmas[-1] != 0:
-        raise ValueError(f"{scheduler_class.__name__} gave {len(sigmas)} sigmas ending at {float(sigmas[-1])} for {steps} steps; the samplers need {steps + 1} ending at 0")
+        raise ValueError(
+            f"{scheduler_class.__name__} gave {len(sigmas)} sigmas ending at {float(sigmas[-1])} for {steps} steps; the samplers need {steps + 1} ending at 0"
+        )
     return sigmas
 
 

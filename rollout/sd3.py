@@ -15,7 +15,16 @@ class SD3Policy(PipelinePolicy):
     family = "sd3"
     pipeline_class = StableDiffusion3Pipeline
     # Flow-GRPO / DiffusionNFT SD3.5 LoRA targets: joint attention, image and text streams.
-    lora_target_modules = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+    lora_target_modules = (
+        "attn.to_q",
+        "attn.to_k",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_q_proj",
+        "attn.add_k_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+    )
     default_max_sequence_length: ClassVar[int] = 256
 
     @property
@@ -24,8 +33,12 @@ class SD3Policy(PipelinePolicy):
 
     def _encode(self, prompts: list[str]) -> Conditioning:
         prompt_embeds, _, pooled_prompt_embeds, _ = self.pipeline.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
-            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
         )
         return Conditioning({"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}).to(self.device, self.dtype)
 

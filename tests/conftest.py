@@ -8,7 +8,9 @@ def pytest_collection_modifyitems(config, items):
     """Tests marked gpu skip, with the reason, where torch sees no CUDA device."""
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="gpu test: torch.cuda.is_available() is False (a CPU build of torch, or no GPU); bench/gpu_check.py runs these on a GPU")
+    skip = pytest.mark.skip(
+        reason="gpu test: torch.cuda.is_available() is False (a CPU build of torch, or no GPU); bench/gpu_check.py runs these on a GPU"
+    )
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -51,7 +51,9 @@ def test_wrong_shape_missing_object_and_relation_cost_credit():
 def test_stray_pixels_lower_the_score():
     clean = draw([("triangle", "green", 12)], [(5, 5)])
     cluttered = draw([("triangle", "green", 12), ("square", "yellow", 9)], [(5, 5), (20, 20)])
-    assert alignment(clean, "a green triangle") > 0.9 and alignment(cluttered, "a green triangle") < 0.8 * alignment(clean, "a green triangle")
+    assert alignment(clean, "a green triangle") > 0.9 and alignment(cluttered, "a green triangle") < 0.8 * alignment(
+        clean, "a green triangle"
+    )
 
 
 def test_registered_reward_and_few_ties_on_the_base_model(tiny_policy):

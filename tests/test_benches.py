@@ -12,9 +12,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("study, arms", [("speedup", {"sol_rl", "nft", "random_k"}), ("qp", {"weighted_sum", "qp_marble", "qp_normalized"})])
+@pytest.mark.parametrize(
+    "study, arms", [("speedup", {"sol_rl", "nft", "random_k"}), ("qp", {"weighted_sum", "qp_marble", "qp_normalized"})]
+)
 def test_convergence_bench_quick_mode(study, arms):
-    done = subprocess.run([sys.executable, "bench/convergence.py", study, "--quick", "--seeds", "0"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "bench/convergence.py", study, "--quick", "--seeds", "0"], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     path = Path(re.search(r"wrote (\S+\.json)", done.stdout)[1])
     assert not path.is_relative_to(REPO)  # --quick never writes into bench/results
@@ -44,5 +48,7 @@ def test_convergence_compute_counts_every_forward_and_backward():
     # explore 2 x 8 seeds x 6 steps at 1 - 3/4 s; regenerate 8 x 10 steps; update 8 samples x 6 timesteps x (3 forwards + backward 2)
     expected = flops * (2 * 8 * 6 * (1 - 0.75 * share) + 8 * 10 + 8 * 6 * 5)
     assert convergence.step_compute(recipe, flops, share) == pytest.approx(expected)
-    baseline = load_recipe(REPO / "recipes/tiny_nft.yaml", ["algorithm.prompts_per_step=2", "algorithm.group_size=4", "algorithm.nft.kl_weight=0"])
+    baseline = load_recipe(
+        REPO / "recipes/tiny_nft.yaml", ["algorithm.prompts_per_step=2", "algorithm.group_size=4", "algorithm.nft.kl_weight=0"]
+    )
     assert convergence.step_compute(baseline, flops, share) == pytest.approx(flops * (8 * 10 + 8 * 6 * 4))

@@ -74,7 +74,9 @@ def test_split_tensors_round_trips_optimizer_and_generator_state(tmp_path):
     _adamw_steps(param, optimizer, [1.0, 2.0])
     generator = torch.Generator().manual_seed(5)
     torch.rand(3, generator=generator)
-    skeleton, tensors = split_tensors({"step": 2, "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "balancer": None})
+    skeleton, tensors = split_tensors(
+        {"step": 2, "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "balancer": None}
+    )
     assert set(tensors) == {"optimizer/state/0/step", "optimizer/state/0/exp_avg", "optimizer/state/0/exp_avg_sq", "generator"}
     save_file(tensors, tmp_path / "state.safetensors")
     restored = join_tensors(json.loads(json.dumps(skeleton)), load_file(tmp_path / "state.safetensors"))
@@ -128,10 +130,21 @@ def test_learner_restored_from_a_checkpoint_continues_bit_identically(tmp_path):
 
 def _fake_learner_states(value: float) -> list[dict]:
     """Two learners: the same adapters, each its own trainer state (ZeRO shards differ by rank)."""
-    adapters = {TRAINABLE_ADAPTER: {"block.lora_A.weight": torch.full((2, 3), value)}, OLD_ADAPTER: {"block.lora_A.weight": torch.zeros(2, 3)}}
+    adapters = {
+        TRAINABLE_ADAPTER: {"block.lora_A.weight": torch.full((2, 3), value)},
+        OLD_ADAPTER: {"block.lora_A.weight": torch.zeros(2, 3)},
+    }
     config = {"r": 2, "lora_alpha": 4.0, "target_modules": ["block"]}
     ema = {"block.lora_A.weight": torch.full((2, 3), value / 2)}
-    return [{"adapters": adapters, "ema_lora": ema, "lora_config": config, "trainer": {"step": int(value), "shard": torch.full((rank + 1,), value)}} for rank in range(2)]
+    return [
+        {
+            "adapters": adapters,
+            "ema_lora": ema,
+            "lora_config": config,
+            "trainer": {"step": int(value), "shard": torch.full((rank + 1,), value)},
+        }
+        for rank in range(2)
+    ]
 
 
 def test_saves_are_atomic_and_pruned_and_a_killed_save_is_ignored(tmp_path, monkeypatch):
@@ -209,9 +222,14 @@ def _truncate(path: Path) -> None:
         (lambda step: (step / "state.json").write_text("{garbage"), r"cannot be read \(JSONDecodeError"),
         (lambda step: (step / "state.json").unlink(), r"cannot be read \(FileNotFoundError: .*state.json"),
         (lambda step: shutil.rmtree(step / "lora"), r"cannot be read \(FileNotFoundError: .*lora"),
-        (lambda step: [shutil.rmtree(child) if child.is_dir() else child.unlink() for child in step.iterdir()], r"cannot be read \(FileNotFoundError"),
         (
-            lambda step: save_file({"transformer.block.lora_A.weight": torch.full((2, 3), float("nan"))}, step / "lora" / checkpoint.LORA_WEIGHTS),
+            lambda step: [shutil.rmtree(child) if child.is_dir() else child.unlink() for child in step.iterdir()],
+            r"cannot be read \(FileNotFoundError",
+        ),
+        (
+            lambda step: save_file(
+                {"transformer.block.lora_A.weight": torch.full((2, 3), float("nan"))}, step / "lora" / checkpoint.LORA_WEIGHTS
+            ),
             r"1 LoRA tensors hold inf or NaN, e.g. \['lora/block.lora_A.weight'\]",
         ),
     ],
@@ -229,7 +247,10 @@ def test_a_damaged_checkpoint_is_refused_by_name_and_the_newest_sound_one_is_fou
 
 
 def test_resume_falls_back_past_a_truncated_checkpoint_and_sets_it_aside(tmp_path, caplog):
-    recipe = load_recipe(REPO / "recipes/tiny_solrl.yaml", SMALL + [f"run.output_dir={tmp_path}", "run.steps=2", "checkpoint.every=1", "logging.grid_every=0"])
+    recipe = load_recipe(
+        REPO / "recipes/tiny_solrl.yaml",
+        SMALL + [f"run.output_dir={tmp_path}", "run.steps=2", "checkpoint.every=1", "logging.grid_every=0"],
+    )
     first = train(recipe)
     _truncate(tmp_path / "checkpoints" / "step_000002" / "trainer.safetensors")
     resumed = train(recipe.model_copy(update={"run": recipe.run.model_copy(update={"steps": 3})}))
@@ -251,20 +272,35 @@ def test_resume_refuses_a_changed_recipe_and_names_the_keys(tmp_path):
     recipe = load_recipe(REPO / "recipes/tiny_solrl.yaml", SMALL + [f"run.output_dir={tmp_path}"])
     run_state = {"step": 2, "recipe": recipe.model_dump(mode="json")}
     save_checkpoint(tmp_path / "checkpoints", _fake_learner_states(2), run_state, keep=1)
-    changed = load_recipe(REPO / "recipes/tiny_solrl.yaml", SMALL + [f"run.output_dir={tmp_path}", "optim.lr=0.01", "sol.pool_size=16", "run.steps=50"])
+    changed = load_recipe(
+        REPO / "recipes/tiny_solrl.yaml", SMALL + [f"run.output_dir={tmp_path}", "optim.lr=0.01", "sol.pool_size=16", "run.steps=50"]
+    )
     with pytest.raises(RecipeError, match=r"another recipe \(optim.lr: 0.003 -> 0.01; sol.pool_size: 8 -> 16\); resuming would mix"):
         train(changed)
     # Changing only the length, logging, evaluation or cluster layout is a continuation.
-    assert recipe_changes(run_state["recipe"], load_recipe(REPO / "recipes/tiny_solrl.yaml", SMALL + ["run.steps=50", "eval.every=5", "logging.grid_every=0"])) == []
+    assert (
+        recipe_changes(
+            run_state["recipe"],
+            load_recipe(REPO / "recipes/tiny_solrl.yaml", SMALL + ["run.steps=50", "eval.every=5", "logging.grid_every=0"]),
+        )
+        == []
+    )
     # A checkpoint written before a key existed resumes when the key keeps its default.
     older = copy.deepcopy(run_state["recipe"])
     del older["algorithm"]["train_precision"]
     assert recipe_changes(older, recipe) == []
-    assert recipe_changes(older, load_recipe(REPO / "recipes/tiny_solrl.yaml", SMALL + ["algorithm.train_precision=bf16"])) == ["algorithm.train_precision: 'auto' (fp32) -> 'bf16'"]
+    assert recipe_changes(older, load_recipe(REPO / "recipes/tiny_solrl.yaml", SMALL + ["algorithm.train_precision=bf16"])) == [
+        "algorithm.train_precision: 'auto' (fp32) -> 'bf16'"
+    ]
     # cluster.* may change, but "auto" must not resolve to another precision: a CPU run resumed on GPU learners.
     on_gpus = SMALL + ["cluster.learner_resources.num_gpus=1"]
-    assert recipe_changes(run_state["recipe"], load_recipe(REPO / "recipes/tiny_solrl.yaml", on_gpus)) == ["algorithm.train_precision: 'auto' (fp32) -> 'auto' (bf16)"]
-    assert recipe_changes(run_state["recipe"], load_recipe(REPO / "recipes/tiny_solrl.yaml", on_gpus + ["algorithm.train_precision=fp32"])) == []
+    assert recipe_changes(run_state["recipe"], load_recipe(REPO / "recipes/tiny_solrl.yaml", on_gpus)) == [
+        "algorithm.train_precision: 'auto' (fp32) -> 'auto' (bf16)"
+    ]
+    assert (
+        recipe_changes(run_state["recipe"], load_recipe(REPO / "recipes/tiny_solrl.yaml", on_gpus + ["algorithm.train_precision=fp32"]))
+        == []
+    )
 
 
 def _wait_for(condition, process: subprocess.Popen, timeout: float = 300.0) -> None:
@@ -283,7 +319,9 @@ def test_run_killed_mid_way_resumes_to_the_metrics_of_an_uninterrupted_run(tmp_p
     overrides = SMALL + ["run.steps=4", "checkpoint.every=2"]
     killed_dir = tmp_path / "killed"
     command = [sys.executable, "-m", "rl.cli", "train", "recipes/tiny_solrl.yaml", *overrides, f"run.output_dir={killed_dir}"]
-    process = subprocess.Popen(command, cwd=REPO, env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, cwd=REPO, env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     # Kill once step 2 is logged: after the step-2 checkpoint, with a metrics row it does not cover.
     _wait_for(lambda: any(row["step"] == 2 for row in read_metrics(killed_dir / "metrics.jsonl")), process)
     process.send_signal(signal.SIGKILL)
@@ -293,7 +331,9 @@ def test_run_killed_mid_way_resumes_to_the_metrics_of_an_uninterrupted_run(tmp_p
     (killed_dir / "checkpoints" / ".tmp-step_000004").mkdir()  # as if the kill had hit the next save
 
     resumed = train(load_recipe(REPO / "recipes/tiny_solrl.yaml", overrides + [f"run.output_dir={killed_dir}"])).history
-    uninterrupted = train(load_recipe(REPO / "recipes/tiny_solrl.yaml", overrides + [f"run.output_dir={tmp_path / 'uninterrupted'}"])).history
+    uninterrupted = train(
+        load_recipe(REPO / "recipes/tiny_solrl.yaml", overrides + [f"run.output_dir={tmp_path / 'uninterrupted'}"])
+    ).history
 
     def untimed(row: dict) -> dict:
         return {k: v for k, v in row.items() if not k.startswith("time/")}

@@ -15,13 +15,34 @@ from rollout.policy import TRAINABLE_ADAPTER
 def test_help_lists_every_command_with_a_description():
     result = subprocess.run([sys.executable, "-m", "rl.cli", "--help"], capture_output=True, text=True, check=True)
     text = " ".join(result.stdout.split())
-    for command, description in [("train", "run a recipe"), ("sample", "write PNGs and one grid image"), ("eval", "strict verifier accuracy"), ("pretrain-tiny", "pretrain the tiny")]:
+    for command, description in [
+        ("train", "run a recipe"),
+        ("sample", "write PNGs and one grid image"),
+        ("eval", "strict verifier accuracy"),
+        ("pretrain-tiny", "pretrain the tiny"),
+    ]:
         assert f" {command} {description}" in text
     assert set(build_parser()._subparsers._group_actions[0].choices) == {"train", "sample", "eval", "pretrain-tiny", "reward-server"}
 
 
 def test_sample_writes_pngs_grid_and_verifier_scores(tmp_path, capsys):
-    main(["sample", "--prompt", "a red circle", "--prompt", "two squares", "--seed", "0-2", "--steps", "3", "--out", str(tmp_path), "--scale", "2"])
+    main(
+        [
+            "sample",
+            "--prompt",
+            "a red circle",
+            "--prompt",
+            "two squares",
+            "--seed",
+            "0-2",
+            "--steps",
+            "3",
+            "--out",
+            str(tmp_path),
+            "--scale",
+            "2",
+        ]
+    )
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert len(pngs) == 7 and "grid.png" in pngs and "000_a-red-circle_seed0.png" in pngs
     image = np.asarray(Image.open(tmp_path / "005_two-squares_seed2.png"))
@@ -50,7 +71,12 @@ def test_sample_with_a_trained_lora_changes_the_images_in_every_precision(tmp_pa
 
 @pytest.mark.parametrize(
     "seeds, message",
-    [("three", "use 7, 0-3 or 1,5,9"), ("5-2", "the range 5-2 runs backwards"), ("0-999999999", "more than 10000 seeds"), ("0-9999,10000", "more than 10000 seeds")],
+    [
+        ("three", "use 7, 0-3 or 1,5,9"),
+        ("5-2", "the range 5-2 runs backwards"),
+        ("0-999999999", "more than 10000 seeds"),
+        ("0-9999,10000", "more than 10000 seeds"),
+    ],
 )
 def test_bad_seed_list_is_a_usage_error(tmp_path, capsys, seeds, message):
     with pytest.raises(SystemExit) as exit_:
@@ -93,17 +119,41 @@ def test_train_refusing_an_earlier_runs_checkpoint_is_a_usage_error(tmp_path, ca
 @pytest.mark.parametrize(
     "sol, message, kept",
     [
-        ("false", "optimizer step 2: the gradient is inf or NaN", "Training stopped in step 2; the newest checkpoint, {}, holds finite weights."),
+        (
+            "false",
+            "optimizer step 2: the gradient is inf or NaN",
+            "Training stopped in step 2; the newest checkpoint, {}, holds finite weights.",
+        ),
         ("true", "calibration of the explore copy overflowed", "Training stopped in step 1; no checkpoint had been written."),
     ],
 )
 def test_train_into_nan_stops_with_the_step_and_the_checkpoint_it_keeps(tmp_path, capsys, sol, message, kept):
     # optim.lr 1e30 validates; step 1 moves the LoRA by about 1e30, so the NVFP4 copy's calibration (after step 1)
     # or, without Sol-RL, step 2's gradient overflows.
-    small = ["run.steps=3", "algorithm.prompts_per_step=2", "algorithm.group_size=4", "sol.pool_size=8", "cluster.rollout_workers=0",
-             "cluster.reward_workers=0", "cluster.remote_learners=false", "eval.enabled=false", "logging.grid_every=0", "logging.progress=false"]
+    small = [
+        "run.steps=3",
+        "algorithm.prompts_per_step=2",
+        "algorithm.group_size=4",
+        "sol.pool_size=8",
+        "cluster.rollout_workers=0",
+        "cluster.reward_workers=0",
+        "cluster.remote_learners=false",
+        "eval.enabled=false",
+        "logging.grid_every=0",
+        "logging.progress=false",
+    ]
     with pytest.raises(SystemExit) as stopped:
-        main(["train", "recipes/tiny_solrl.yaml", *small, f"sol.enabled={sol}", "optim.lr=1e30", "checkpoint.every=1", f"run.output_dir={tmp_path}"])
+        main(
+            [
+                "train",
+                "recipes/tiny_solrl.yaml",
+                *small,
+                f"sol.enabled={sol}",
+                "optim.lr=1e30",
+                "checkpoint.every=1",
+                f"run.output_dir={tmp_path}",
+            ]
+        )
     assert stopped.value.code == 1
     err = capsys.readouterr().err
     assert f"solray train: {message}" in err and "Traceback" not in err
@@ -115,7 +165,10 @@ def test_train_into_nan_stops_with_the_step_and_the_checkpoint_it_keeps(tmp_path
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["pretrain-tiny", "--out", "{out}", "--task-weight", "two_object=3", "--task-weight", "two_object=5"], "--task-weight two_object given twice (3 and 5)"),
+        (
+            ["pretrain-tiny", "--out", "{out}", "--task-weight", "two_object=3", "--task-weight", "two_object=5"],
+            "--task-weight two_object given twice (3 and 5)",
+        ),
         (["reward-server", "brightness", "--arg", "scale=1", "--arg", "scale=2"], "--arg scale given twice (1 and 2)"),
     ],
 )

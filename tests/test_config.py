@@ -19,9 +19,14 @@ def test_defaults_and_derived_sizes(tmp_path):
     assert Recipe().model.path == "tiny"
     assert Recipe().base_precision == "fp32"  # auto, learners without GPUs
     assert load_recipe(_write(tmp_path, "cluster:\n  learner_resources: {num_gpus: 1}\n")).base_precision == "bf16"
-    assert load_recipe(_write(tmp_path, "algorithm:\n  train_precision: fp32\ncluster:\n  learner_resources: {num_gpus: 1}\n")).base_precision == "fp32"
+    assert (
+        load_recipe(_write(tmp_path, "algorithm:\n  train_precision: fp32\ncluster:\n  learner_resources: {num_gpus: 1}\n")).base_precision
+        == "fp32"
+    )
     # a training reward also named in eval.rewards (say after overriding rewards.models) is scored once
-    both = load_recipe(_write(tmp_path, "rewards:\n  models: [{name: tiny_verifier}]\neval:\n  rewards: [tiny_alignment, tiny_verifier, tiny_alignment]\n"))
+    both = load_recipe(
+        _write(tmp_path, "rewards:\n  models: [{name: tiny_verifier}]\neval:\n  rewards: [tiny_alignment, tiny_verifier, tiny_alignment]\n")
+    )
     assert both.eval_only_rewards == ["tiny_alignment"]
 
 
@@ -31,7 +36,9 @@ def test_overrides_use_dotted_keys_and_yaml_types(tmp_path):
 
 
 def test_optimizer_and_per_algorithm_keys_are_their_own(tmp_path):
-    recipe = load_recipe(_write(tmp_path, ""), ["optim.betas=[0.8, 0.95]", "algorithm.grpo.adv_clip=2.5", "cluster.learners=2", "cluster.zero_stage=2"])
+    recipe = load_recipe(
+        _write(tmp_path, ""), ["optim.betas=[0.8, 0.95]", "algorithm.grpo.adv_clip=2.5", "cluster.learners=2", "cluster.zero_stage=2"]
+    )
     assert recipe.optim.betas == (0.8, 0.95) and Recipe().optim.betas == (0.9, 0.999)
     assert (recipe.algorithm.grpo.adv_clip, recipe.algorithm.nft.adv_clip) == (2.5, 5.0)
     assert (recipe.cluster.learners, recipe.cluster.remote_learners, recipe.cluster.zero_stage) == (2, True, 2)
@@ -52,10 +59,22 @@ def test_optimizer_and_per_algorithm_keys_are_their_own(tmp_path):
         ("", ["cluster.learners=2", "cluster.remote_learners=false"], r"cluster.learners = 2 needs cluster.remote_learners: true"),
         ("", ["optim.betas=[0.9, 1.0]"], r"optim.betas.1: Input should be less than 1"),
         ("- a\n- b\n", [], r"a recipe is a mapping of sections, got list"),
-        ("sol:\n  keep_high_precision: ['blocks.(2']\n", [], r"sol.keep_high_precision: Value error, 'blocks.\(2' is not a regular expression: missing \)"),
+        (
+            "sol:\n  keep_high_precision: ['blocks.(2']\n",
+            [],
+            r"sol.keep_high_precision: Value error, 'blocks.\(2' is not a regular expression: missing \)",
+        ),
         ("sol:\n  skip_modules: ['norm[']\n", [], r"sol.skip_modules: Value error, 'norm\[' is not a regular expression"),
-        ("", ["algorithm.name=grpo", "sol.enabled=false", "algorithm.grpo.sde_window_size=4", "algorithm.grpo.sde_window_range=[0, 3]"], r"must satisfy lo < hi <= sampler.steps \(10\) and hold sde_window_size \(4\)"),
-        ("", ["algorithm.name=grpo", "sol.enabled=false", "algorithm.grpo.sde_window_size=2", "algorithm.grpo.sde_window_range=[0, 12]"], r"lo < hi <= sampler.steps \(10\)"),
+        (
+            "",
+            ["algorithm.name=grpo", "sol.enabled=false", "algorithm.grpo.sde_window_size=4", "algorithm.grpo.sde_window_range=[0, 3]"],
+            r"must satisfy lo < hi <= sampler.steps \(10\) and hold sde_window_size \(4\)",
+        ),
+        (
+            "",
+            ["algorithm.name=grpo", "sol.enabled=false", "algorithm.grpo.sde_window_size=2", "algorithm.grpo.sde_window_range=[0, 12]"],
+            r"lo < hi <= sampler.steps \(10\)",
+        ),
         ("", ["algorithm.grpo.sde_window_range=[0, 5]"], r"sde_window_range is set but sde_window_size is 0"),
         ("", ["balance.amortized=pareto"], r"balance.amortized: Input should be 'marble' or 'normalized'"),
         ("", ["eval.adapter=old"], r"eval.adapter: Input should be 'ema' or 'current'"),
@@ -63,18 +82,48 @@ def test_optimizer_and_per_algorithm_keys_are_their_own(tmp_path):
         ("", ["optim.lr=.inf"], r"optim.lr: Input should be a finite number"),
         ("", ["rewards.models=[{name: tiny_verifier, weight: .nan}]"], r"rewards.models.0.weight: Input should be a finite number"),
         ("", ["model.shift=.inf"], r"model.shift: Input should be a finite number"),
-        ("", ["rewards.models=[{name: tiny_verifier, weight: -1}]"], r"rewards.models.0.weight: Input should be greater than or equal to 0"),
+        (
+            "",
+            ["rewards.models=[{name: tiny_verifier, weight: -1}]"],
+            r"rewards.models.0.weight: Input should be greater than or equal to 0",
+        ),
         ("", ["rewards.models=[{name: tiny_verifier, weight: 0}]"], r"at least one reward needs a positive weight"),
         ("", ["balance.amortized=normalized"], r"balance.amortized 'normalized' applies to balance.mode 'qp' only"),
         ("", ["algorithm.grpo.sde_window_size=2"], r"sde_window_size applies to algorithm.name 'grpo' only"),
-        ("", ["algorithm.name=grpo", "sol.enabled=false", "algorithm.grpo.cps=true", "algorithm.grpo.sde_window_size=1", "algorithm.grpo.sde_window_range=[9, 10]"], r"a CPS window may hold only the last step"),
+        (
+            "",
+            [
+                "algorithm.name=grpo",
+                "sol.enabled=false",
+                "algorithm.grpo.cps=true",
+                "algorithm.grpo.sde_window_size=1",
+                "algorithm.grpo.sde_window_range=[9, 10]",
+            ],
+            r"a CPS window may hold only the last step",
+        ),
         ("", ["sol.explore_precision=fp4"], r"sol.explore_precision: Input should be 'nvfp4', 'fp8', 'bf16' or 'fp32'"),
         ("", ["sol.quant_backend=te"], r"sol.quant_backend: Input should be 'auto', 'scaled_mm', 'modelopt' or 'emulate'"),
-        ("", ["sol.explore_precision=fp8", "sol.quant_backend=modelopt"], r"sol: Value error, sol.quant_backend 'modelopt' quantizes to nvfp4 only, not explore_precision 'fp8'"),
-        ("", ["sol.allow_fp8=true", "sol.explore_precision=fp8"], r"sol.allow_fp8 lets quant_backend 'auto' trade nvfp4 for fp8; it does nothing with explore_precision 'fp8'"),
-        ("", ["sol.allow_fp8=true", "sol.quant_backend=emulate"], r"does nothing with explore_precision 'nvfp4' and quant_backend 'emulate'"),
+        (
+            "",
+            ["sol.explore_precision=fp8", "sol.quant_backend=modelopt"],
+            r"sol: Value error, sol.quant_backend 'modelopt' quantizes to nvfp4 only, not explore_precision 'fp8'",
+        ),
+        (
+            "",
+            ["sol.allow_fp8=true", "sol.explore_precision=fp8"],
+            r"sol.allow_fp8 lets quant_backend 'auto' trade nvfp4 for fp8; it does nothing with explore_precision 'fp8'",
+        ),
+        (
+            "",
+            ["sol.allow_fp8=true", "sol.quant_backend=emulate"],
+            r"does nothing with explore_precision 'nvfp4' and quant_backend 'emulate'",
+        ),
         ("", ["sol.allow_fp8s=true"], r"sol.allow_fp8s: Extra inputs are not permitted"),
-        ("run:\n  steps: 3\n  seed: 1\n  steps: 4\n", [], r"recipe.yaml: not valid YAML \(line 4, column 3\): key 'steps' given twice \(lines 2 and 4\)"),
+        (
+            "run:\n  steps: 3\n  seed: 1\n  steps: 4\n",
+            [],
+            r"recipe.yaml: not valid YAML \(line 4, column 3\): key 'steps' given twice \(lines 2 and 4\)",
+        ),
         ("run:\n  steps: [3\n", [], r"recipe.yaml: not valid YAML \(line 3, column 1\): expected ',' or ']', but got '<stream end>'"),
         ("run:\n  name: 'x\n", [], r"recipe.yaml: not valid YAML \(line 3, column 1\): found unexpected end of stream"),
         ("", ["run.steps=true"], r"run.steps: Value error, Input should be a number, not the boolean true"),
@@ -83,7 +132,8 @@ def test_optimizer_and_per_algorithm_keys_are_their_own(tmp_path):
         ("", ["run.steps=[1"], r"override 'run.steps=\[1': not valid YAML"),
         # billion laughs: 9 levels of 10 aliases each expand to 10^9 values
         (
-            "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 10))
+            "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
+            + "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 10))
             + "rewards:\n  models: [{name: brightness, kwargs: {bomb: *a9}}]\n",
             [],
             r"recipe.yaml: expands to more than 100000 values \(YAML aliases\?\)",
@@ -147,29 +197,101 @@ def test_tiny_baselines_differ_from_tiny_solrl_only_where_they_should():
 # DiffusionNFT = NVlabs/DiffusionNFT config/nft.py + base.py; Flow-GRPO = yifan123/flow_grpo config/grpo.py + base.py.
 REFERENCE_SETTINGS = {
     # Sol-RL: 48 groups, 24 of 96 (best/worst), 6 NVFP4 preview steps, r32/a64, lr 3e-4, KL 1e-4, EMA evaluation
-    "sd35l_solrl": {"model.resolution": 1024, "sampler.solver": "dpm2", "sampler.steps": 10, "eval.steps": 40, "model.cfg_scale": 1.0,
-                    "algorithm.nft.timestep_fraction": 0.6, "optim.grad_clip": 0.002, "algorithm.nft.kl_weight": 1e-4},
-    "flux1_solrl": {"model.resolution": 512, "sampler.solver": "dpm2", "sampler.steps": 10, "eval.steps": 28, "model.distilled_guidance": 1.0,
-                    "model.lora_targets": ["to_q", "to_k", "to_v", "to_out.0"], "algorithm.nft.timestep_fraction": 0.4, "optim.grad_clip": 1.0},
-    "sana_solrl": {"model.resolution": 1024, "model.schedule": "linear", "sampler.solver": "euler", "sampler.steps": 10, "eval.steps": 40,
-                   "algorithm.nft.timestep_fraction": 0.6, "optim.grad_clip": 1.0},
+    "sd35l_solrl": {
+        "model.resolution": 1024,
+        "sampler.solver": "dpm2",
+        "sampler.steps": 10,
+        "eval.steps": 40,
+        "model.cfg_scale": 1.0,
+        "algorithm.nft.timestep_fraction": 0.6,
+        "optim.grad_clip": 0.002,
+        "algorithm.nft.kl_weight": 1e-4,
+    },
+    "flux1_solrl": {
+        "model.resolution": 512,
+        "sampler.solver": "dpm2",
+        "sampler.steps": 10,
+        "eval.steps": 28,
+        "model.distilled_guidance": 1.0,
+        "model.lora_targets": ["to_q", "to_k", "to_v", "to_out.0"],
+        "algorithm.nft.timestep_fraction": 0.4,
+        "optim.grad_clip": 1.0,
+    },
+    "sana_solrl": {
+        "model.resolution": 1024,
+        "model.schedule": "linear",
+        "sampler.solver": "euler",
+        "sampler.steps": 10,
+        "eval.steps": 40,
+        "algorithm.nft.timestep_fraction": 0.6,
+        "optim.grad_clip": 1.0,
+    },
     # DiffusionNFT sd3_pickscore / sd3_multi_reward (+ MARBLE's balancing): 512 px, 48 x 24, 0.99, 40 eval steps
-    "sd35m_nft": {"model.resolution": 512, "sampler.steps": 10, "eval.steps": 40, "algorithm.nft.timestep_fraction": 0.99,
-                  "algorithm.nft.beta": 1.0, "algorithm.group_size": 24, "algorithm.prompts_per_step": 48},
-    "sd35m_marble": {"model.resolution": 512, "sampler.steps": 25, "algorithm.nft.timestep_fraction": 0.99, "algorithm.nft.beta": 0.1,
-                     "balance.solve_every": 10, "balance.ema": 0.7, "balance.amortized": "marble"},
+    "sd35m_nft": {
+        "model.resolution": 512,
+        "sampler.steps": 10,
+        "eval.steps": 40,
+        "algorithm.nft.timestep_fraction": 0.99,
+        "algorithm.nft.beta": 1.0,
+        "algorithm.group_size": 24,
+        "algorithm.prompts_per_step": 48,
+    },
+    "sd35m_marble": {
+        "model.resolution": 512,
+        "sampler.steps": 25,
+        "algorithm.nft.timestep_fraction": 0.99,
+        "algorithm.nft.beta": 0.1,
+        "balance.solve_every": 10,
+        "balance.ema": 0.7,
+        "balance.amortized": "marble",
+    },
     # Flow-GRPO pickscore_sd3 and pickscore_sd3_fast_nocfg (CPS)
-    "sd35m_grpo": {"model.resolution": 512, "model.cfg_scale": 4.5, "sampler.steps": 10, "eval.steps": 40, "algorithm.grpo.beta_kl": 0.01,
-                   "algorithm.grpo.clip_range": 1e-4, "algorithm.grpo.noise_level": 0.7, "algorithm.grpo.timestep_fraction": 0.99,
-                   "algorithm.group_size": 24, "algorithm.prompts_per_step": 48, "optim.lr": 3e-4, "eval.ema_every": 8},
-    "sd35m_grpo_cps": {"model.cfg_scale": 1.0, "algorithm.grpo.cps": True, "algorithm.grpo.noise_level": 0.8, "algorithm.grpo.clip_range": 1e-5,
-                       "algorithm.grpo.beta_kl": 0.0, "algorithm.grpo.sde_window_size": 3, "algorithm.grpo.sde_window_range": (0, 5),
-                       "algorithm.group_size": 18, "algorithm.prompts_per_step": 64},
-    "tiny_grpo_cps": {"algorithm.grpo.cps": True, "algorithm.grpo.noise_level": 0.8, "algorithm.grpo.clip_range": 1e-5, "algorithm.grpo.beta_kl": 0.0,
-                      "algorithm.grpo.sde_window_size": 3, "algorithm.grpo.sde_window_range": (0, 5)},
+    "sd35m_grpo": {
+        "model.resolution": 512,
+        "model.cfg_scale": 4.5,
+        "sampler.steps": 10,
+        "eval.steps": 40,
+        "algorithm.grpo.beta_kl": 0.01,
+        "algorithm.grpo.clip_range": 1e-4,
+        "algorithm.grpo.noise_level": 0.7,
+        "algorithm.grpo.timestep_fraction": 0.99,
+        "algorithm.group_size": 24,
+        "algorithm.prompts_per_step": 48,
+        "optim.lr": 3e-4,
+        "eval.ema_every": 8,
+    },
+    "sd35m_grpo_cps": {
+        "model.cfg_scale": 1.0,
+        "algorithm.grpo.cps": True,
+        "algorithm.grpo.noise_level": 0.8,
+        "algorithm.grpo.clip_range": 1e-5,
+        "algorithm.grpo.beta_kl": 0.0,
+        "algorithm.grpo.sde_window_size": 3,
+        "algorithm.grpo.sde_window_range": (0, 5),
+        "algorithm.group_size": 18,
+        "algorithm.prompts_per_step": 64,
+    },
+    "tiny_grpo_cps": {
+        "algorithm.grpo.cps": True,
+        "algorithm.grpo.noise_level": 0.8,
+        "algorithm.grpo.clip_range": 1e-5,
+        "algorithm.grpo.beta_kl": 0.0,
+        "algorithm.grpo.sde_window_size": 3,
+        "algorithm.grpo.sde_window_range": (0, 5),
+    },
 }
-SOL_RL = {"sol.pool_size": 96, "algorithm.group_size": 24, "algorithm.prompts_per_step": 48, "sol.explore_steps": 6, "sol.selection": "best_worst",
-          "algorithm.lora_rank": 32, "algorithm.lora_alpha": 64.0, "optim.lr": 3e-4, "algorithm.nft.kl_weight": 1e-4, "eval.adapter": "ema"}
+SOL_RL = {
+    "sol.pool_size": 96,
+    "algorithm.group_size": 24,
+    "algorithm.prompts_per_step": 48,
+    "sol.explore_steps": 6,
+    "sol.selection": "best_worst",
+    "algorithm.lora_rank": 32,
+    "algorithm.lora_alpha": 64.0,
+    "optim.lr": 3e-4,
+    "algorithm.nft.kl_weight": 1e-4,
+    "eval.adapter": "ema",
+}
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE_SETTINGS))

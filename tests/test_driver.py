@@ -60,7 +60,9 @@ def test_driver_evaluation_before_training_is_the_base_models_eval_protocol(tmp_
     base = evaluate_policy(load_policy("tiny"), seeds_per_prompt=2)
     assert metrics["eval/strict"] == base["strict"]
     assert metrics["eval/tiny_verifier"] == pytest.approx(base["reward"], abs=1e-12)
-    assert {task: metrics[f"eval/task/{task}"] for task in base["per_task"]} == {task: row["strict"] for task, row in base["per_task"].items()}
+    assert {task: metrics[f"eval/task/{task}"] for task in base["per_task"]} == {
+        task: row["strict"] for task, row in base["per_task"].items()
+    }
 
 
 @pytest.mark.slow

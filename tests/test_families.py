@@ -31,7 +31,10 @@ SEEDS = [11, 12, 13]
 STEPS = 3
 
 
-BUILDERS = {family: (PIPELINE_BUILDERS[family], policy_class) for family, policy_class in (("sd3", SD3Policy), ("flux", FluxPolicy), ("sana", SanaPolicy))}
+BUILDERS = {
+    family: (PIPELINE_BUILDERS[family], policy_class)
+    for family, policy_class in (("sd3", SD3Policy), ("flux", FluxPolicy), ("sana", SanaPolicy))
+}
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
@@ -124,7 +127,9 @@ def test_sampling_schedule_is_the_pipelines(saved, steps):
         assert torch.equal(sigmas, scheduler.sigmas.float())
         torch.testing.assert_close(sigmas, expected_sigmas(family, steps, policy.latent_shape[1]), rtol=0, atol=1e-6)
         # a static shift override keeps the pipeline's grid and replaces its shift
-        torch.testing.assert_close(policy.sigmas(steps, shift=2.0), expected_sigmas(family, steps, policy.latent_shape[1], shift=2.0), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            policy.sigmas(steps, shift=2.0), expected_sigmas(family, steps, policy.latent_shape[1], shift=2.0), rtol=0, atol=1e-6
+        )
     if family == "flux" and steps == 10:
         # 512 px: the last non-zero sigma is 0.1726 (a static exp(mu) shift on set_timesteps(10) gave 0.0035)
         low = load_policy(ModelConfig(path=path, resolution=128, max_sequence_length=TEXT_TOKENS)).sigmas(10)[-2]
@@ -190,8 +195,15 @@ def test_euler_sampling_matches_the_diffusers_pipeline(saved, policy):
         options["guidance_scale"] = 1.0  # CFG off, as in the policy
     reference = {
         output: pipeline(
-            prompt=PROMPTS, height=RESOLUTION, width=RESOLUTION, latents=noise, sigmas=sigmas[:-1].tolist(), num_inference_steps=STEPS,
-            max_sequence_length=TEXT_TOKENS, output_type=output, **options,
+            prompt=PROMPTS,
+            height=RESOLUTION,
+            width=RESOLUTION,
+            latents=noise,
+            sigmas=sigmas[:-1].tolist(),
+            num_inference_steps=STEPS,
+            max_sequence_length=TEXT_TOKENS,
+            output_type=output,
+            **options,
         ).images
         for output in ("latent", "np")
     }
@@ -241,7 +253,9 @@ def test_lora_targets_match_and_one_nft_step_lowers_the_loss(saved):
     # eta = 0.001 after the first step (the old adapter started equal to the trained one): old = 0.001 before + 0.999 after
     old = policy.adapter_parameters(OLD_ADAPTER)
     for name, p in after.items():
-        torch.testing.assert_close(old[name.replace(f".{TRAINABLE_ADAPTER}.", f".{OLD_ADAPTER}.")], 0.001 * before[name] + 0.999 * p.detach())
+        torch.testing.assert_close(
+            old[name.replace(f".{TRAINABLE_ADAPTER}.", f".{OLD_ADAPTER}.")], 0.001 * before[name] + 0.999 * p.detach()
+        )
 
 
 def test_nvfp4_explore_copy_quantizes_block_linears_and_samples(saved):
@@ -317,8 +331,10 @@ def test_real_checkpoint_samples_explores_in_nvfp4_and_trains(family, tmp_path):
     report = explore.explore_state.to_dict()
     fp4 = sample(explore, prompts, seeds, 10, solver="dpm2")
     save_png(image_grid(np.concatenate([bf16.images, fp4.images]), columns=4), tmp_path / f"{family}_bf16_top_nvfp4_bottom.png")
-    print(f"{family}: backend {report['backend']}, {report['num_quantized_layers']} NVFP4 layers, "
-          f"{report['quantized_fraction']:.2f} of the parameters; grid in {tmp_path}")
+    print(
+        f"{family}: backend {report['backend']}, {report['num_quantized_layers']} NVFP4 layers, "
+        f"{report['quantized_fraction']:.2f} of the parameters; grid in {tmp_path}"
+    )
     assert report["num_quantized_layers"] > 0 and smoothness(fp4.images) < 20
     # Same seeds, same sampler: the NVFP4 copy draws the same compositions (what Sol-RL relies on).
     assert np.abs(fp4.images.astype(int) - bf16.images).mean() < 40

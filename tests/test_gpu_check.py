@@ -16,7 +16,9 @@ SOLVERS = ["euler", "dpm2", "sde", "cps"]
 
 def gpu_check(out: Path, *options: str, timeout: int) -> tuple[subprocess.CompletedProcess, dict | None]:
     command = [sys.executable, "bench/gpu_check.py", "--out", str(out), *options]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"), check=False)
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"), check=False
+    )
     path = out / "gpu_check.json"
     return result, json.loads(path.read_text()) if path.exists() else None
 
@@ -44,7 +46,9 @@ def test_dry_run_passes_and_reports_the_numbers(tmp_path):
     fp8 = backends["fp8/scaled_mm vs emulate"]
     assert fp8["runs"] == "reference formula"
     # FP8: one set of codes and one formula; NVFP4: the same codes, without emulate's bf16 rounding of the operands
-    assert fp8["max_abs_quantized_weight_difference"] == fp8["max_abs_quantized_input_difference"] == fp8["max_abs_velocity_difference"] == 0.0
+    assert (
+        fp8["max_abs_quantized_weight_difference"] == fp8["max_abs_quantized_input_difference"] == fp8["max_abs_velocity_difference"] == 0.0
+    )
     nvfp4 = backends["nvfp4/scaled_mm vs emulate"]
     assert 0 < nvfp4["max_abs_quantized_weight_difference"] < 1e-3 and 0 < nvfp4["relative_velocity_difference"] < 0.1
     assert backends["skipped"] == ["nvfp4/modelopt: modelopt's dynamic NVFP4 block quantizer asserts CUDA tensors"]
@@ -52,7 +56,13 @@ def test_dry_run_passes_and_reports_the_numbers(tmp_path):
     for size, width in (("tiny", 32), ("wide", 64)):
         speed = report["rows"][f"speed:{size}"]["data"]
         assert speed["width"] == width and speed["steps"] == 6
-        assert set(speed["seconds_per_call"]) == {"bf16", "nvfp4/emulate (emulate)", "nvfp4/scaled_mm (reference formula)", "fp8/emulate (emulate)", "fp8/scaled_mm (reference formula)"}
+        assert set(speed["seconds_per_call"]) == {
+            "bf16",
+            "nvfp4/emulate (emulate)",
+            "nvfp4/scaled_mm (reference formula)",
+            "fp8/emulate (emulate)",
+            "fp8/scaled_mm (reference formula)",
+        }
         assert all(seconds > 0 for seconds in speed["seconds_per_call"].values())
     assert "PASS in" in result.stdout
 
@@ -67,7 +77,10 @@ def test_without_cuda_the_device_row_fails_and_says_why(tmp_path):
 def test_unknown_rows_are_refused_with_the_known_ones(tmp_path):
     result, report = gpu_check(tmp_path, "--dry-run", "--rows", "device,speed:huge", timeout=300)
     assert result.returncode == 2 and report is None
-    assert "unknown rows ['speed:huge']; rows are: device, family:sd3, family:flux, family:sana, backends, speed:tiny, speed:wide, pytest, ray" in result.stderr
+    assert (
+        "unknown rows ['speed:huge']; rows are: device, family:sd3, family:flux, family:sana, backends, speed:tiny, speed:wide, pytest, ray"
+        in result.stderr
+    )
 
 
 @pytest.mark.slow

@@ -155,7 +155,9 @@ def test_grpo_learner_samples_a_trajectory_and_trains_on_it(cps):
 
 
 def test_bf16_learner_trains_fp32_lora_and_a_rollout_worker_merges_its_update_to_the_same_weights():
-    recipe = load_recipe("recipes/tiny_solrl.yaml", TINY + ["algorithm.train_precision=bf16", "algorithm.gradient_checkpointing=true"]).model_dump()
+    recipe = load_recipe(
+        "recipes/tiny_solrl.yaml", TINY + ["algorithm.train_precision=bf16", "algorithm.gradient_checkpointing=true"]
+    ).model_dump()
     learner = LearnerWorker(recipe)
     assert learner.policy.transformer.gradient_checkpointing
     assert learner.policy.transformer.pos_embed.proj.weight.dtype == torch.bfloat16

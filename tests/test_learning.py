@@ -29,7 +29,9 @@ PROBE_PROMPTS = prompt_set("eval")[:8]
 PROBE_SEEDS = [EVAL_SEED_BASE + j for j in range(4)]
 
 
-def train_tiny(algorithm: str, iterations: int, reward_names=("brightness",), balance="weighted_sum", prompts_per_step=2, group_size=8, lr=3e-4, seed=0):
+def train_tiny(
+    algorithm: str, iterations: int, reward_names=("brightness",), balance="weighted_sum", prompts_per_step=2, group_size=8, lr=3e-4, seed=0
+):
     """LoRA-train the shipped tiny policy; returns (policy, per-iteration mean rewards [iterations, R]).
 
     Several rewards: balance "weighted_sum" trains the advantage of their sum (DiffusionNFT), "qp" balances one per reward (MARBLE).
@@ -48,7 +50,11 @@ def train_tiny(algorithm: str, iterations: int, reward_names=("brightness",), ba
         prompts = [p for p in chosen for _ in range(group_size)]
         seeds = [int(s) for s in rng.integers(2**31, size=len(prompts))]
         group_ids = torch.arange(prompts_per_step).repeat_interleave(group_size)
-        out = sample(policy, prompts, seeds, STEPS, solver="dpm2", adapter=OLD_ADAPTER) if algorithm == "nft" else sample(policy, prompts, seeds, STEPS, solver="sde")
+        out = (
+            sample(policy, prompts, seeds, STEPS, solver="dpm2", adapter=OLD_ADAPTER)
+            if algorithm == "nft"
+            else sample(policy, prompts, seeds, STEPS, solver="sde")
+        )
         scores = torch.from_numpy(np.stack([r.score(out.images, prompts) for r in rewards], axis=1)).float()
         advantages = group_advantages(scores if balancer is not None else weighted_reward(scores, torch.ones(len(rewards))), group_ids)
         if algorithm == "nft":
@@ -83,10 +89,15 @@ def test_rl_raises_the_reward_on_held_out_prompts(algorithm):
 if __name__ == "__main__":
     for algorithm in ("nft", "grpo"):
         policy, history = train_tiny(algorithm, iterations=12, lr=LEARNING_RATES[algorithm])
-        print(f"{algorithm}: probe brightness {probe_reward(policy, adapter=None):.4f} -> {probe_reward(policy):.4f}; "
-              f"train {history[:4, 0].mean():.4f} -> {history[-4:, 0].mean():.4f}", flush=True)
+        print(
+            f"{algorithm}: probe brightness {probe_reward(policy, adapter=None):.4f} -> {probe_reward(policy):.4f}; "
+            f"train {history[:4, 0].mean():.4f} -> {history[-4:, 0].mean():.4f}",
+            flush=True,
+        )
     rewards = ("tiny_verifier", "brightness", "jpeg_compressibility")
     for balance in ("weighted_sum", "qp"):
         policy, _ = train_tiny("nft", iterations=12, reward_names=rewards, balance=balance)
-        changes = ", ".join(f"{name} {probe_reward(policy, name, adapter=None):.3f} -> {probe_reward(policy, name):.3f}" for name in rewards)
+        changes = ", ".join(
+            f"{name} {probe_reward(policy, name, adapter=None):.3f} -> {probe_reward(policy, name):.3f}" for name in rewards
+        )
         print(f"nft, 3 rewards, {balance}: probe {changes}", flush=True)

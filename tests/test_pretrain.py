@@ -55,7 +55,14 @@ def test_uniform_task_weights_draw_the_same_batches_as_before():
     assert first[0] == second[0] and np.array_equal(first[1], second[1])
 
 
-@pytest.mark.parametrize("weights, message", [({"colour": 2}, "unknown task(s) ['colour']"), ({"colors": -1}, "non-negative integers"), ({t: 0 for t in ("single_object", "colors", "counting", "two_object", "position")}, "not all zero")])
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        ({"colour": 2}, "unknown task(s) ['colour']"),
+        ({"colors": -1}, "non-negative integers"),
+        ({t: 0 for t in ("single_object", "colors", "counting", "two_object", "position")}, "not all zero"),
+    ],
+)
 def test_bad_task_weights_are_refused_by_name(weights, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         task_pool(weights)

@@ -55,7 +55,9 @@ class StubPolicy(Policy):
         parts = []
         for prompt in prompts:
             g = torch.Generator().manual_seed(zlib.crc32(prompt.encode()))
-            parts.append(Conditioning({"prompt_embeds": torch.randn(1, 5, 32, generator=g), "pooled_prompt_embeds": torch.randn(1, 64, generator=g)}))
+            parts.append(
+                Conditioning({"prompt_embeds": torch.randn(1, 5, 32, generator=g), "pooled_prompt_embeds": torch.randn(1, 64, generator=g)})
+            )
         return Conditioning.cat(parts).to(self.device, self.dtype)
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -84,7 +86,9 @@ def input_amax(explore: Policy) -> dict[str, torch.Tensor]:
 
 def inputs(batch: int = 3):
     g = torch.Generator().manual_seed(1)
-    cond = Conditioning({"prompt_embeds": torch.randn(batch, 5, 32, generator=g), "pooled_prompt_embeds": torch.randn(batch, 64, generator=g)})
+    cond = Conditioning(
+        {"prompt_embeds": torch.randn(batch, 5, 32, generator=g), "pooled_prompt_embeds": torch.randn(batch, 64, generator=g)}
+    )
     return torch.randn(batch, 4, 8, 8, generator=g), torch.rand(batch, generator=g), cond
 
 
@@ -115,7 +119,13 @@ def test_emulate_copy_quantizes_the_selected_linears_and_leaves_the_source_untou
     assert_same_state(snapshot(policy.transformer), before)
     assert policy.precision == "fp32" and not any(isinstance(m, NVFP4Linear) for m in policy.transformer.modules())
     state = explore.explore_state
-    assert (explore.precision, state.precision, state.backend, state.version, state.calibration) == ("nvfp4", "nvfp4", "emulate", 0, CALIBRATION)
+    assert (explore.precision, state.precision, state.backend, state.version, state.calibration) == (
+        "nvfp4",
+        "nvfp4",
+        "emulate",
+        0,
+        CALIBRATION,
+    )
     quantized = {name: m for name, m in explore.transformer.named_modules() if isinstance(m, NVFP4Linear)}
     assert set(quantized) == set(state.selection.quantized) and len(quantized) == 20
     for name, param in explore.transformer.named_parameters():
@@ -164,7 +174,9 @@ def copy_with_backend(policy: Policy, backend: str) -> Policy:
 
 
 def modelopt_input_amax(explore: Policy) -> dict[str, torch.Tensor]:
-    return {name: explore.transformer.get_submodule(name).input_quantizer.amax.float() for name in explore.explore_state.selection.quantized}
+    return {
+        name: explore.transformer.get_submodule(name).input_quantizer.amax.float() for name in explore.explore_state.selection.quantized
+    }
 
 
 def test_modelopt_backend_calibrates_exactly_the_selected_quantizers_like_emulate_and_needs_cuda_to_run():
@@ -187,7 +199,11 @@ def test_modelopt_backend_calibrates_exactly_the_selected_quantizers_like_emulat
     smaller = {k: 0.5 * v for k, v in policy.transformer.state_dict().items()}
     requantize(explore, smaller, version=1)
     requantize(emulated, smaller, version=1)
-    assert to_q.weight_quantizer.amax == to_q.weight.abs().amax().float() == 0.5 * policy.transformer.get_submodule("transformer_blocks.0.attn.to_q").weight.abs().amax()
+    assert (
+        to_q.weight_quantizer.amax
+        == to_q.weight.abs().amax().float()
+        == 0.5 * policy.transformer.get_submodule("transformer_blocks.0.attn.to_q").weight.abs().amax()
+    )
     assert_same_state(modelopt_input_amax(explore), input_amax(emulated))
 
 
@@ -250,7 +266,9 @@ def test_delayed_scaling_quantizes_with_the_history_and_needs_no_calibration():
     with torch.no_grad():
         first, second = layer(x), layer(x)
     assert not torch.equal(first, second)  # the second forward quantizes with the first one's amax
-    expected = torch.nn.functional.linear(nvfp4_fake_quantize(x, amax=x.float().abs().amax()).float(), layer.weight_fq.float(), layer.bias.float())
+    expected = torch.nn.functional.linear(
+        nvfp4_fake_quantize(x, amax=x.float().abs().amax()).float(), layer.weight_fq.float(), layer.bias.float()
+    )
     torch.testing.assert_close(second, expected.to(torch.bfloat16))
 
 
@@ -296,7 +314,9 @@ def test_requantize_takes_a_subset_of_weights():
 
     after = {k: v for k, v in snapshot(explore.transformer).items() if not k.endswith("input_amax")}
     assert torch.equal(after.pop(key), new.to(torch.bfloat16))
-    assert torch.equal(explore.transformer.get_submodule(key.removesuffix(".weight")).weight_fq, nvfp4_fake_quantize(new.to(torch.bfloat16)))
+    assert torch.equal(
+        explore.transformer.get_submodule(key.removesuffix(".weight")).weight_fq, nvfp4_fake_quantize(new.to(torch.bfloat16))
+    )
     before.pop(key)
     assert_same_state(after, before)
 
@@ -397,7 +417,11 @@ def test_lora_update_merged_into_the_base_weights_is_peft_merge_to_the_bit():
 
 
 def test_merge_lora_update_adds_in_the_wider_dtype_and_leaves_the_rounding_to_the_loader():
-    update = {"l.weight.lora_A": torch.tensor([[1.0, 2.0]]), "l.weight.lora_B": torch.tensor([[1e-3]]), "l.weight.lora_scaling": torch.tensor(2.0, dtype=torch.float64)}
+    update = {
+        "l.weight.lora_A": torch.tensor([[1.0, 2.0]]),
+        "l.weight.lora_B": torch.tensor([[1e-3]]),
+        "l.weight.lora_scaling": torch.tensor(2.0, dtype=torch.float64),
+    }
     merged = merge_lora_update({"l.weight": torch.tensor([[1.0, 1.0]], dtype=torch.bfloat16)}, update)
     assert merged["l.weight"].dtype == torch.float32
     torch.testing.assert_close(merged["l.weight"], torch.tensor([[1.002, 1.004]]))  # bf16 would have kept 1.0, 1.0

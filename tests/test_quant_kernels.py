@@ -91,7 +91,9 @@ def test_fp8_reference_gemm_is_the_formula_and_matches_torchs_scaled_mm_on_cpu()
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.double(), exact, rtol=2**-8, atol=0)  # one bf16 rounding of a sum exact to ~2^-24
     # torch's CPU scaled matmul (oneDNN) computes the same formula
-    torch.testing.assert_close(got, torch._scaled_mm(x.values, w.values.T, x.scale, w.scale, bias=bias, out_dtype=torch.bfloat16), rtol=2**-8, atol=1e-6)
+    torch.testing.assert_close(
+        got, torch._scaled_mm(x.values, w.values.T, x.scale, w.scale, bias=bias, out_dtype=torch.bfloat16), rtol=2**-8, atol=1e-6
+    )
 
 
 def test_fp8_kernel_arguments_pass_torchs_scaled_mm_checks():
@@ -147,7 +149,9 @@ def test_nvfp4_reference_gemm_is_the_two_level_formula():
     exact = (qd(x) @ qd(w).T) * (x.tensor_scale.double() * w.tensor_scale.double()) + bias.double()
     torch.testing.assert_close(got.double(), exact, rtol=2**-8, atol=0)
     # and it is the product of the emulation's operands, up to their bf16 rounding
-    emulated = torch.nn.functional.linear(nvfp4_fake_quantize(randn(24, 64, seed=8), amax=3.0).float(), nvfp4_fake_quantize(randn(48, 64, seed=9)).float(), bias.float())
+    emulated = torch.nn.functional.linear(
+        nvfp4_fake_quantize(randn(24, 64, seed=8), amax=3.0).float(), nvfp4_fake_quantize(randn(48, 64, seed=9)).float(), bias.float()
+    )
     assert (got.float() - emulated).abs().max() < 0.02 * emulated.abs().max()
 
 
@@ -155,7 +159,9 @@ def test_nvfp4_kernel_arguments_pass_torchs_scaled_mm_checks():
     """Packed data, swizzled scales and recipes, as torch.nn.functional.scaled_mm's own shape checks see them."""
     meta = lambda p: PackedNVFP4(p.data.to("meta"), p.block_scales.to("meta"), p.tensor_scale.to("meta"), p.rows, p.k)  # noqa: E731
     for rows in (24, 200):  # one row tile, two
-        y = nvfp4_gemm(meta(pack_nvfp4(randn(rows, 96))), meta(pack_nvfp4(randn(48, 96))), randn(48).to("meta"), torch.bfloat16, kernel=True)
+        y = nvfp4_gemm(
+            meta(pack_nvfp4(randn(rows, 96))), meta(pack_nvfp4(randn(48, 96))), randn(48).to("meta"), torch.bfloat16, kernel=True
+        )
         assert (y.shape, y.dtype) == ((rows, 48), torch.bfloat16)
     short = pack_nvfp4(randn(24, 96))
     broken = PackedNVFP4(short.data, short.block_scales[:-1], short.tensor_scale, 24, 96)
@@ -187,7 +193,9 @@ def test_kernel_layers_compute_the_reference_formula_with_a_static_amax(layer_cl
     assert layer.input_amax == x.float().abs().amax()
     torch.testing.assert_close(calibrating, torch.nn.functional.linear(x, linear.weight, linear.bias))
     y = layer(x)
-    expected = torch.nn.functional.linear(layer.dequantized_input(x, layer.input_amax).double(), layer.dequantized_weight().double(), linear.bias.double())
+    expected = torch.nn.functional.linear(
+        layer.dequantized_input(x, layer.input_amax).double(), layer.dequantized_weight().double(), linear.bias.double()
+    )
     assert y.shape == (3, 5, 48) and y.dtype == torch.bfloat16
     torch.testing.assert_close(y.double(), expected, rtol=2**-8, atol=1e-6)
     # a static amax: a row's output does not depend on its batch-mates
@@ -215,7 +223,10 @@ def test_fp8_explore_copy_quantizes_the_nvfp4_selection_and_is_closer_to_bf16():
     x, t, cond = inputs()
     with torch.no_grad():
         bf16 = quantize_policy(policy, "bf16").velocity(x, t, cond).float()
-        errors = {name: ((copy.velocity(x, t, cond).float() - bf16).norm() / bf16.norm()).item() for name, copy in (("fp8", fp8), ("nvfp4", nvfp4))}
+        errors = {
+            name: ((copy.velocity(x, t, cond).float() - bf16).norm() / bf16.norm()).item()
+            for name, copy in (("fp8", fp8), ("nvfp4", nvfp4))
+        }
     assert 0 < errors["fp8"] < 0.1 and errors["fp8"] < errors["nvfp4"] / 2, errors
 
 
@@ -257,7 +268,10 @@ def test_scaled_mm_copy_on_cpu_runs_the_reference_formula_and_says_so(caplog):
 
 def fake_hardware(monkeypatch, kernels: set[str], modelopt: bool) -> None:
     """Pretend the device has the given scaled-matmul GEMMs and (not) modelopt."""
-    monkeypatch.setattr("quant.explore.kernel_support", lambda device, precision: KernelSupport(precision in kernels, f"{precision} GEMM {'found' if precision in kernels else 'missing'}"))
+    monkeypatch.setattr(
+        "quant.explore.kernel_support",
+        lambda device, precision: KernelSupport(precision in kernels, f"{precision} GEMM {'found' if precision in kernels else 'missing'}"),
+    )
     monkeypatch.setattr("quant.explore.modelopt_unavailable", lambda device: None if modelopt else "nvidia-modelopt is not installed")
 
 
@@ -265,14 +279,32 @@ def fake_hardware(monkeypatch, kernels: set[str], modelopt: bool) -> None:
     ("kernels", "modelopt", "precision", "allow_fp8", "expected"),
     [
         ({"nvfp4", "fp8"}, True, "nvfp4", True, ("nvfp4", "scaled_mm", "nvfp4 GEMM found")),  # Blackwell
-        ({"fp8"}, True, "nvfp4", True, ("fp8", "scaled_mm", "nvfp4 GEMM missing; sol.allow_fp8: fp8 in place of nvfp4; fp8 GEMM found")),  # Hopper
+        (
+            {"fp8"},
+            True,
+            "nvfp4",
+            True,
+            ("fp8", "scaled_mm", "nvfp4 GEMM missing; sol.allow_fp8: fp8 in place of nvfp4; fp8 GEMM found"),
+        ),  # Hopper
         ({"fp8"}, True, "nvfp4", False, ("nvfp4", "modelopt", "nvfp4 GEMM missing; modelopt fake quantization")),
-        (set(), False, "nvfp4", True, ("nvfp4", "emulate", "nvfp4 GEMM missing; fp8 GEMM missing; no modelopt: nvidia-modelopt is not installed; emulation in pure torch")),
+        (
+            set(),
+            False,
+            "nvfp4",
+            True,
+            (
+                "nvfp4",
+                "emulate",
+                "nvfp4 GEMM missing; fp8 GEMM missing; no modelopt: nvidia-modelopt is not installed; emulation in pure torch",
+            ),
+        ),
         ({"fp8"}, True, "fp8", False, ("fp8", "scaled_mm", "fp8 GEMM found")),
         (set(), True, "fp8", False, ("fp8", "emulate", "fp8 GEMM missing; emulation in pure torch")),
     ],
 )
-def test_auto_picks_nvfp4_gemms_then_fp8_gemms_then_fake_quant_then_emulation(monkeypatch, caplog, kernels, modelopt, precision, allow_fp8, expected):
+def test_auto_picks_nvfp4_gemms_then_fp8_gemms_then_fake_quant_then_emulation(
+    monkeypatch, caplog, kernels, modelopt, precision, allow_fp8, expected
+):
     fake_hardware(monkeypatch, kernels, modelopt)
     with caplog.at_level(logging.INFO, logger="quant.explore"):
         assert resolve_explore_path(precision, "auto", "cuda", allow_fp8) == expected
@@ -336,5 +368,7 @@ def test_nvfp4_kernel_layer_reference_takes_a_width_that_is_not_whole_blocks():
     layer.calibrated = True
     x = torch.randn(3, 40, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        expected = torch.nn.functional.linear(nvfp4_fake_quantize(x, amax=torch.tensor(3.0)), nvfp4_fake_quantize(linear.weight.detach()), linear.bias)
+        expected = torch.nn.functional.linear(
+            nvfp4_fake_quantize(x, amax=torch.tensor(3.0)), nvfp4_fake_quantize(linear.weight.detach()), linear.bias
+        )
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)

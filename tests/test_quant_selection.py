@@ -75,13 +75,30 @@ def real_width(family: str):
     with torch.device("meta"):
         if family == "sd3":  # SD3.5-Large: 38 heads x 64 = 2432
             return SD3Transformer2DModel(
-                sample_size=128, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=64, num_attention_heads=38,
-                joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192,
+                sample_size=128,
+                patch_size=2,
+                in_channels=16,
+                num_layers=2,
+                attention_head_dim=64,
+                num_attention_heads=38,
+                joint_attention_dim=4096,
+                caption_projection_dim=2432,
+                pooled_projection_dim=2048,
+                out_channels=16,
+                pos_embed_max_size=192,
             )
         if family == "flux":  # FLUX.1-dev: 24 heads x 128 = 3072
             return FluxTransformer2DModel(
-                patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128, num_attention_heads=24,
-                joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+                patch_size=1,
+                in_channels=64,
+                num_layers=1,
+                num_single_layers=1,
+                attention_head_dim=128,
+                num_attention_heads=24,
+                joint_attention_dim=4096,
+                pooled_projection_dim=768,
+                guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56),
             )
         return SanaTransformer2DModel(  # SANA 1600M: 70 heads x 32 = 2240
             in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=1, num_cross_attention_heads=20,
@@ -99,7 +116,12 @@ def test_sol_rl_leaves_only_the_image_feed_forward_of_sd35_large_in_nvfp4():
 def test_sol_rl_quantizes_every_flux_linear_but_the_embedders_and_the_final_norm():
     selection = select_layers(real_width("flux"), "flux")
     assert set(selection.kept.values()) == {"skip:time_text_embed", "skip:context_embedder", "skip:x_embedder", "skip:norm_out"}
-    assert {"transformer_blocks.0.norm1.linear", "single_transformer_blocks.0.norm.linear", "single_transformer_blocks.0.proj_out", "proj_out"} <= set(selection.quantized)
+    assert {
+        "transformer_blocks.0.norm1.linear",
+        "single_transformer_blocks.0.norm.linear",
+        "single_transformer_blocks.0.proj_out",
+        "proj_out",
+    } <= set(selection.quantized)
     assert len(selection.quantized) == 21
 
 

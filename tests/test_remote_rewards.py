@@ -210,7 +210,9 @@ def test_bad_requests_get_clear_4xx_errors():
 
 
 def test_reward_server_command_line():
-    args = build_parser().parse_args(["reward-server", "pickscore", "--arg", "model=/ckpt/pick", "--arg", "batch_size=16", "--port", "0", "--max-batch", "32"])
+    args = build_parser().parse_args(
+        ["reward-server", "pickscore", "--arg", "model=/ckpt/pick", "--arg", "batch_size=16", "--port", "0", "--max-batch", "32"]
+    )
     assert args.reward == "pickscore" and dict(args.arg) == {"model": "/ckpt/pick", "batch_size": 16}
     assert (args.port, args.max_batch, args.host) == (0, 32, "127.0.0.1")
     with pytest.raises(SystemExit):

@@ -5,7 +5,6 @@ or the checkpoint converters) and is checked against the score computed directly
 transformers model: the formula, the weight conversion and the preprocessing all have to agree.
 """
 
-
 import numpy as np
 import pytest
 import torch
@@ -40,16 +39,27 @@ def clip_dir(tmp_path_factory):
     torch.manual_seed(0)
     config = CLIPConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=40, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, hidden_act="gelu",
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=40,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_act="gelu",
         ),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8, hidden_act="gelu"),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8, hidden_act="gelu"
+        ),
         projection_dim=16,
     )
     path = tmp_path_factory.mktemp("clip")
     CLIPModel(config).save_pretrained(path)
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tokenizer=tokenizer).save_pretrained(path)
+    CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tokenizer=tokenizer
+    ).save_pretrained(path)
     return str(path)
 
 
@@ -109,7 +119,13 @@ def open_clip_state(model: CLIPModel) -> dict[str, torch.Tensor]:
             src, dst = f"{hf_tower}.encoder.layers.{layer}.", f"{tower}transformer.resblocks.{layer}."
             for part in ("weight", "bias"):
                 state[f"{dst}attn.in_proj_{part}"] = torch.cat([hf[f"{src}self_attn.{p}_proj.{part}"] for p in "qkv"])
-                for ours, theirs in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+                for ours, theirs in (
+                    ("attn.out_proj", "self_attn.out_proj"),
+                    ("ln_1", "layer_norm1"),
+                    ("ln_2", "layer_norm2"),
+                    ("mlp.c_fc", "mlp.fc1"),
+                    ("mlp.c_proj", "mlp.fc2"),
+                ):
                     state[f"{dst}{ours}.{part}"] = hf[f"{src}{theirs}.{part}"]
     return state
 
@@ -167,17 +183,32 @@ BLIP_IMAGE_SIZE = 32  # the checkpoint's; the base config says 64, and the loade
 
 def blip_config(image_size):
     return BlipConfig(
-        text_config=dict(vocab_size=len(blip_tokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, encoder_hidden_size=48),
-        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=image_size, patch_size=8),
+        text_config=dict(
+            vocab_size=len(blip_tokenizer()),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            encoder_hidden_size=48,
+        ),
+        vision_config=dict(
+            hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=image_size, patch_size=8
+        ),
     )
 
 
 def blip_original_names(vision_state):
     """transformers BlipVisionModel names -> BLIP visual_encoder names (the inverse of the loader's renames)."""
     renames = [
-        ("embeddings.patch_embedding.", "patch_embed.proj."), ("embeddings.class_embedding", "cls_token"),
-        ("embeddings.position_embedding", "pos_embed"), ("encoder.layers.", "blocks."), ("layer_norm1", "norm1"),
-        ("layer_norm2", "norm2"), ("self_attn.qkv", "attn.qkv"), ("self_attn.projection", "attn.proj"), ("post_layernorm", "norm"),
+        ("embeddings.patch_embedding.", "patch_embed.proj."),
+        ("embeddings.class_embedding", "cls_token"),
+        ("embeddings.position_embedding", "pos_embed"),
+        ("encoder.layers.", "blocks."),
+        ("layer_norm1", "norm1"),
+        ("layer_norm2", "norm2"),
+        ("self_attn.qkv", "attn.qkv"),
+        ("self_attn.projection", "attn.proj"),
+        ("post_layernorm", "norm"),
     ]
     original = {}
     for name, value in vision_state.items():

@@ -83,7 +83,8 @@ def test_bad_inputs_are_rejected_with_the_reward_name():
 
 def test_build_reward_from_dotted_path_entry_point_and_errors(tmp_path, monkeypatch):
     module = tmp_path / "my_rewards.py"
-    module.write_text(textwrap.dedent("""
+    module.write_text(
+        textwrap.dedent("""
         import numpy as np
         from rewards import Reward
 
@@ -93,7 +94,8 @@ def test_build_reward_from_dotted_path_entry_point_and_errors(tmp_path, monkeypa
                 self.value = value
             def __call__(self, images, prompts, metadata):
                 return np.full(len(images), self.value)
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     reward = build_reward("my_rewards:Constant", value=0.25)
     assert reward.score(_images(), ["a", "b"]).tolist() == [0.25, 0.25]

@@ -106,7 +106,9 @@ def test_synced_rollout_copy_samples_what_the_learner_samples(remote_driver):
     recipe = driver.recipe
     prompts = ["a red circle", "two squares", "a cross left of a triangle", "a blue triangle"]
     seeds = [seed_for(7, 0, p, 0) for p in range(len(prompts))]
-    explore = ray.get(driver.rollout.call(1, "explore", prompts, seeds, recipe.sol.explore_steps, "euler", None, driver.version, driver.catch_up_weights))
+    explore = ray.get(
+        driver.rollout.call(1, "explore", prompts, seeds, recipe.sol.explore_steps, "euler", None, driver.version, driver.catch_up_weights)
+    )
     learner = ray.get(driver.learner.call(0, "regenerate", prompts, seeds, 0))
     # merged weights (rollout) vs base + LoRA adapter (learner): equal up to float rounding of a pixel
     diff = np.abs(explore.astype(int) - learner.astype(int))
@@ -115,7 +117,11 @@ def test_synced_rollout_copy_samples_what_the_learner_samples(remote_driver):
     base = sample(load_policy("tiny"), prompts, seeds, recipe.sol.explore_steps, solver="euler").images
     assert np.abs(base.astype(int) - learner.astype(int)).max() > 16
     with pytest.raises(ray.exceptions.RayTaskError, match="holds weights v2, asked to explore with v1"):
-        ray.get(driver.rollout.call(0, "explore", prompts, seeds, recipe.sol.explore_steps, "euler", None, driver.version - 1, driver.catch_up_weights))
+        ray.get(
+            driver.rollout.call(
+                0, "explore", prompts, seeds, recipe.sol.explore_steps, "euler", None, driver.version - 1, driver.catch_up_weights
+            )
+        )
 
 
 @pytest.mark.slow
@@ -142,7 +148,9 @@ def test_reward_errors_fail_with_the_reward_name_or_become_nan_columns():
     images, prompts = np.zeros((2, 32, 32, 3), np.uint8), ["a circle", "a square"]
     with pytest.raises(RewardError, match="'failing_for_tests' raised RuntimeError: reward server unreachable"):
         RewardWorker([{"name": "test_runtime:FailingReward"}], retries=1, on_error="fail").score(images, prompts)
-    scores = RewardWorker([{"name": "tiny_verifier"}, {"name": "test_runtime:FailingReward"}], retries=0, on_error="skip").score(images, prompts)
+    scores = RewardWorker([{"name": "tiny_verifier"}, {"name": "test_runtime:FailingReward"}], retries=0, on_error="skip").score(
+        images, prompts
+    )
     assert scores.shape == (2, 2) and np.isfinite(scores[:, 0]).all() and np.isnan(scores[:, 1]).all()
 
 

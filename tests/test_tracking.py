@@ -40,7 +40,9 @@ def test_reward_curves_have_one_panel_per_reward(tmp_path):
 
 
 def _recipe(tmp_path, wandb: str = "offline") -> Recipe:
-    return Recipe.model_validate({"run": {"name": "track", "steps": 4, "output_dir": str(tmp_path / "run")}, "logging": {"wandb": wandb, "progress": False}})
+    return Recipe.model_validate(
+        {"run": {"name": "track", "steps": 4, "output_dir": str(tmp_path / "run")}, "logging": {"wandb": wandb, "progress": False}}
+    )
 
 
 def test_tracker_writes_jsonl_grids_curves_and_an_offline_wandb_run_that_a_resume_continues(tmp_path, monkeypatch):
@@ -89,10 +91,31 @@ def test_evaluation_summary_puts_before_and_after_side_by_side():
     from rl.tracking import evaluation_summary
 
     rows = [
-        {"step": 0, "adapter": "ema", "eval/strict": 0.25, "eval/strict_se": 0.03, "eval_train/strict": 0.28, "eval_train/strict_se": 0.02, "eval/task/colors": 0.5},
-        {"step": 40, "adapter": "ema", "eval/strict": 0.3, "eval/strict_se": 0.031, "eval_train/strict": 0.41, "eval_train/strict_se": 0.025, "eval/task/colors": 0.6},
+        {
+            "step": 0,
+            "adapter": "ema",
+            "eval/strict": 0.25,
+            "eval/strict_se": 0.03,
+            "eval_train/strict": 0.28,
+            "eval_train/strict_se": 0.02,
+            "eval/task/colors": 0.5,
+        },
+        {
+            "step": 40,
+            "adapter": "ema",
+            "eval/strict": 0.3,
+            "eval/strict_se": 0.031,
+            "eval_train/strict": 0.41,
+            "eval_train/strict_se": 0.025,
+            "eval/task/colors": 0.6,
+        },
     ]
     lines = evaluation_summary(rows).splitlines()
     assert lines[0].split() == ["evaluation", "(ema", "adapter)", "before", "(step", "0)", "after", "(step", "40)"]
-    assert lines[1:] == ["trained prompts", f"  {'strict':<34} {'0.280 +- 0.020':>18} {'0.410 +- 0.025':>18}", "held-out prompts", f"  {'strict':<34} {'0.250 +- 0.030':>18} {'0.300 +- 0.031':>18}"]
+    assert lines[1:] == [
+        "trained prompts",
+        f"  {'strict':<34} {'0.280 +- 0.020':>18} {'0.410 +- 0.025':>18}",
+        "held-out prompts",
+        f"  {'strict':<34} {'0.250 +- 0.030':>18} {'0.300 +- 0.031':>18}",
+    ]
     assert evaluation_summary(rows[:1]) == ""

@@ -40,8 +40,17 @@ class MiniPolicy(Policy):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             self.transformer = SD3Transformer2DModel(
-                sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
-                num_attention_heads=2, joint_attention_dim=8, caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=4,
+                sample_size=8,
+                patch_size=2,
+                in_channels=4,
+                out_channels=4,
+                num_layers=1,
+                attention_head_dim=8,
+                num_attention_heads=2,
+                joint_attention_dim=8,
+                caption_projection_dim=16,
+                pooled_projection_dim=8,
+                pos_embed_max_size=4,
             )
         self.transformer.requires_grad_(False)
 
@@ -126,7 +135,9 @@ def test_nft_plan_draws_each_sample_its_own_fraction_of_the_nonzero_timesteps():
     assert not torch.equal(trainer.nft_plan(range(8), (4, 8, 8))[1], noise)
     # DiffusionNFT's configs: 0.99 of 10 steps trains 9 per sample; Sol-RL's FLUX config: 0.4 trains 4
     for fraction, trained in ((0.99, 9), (0.4, 4)):
-        plan = Trainer(make_policy(), TrainerSettings(timestep_fraction=fraction), sampler_timesteps=sigmas).nft_plan(range(3), (4, 8, 8))[0]
+        plan = Trainer(make_policy(), TrainerSettings(timestep_fraction=fraction), sampler_timesteps=sigmas).nft_plan(range(3), (4, 8, 8))[
+            0
+        ]
         assert plan.shape == (3, trained)
 
 
@@ -325,7 +336,9 @@ def _full_and_amortised_directions(amortized: str, adv: torch.Tensor, monkeypatc
     applied = []
 
     def trainer_with(balancer: RewardBalancer) -> Trainer:
-        trainer = Trainer(make_policy(policy_differs_from_old=False), TrainerSettings(kl_weight=0.0, grad_clip=1e9), TIMESTEPS, balancer, seed=2)
+        trainer = Trainer(
+            make_policy(policy_differs_from_old=False), TrainerSettings(kl_weight=0.0, grad_clip=1e9), TIMESTEPS, balancer, seed=2
+        )
         params = list(trainer.params.values())
         monkeypatch.setattr(trainer.optimizer, "step", lambda: applied.append(torch.cat([p.grad.reshape(-1) for p in params])))
         return trainer
@@ -429,7 +442,9 @@ def test_grpo_gradient_is_the_gradient_of_the_batch_loss(monkeypatch):
 
 
 def _chain(method: str, window: tuple[int, int] | None = None, steps: int = 10) -> Trajectory:
-    return Trajectory(torch.zeros(steps + 1, 1, 1), torch.linspace(1, 0, steps + 1), torch.zeros(steps, 1), torch.zeros(steps, 1, 1), 0.7, method, window)
+    return Trajectory(
+        torch.zeros(steps + 1, 1, 1), torch.linspace(1, 0, steps + 1), torch.zeros(steps, 1), torch.zeros(steps, 1, 1), 0.7, method, window
+    )
 
 
 @pytest.mark.parametrize("method", ["sde", "cps"])

@@ -69,7 +69,14 @@ class FakeOpenAI(BaseHTTPRequestHandler):
             self._json(503, {"error": {"message": "model is loading"}})
             return
         prompt = request["messages"][1]["content"][1]["text"].removeprefix("Prompt: ")
-        self._json(200, {"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": ANSWERS[prompt]}}]})
+        self._json(
+            200,
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": ANSWERS[prompt]}}],
+            },
+        )
 
     def _json(self, status, payload):
         body = json.dumps(payload).encode()
@@ -131,7 +138,9 @@ def test_judge_uses_a_custom_rubric_and_retries_a_loading_server(fake_vllm):
     assert len(fake_vllm.requests) == 3 and fake_vllm.requests[-1]["model"] == "my-judge"
     assert fake_vllm.requests[-1]["messages"][0]["content"] == "Rate 0-5."
     fake_vllm.failures = 5
-    with pytest.raises(RewardError, match=r"reward 'vlm_judge' raised RuntimeError: .*failed 3 times; last error: HTTP 503: model is loading"):
+    with pytest.raises(
+        RewardError, match=r"reward 'vlm_judge' raised RuntimeError: .*failed 3 times; last error: HTTP 503: model is loading"
+    ):
         judge.score(images(1), ["three crosses"])
 
 

@@ -56,7 +56,9 @@ class Candidate:
         height, width = mask.shape
         self.area = int(mask.sum())
         self.iou = {shape: _iou(mask, shape_mask(shape, height, width)) for shape in SHAPES}
-        self.hue = {name: float(np.exp(-((pixels - rgb) ** 2).sum(-1) / (2 * COLOR_SIGMA**2)).mean()) for name, rgb in _COLOR_VALUES.items()}
+        self.hue = {
+            name: float(np.exp(-((pixels - rgb) ** 2).sum(-1) / (2 * COLOR_SIGMA**2)).mean()) for name, rgb in _COLOR_VALUES.items()
+        }
         ys, xs = np.nonzero(mask)
         self.centre = (offset[0] + float(ys.mean()), offset[1] + float(xs.mean()))
         self.size = min(1.0, self.area / FULL_AREA)

@@ -38,7 +38,11 @@ def evaluate_policy(
     rewards_arr = np.array(rewards)
     tasks = np.array([parse_prompt(p).task for p, _ in pairs])
     per_task = {
-        task: {"strict": float((rewards_arr[tasks == task] == 1.0).mean()), "reward": float(rewards_arr[tasks == task].mean()), "images": int((tasks == task).sum())}
+        task: {
+            "strict": float((rewards_arr[tasks == task] == 1.0).mean()),
+            "reward": float(rewards_arr[tasks == task].mean()),
+            "images": int((tasks == task).sum()),
+        }
         for task in TASKS
         if (tasks == task).any()
     }

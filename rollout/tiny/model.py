@@ -80,7 +80,16 @@ def build_transformer() -> SD3Transformer2DModel:
 class TinyPolicy(Policy):
     family = "tiny"
     latent_shape = (3, IMAGE_SIZE, IMAGE_SIZE)
-    lora_target_modules = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+    lora_target_modules = (
+        "attn.to_q",
+        "attn.to_k",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_q_proj",
+        "attn.add_k_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+    )
 
     def __init__(
         self,

@@ -176,7 +176,9 @@ def _place_related(rng: np.random.Generator, relation: str, size_a: int, size_b:
         ca = np.array([ya + size_a / 2, xa + size_a / 2])
         cb = np.array([yb + size_b / 2, xb + size_b / 2])
         dy, dx = cb - ca
-        axis_ok = {"left of": dx > 2 * abs(dy), "right of": -dx > 2 * abs(dy), "above": dy > 2 * abs(dx), "below": -dy > 2 * abs(dx)}[relation]
+        axis_ok = {"left of": dx > 2 * abs(dy), "right of": -dx > 2 * abs(dy), "above": dy > 2 * abs(dx), "below": -dy > 2 * abs(dx)}[
+            relation
+        ]
         if axis_ok and _free([(int(ya), int(xa), size_a)], int(yb), int(xb), size_b):
             return [(int(ya), int(xa)), (int(yb), int(xb))]
     return _aligned_corners(rng, relation, size_a, size_b)
