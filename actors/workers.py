@@ -22,11 +22,11 @@ from rewards import RewardError, build_reward
 from rl.balance import RewardBalancer
 from rl.checkpoint import adapter_state_dict, load_adapter_state_dict, lora_config, weights_fingerprint
 from rl.config import Recipe, SolConfig
-from rl.grpo import Trajectory, sde_window
 from rl.trainer import GRPOBatch, NFTBatch, Trainer, TrainerSettings
 from rollout import ModelConfig, load_policy
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER
 from rollout.samplers import sample, seed_for
+from rollout.sde import Trajectory, sde_window
 
 SDE_WINDOW_STREAM = -1  # seed_for's prompt index of the SDE-window draw: no prompt has it
 
@@ -141,6 +141,16 @@ class RewardWorker:
                         raise
                     columns.append(np.full(len(prompts), np.nan))
         return np.stack(columns, axis=1)
+
+    def eval_metrics(self, scores: np.ndarray, prompts: list[str]) -> dict[str, float]:
+        """Each reward's extra evaluation metrics (Reward.eval_metrics) from its column of an evaluation's scores [B, R]."""
+        metrics: dict[str, float] = {}
+        for reward, column in zip(self.rewards + self.eval_rewards, scores.T):
+            extra = reward.eval_metrics(column, prompts)
+            if clash := extra.keys() & metrics.keys():
+                raise ValueError(f"reward {reward.name!r} reports eval metrics {sorted(clash)} that another reward reports too")
+            metrics |= extra
+        return metrics
 
 
 class LearnerWorker:

@@ -1,6 +1,6 @@
 """Sol-RL's convergence speed-up and QP balancing, measured on the tiny testbed with the real driver.
 
-Every run is `rl.driver.train` on the main job's recipe (recipes/tiny_solrl.yaml) with its actors
+Every run is `solray.driver.train` on the main job's recipe (recipes/tiny_solrl.yaml) with its actors
 in-process (one process, no Ray actors: the runs then share nothing but the machine), probing the
 trained prompts every few steps (FULL). Arms differ only where the comparison needs them to:
 
@@ -43,8 +43,8 @@ from quant_coverage import forward_inputs, linear_flops
 
 from quant.selection import select_layers
 from rl.config import Recipe, load_recipe
-from rl.driver import train
 from rollout.tiny.model import MAX_TOKENS, TEXT_DIM, build_transformer
+from solray.driver import train
 
 RECIPE = Path("recipes/tiny_solrl.yaml")
 IN_PROCESS = [

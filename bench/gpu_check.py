@@ -267,10 +267,10 @@ def family_row(family: str) -> Callable[[Context], Row]:
 
 def training_steps(policy, steps: int) -> dict:
     """One Flow-GRPO step, then one DiffusionNFT step, on LoRA over the bf16 policy; what each did."""
-    from rl.grpo import step_log_prob
     from rl.trainer import GRPOBatch, NFTBatch, Trainer, TrainerSettings
     from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER
     from rollout.samplers import sample
+    from rollout.sde import step_log_prob
 
     policy.add_lora(rank=4, alpha=8)
     trainer = Trainer(policy, TrainerSettings(lr=1e-3, timestep_fraction=1.0), sampler_timesteps=policy.sigmas(steps))
@@ -522,7 +522,7 @@ def ray_row(context: Context) -> Row:
         "checkpoint.every=0", "logging.progress=false", "logging.grid_every=0",
         f"cluster.rollout_resources={{num_cpus: 0.5, num_gpus: {gpus}}}", f"cluster.learner_resources={{num_cpus: 0.75, num_gpus: {gpus}}}",
     ]  # fmt: skip
-    result = run_subprocess([sys.executable, "-m", "rl.cli", "train", "recipes/tiny_solrl.yaml", *overrides], context)
+    result = run_subprocess([sys.executable, "-m", "solray.cli", "train", "recipes/tiny_solrl.yaml", *overrides], context)
     metrics = output_dir / "metrics.jsonl"
     steps = len(metrics.read_text().splitlines()) if metrics.exists() else 0
     result |= {"num_gpus_per_actor": gpus, "steps_logged": steps}

@@ -7,7 +7,7 @@ Protocol (DESIGN.md sections 1 and 9; issue 4 items 4, 5, 7)
              with 10 steps (what Sol-RL regenerates with)
   reward     tiny_verifier partial credit (discrete: ties); --reward brightness or jpeg_compressibility
              are continuous and show how much of the rank loss the verifier's ties cause
-  metrics    quant.fidelity.fidelity_summary, K = 24: Spearman on average ranks, Kendall tau-b, top-12
+  metrics    rl.fidelity.fidelity_summary, K = 24: Spearman on average ranks, Kendall tau-b, top-12
              overlap, best/worst agreement; prompts whose 96 rewards are all equal in either run have no
              ranking and are counted as undefined, not averaged
   pairs      nvfp4@6 vs bf16@6 and fp32@6 (the precision effect), bf16@6 vs fp32@6 (bf16 alone),
@@ -48,13 +48,12 @@ import numpy as np
 import torch
 
 from quant import DelayedScaling, NVFP4Linear, quantize_policy, requantize
-from quant.fidelity import fidelity_summary, spearman
 from rewards import build_reward
+from rl.fidelity import fidelity_summary, spearman
 from rollout import load_policy
 from rollout.policy import Policy
-from rollout.samplers import sample
+from rollout.samplers import EVAL_SEED_BASE, sample
 from rollout.tiny import prompt_set
-from rollout.tiny.evaluate import EVAL_SEED_BASE
 
 SEEDS = 96
 K = 24

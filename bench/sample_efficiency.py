@@ -32,9 +32,8 @@ from rl.selection import select_contrastive
 from rl.trainer import NFTBatch, Trainer, TrainerSettings
 from rollout import load_policy
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER, Policy
-from rollout.samplers import sample, seed_for
+from rollout.samplers import EVAL_SEED_BASE, sample, seed_for
 from rollout.tiny import prompt_set, verify
-from rollout.tiny.evaluate import EVAL_SEED_BASE
 
 OUT = Path("bench/results/sample_efficiency.json")
 PROBE_SEEDS = 16

@@ -26,7 +26,7 @@ from rollout.policy import Policy
 CALIBRATION_SOLVERS = ("euler", "dpm2")
 DEFAULT_SEEDS = (0, 1)
 EXPLORE_STEPS = 6  # Sol-RL's explore sampler: deterministic ODE, 6 steps
-# For the diffusers families: a few varied prompts (objects, counts, colours, positions, scenes, text).
+# For families without their own calibration_prompts: a few varied prompts (objects, counts, colours, positions, scenes, text).
 GENERIC_PROMPTS = (
     "a photo of a red apple next to a blue cup on a wooden table",
     "three dogs playing in the snow",
@@ -37,7 +37,6 @@ GENERIC_PROMPTS = (
     "a futuristic city skyline at night with neon signs",
     'a wooden sign that says "OPEN" hanging on a door',
 )
-TINY_PROMPTS_PER_TASK = 2
 
 
 @dataclass(frozen=True)
@@ -73,16 +72,7 @@ class CalibrationSet:
         return {**asdict(self), "prompts": list(self.prompts), "seeds": list(self.seeds), "num_images": self.num_images}
 
 
-def default_calibration_set(family: str, steps: int = EXPLORE_STEPS, solver: str = "euler") -> CalibrationSet:
-    """The default loop at the explore sampler's `steps` and `solver` (pass the recipe's).
-
-    Prompts: for the tiny testbed the first TINY_PROMPTS_PER_TASK train prompts of each task type;
-    for the other families GENERIC_PROMPTS. Seeds: DEFAULT_SEEDS.
-    """
-    if family != "tiny":
-        return CalibrationSet(GENERIC_PROMPTS, steps=steps, solver=solver)
-    from rollout.tiny import TASKS, parse_prompt, prompt_set
-
-    train = prompt_set("train")
-    prompts = [p for task in TASKS for p in [q for q in train if parse_prompt(q).task == task][:TINY_PROMPTS_PER_TASK]]
-    return CalibrationSet(tuple(prompts), steps=steps, solver=solver)
+def default_calibration_set(policy: Policy | type[Policy], steps: int = EXPLORE_STEPS, solver: str = "euler") -> CalibrationSet:
+    """The default loop at the explore sampler's `steps` and `solver` (pass the recipe's): the family's
+    `calibration_prompts` (the tiny testbed: two train prompts per task type), else GENERIC_PROMPTS; seeds DEFAULT_SEEDS."""
+    return CalibrationSet(tuple(policy.calibration_prompts or GENERIC_PROMPTS), steps=steps, solver=solver)

@@ -136,7 +136,7 @@ def quantize_policy(
         explore.explore_state = ExploreState(precision, backend, version, selection, reason=reason)
         return explore
     if delayed is None or backend == "modelopt":  # modelopt's quantizers need an amax to start from
-        calibration = calibration or default_calibration_set(policy.family)
+        calibration = calibration or default_calibration_set(policy)
     else:
         calibration = None
     explore.explore_state = state = ExploreState(precision, backend, version, selection, calibration, delayed, reason=reason)

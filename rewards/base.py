@@ -53,6 +53,18 @@ class Reward:
             raise RewardError(f"reward {self.name!r} returned an infinite score at index {int(np.isinf(scores).argmax())}")
         return scores.astype(np.float64)
 
+    def eval_metrics(self, scores: np.ndarray, prompts: list[str]) -> dict[str, float]:
+        """Extra evaluation metrics from this reward's scores [B] of an eval probe (e.g. the tiny verifier's strict
+        accuracy per task); the driver logs them as eval/<key>. None by default."""
+        return {}
+
+
+def mean_and_se(values: np.ndarray) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample std, ddof 1) over the finite values; NaN where undefined."""
+    finite = values[np.isfinite(values)]
+    se = float(finite.std(ddof=1) / np.sqrt(finite.size)) if finite.size > 1 else float("nan")
+    return (float(finite.mean()) if finite.size else float("nan")), se
+
 
 def register_reward(cls: type[Reward]) -> type[Reward]:
     """Class decorator: make a Reward buildable by its `name`."""
@@ -67,7 +79,8 @@ def register_reward(cls: type[Reward]) -> type[Reward]:
 
 
 def registered_rewards() -> list[str]:
-    return sorted(_REGISTRY)
+    """Names build_reward takes: rewards registered in this process and `solray.rewards` entry points (plug-ins)."""
+    return sorted(set(_REGISTRY) | {entry.name for entry in entry_points(group=ENTRY_POINT_GROUP)})
 
 
 def _load_dotted(path: str) -> Callable[..., Reward]:
@@ -95,7 +108,7 @@ def build_reward(name_or_path: str, **kwargs: Any) -> Reward:
     else:
         factory = _entry_point(name_or_path)
     if factory is None:
-        available = ", ".join(registered_rewards() + sorted(e.name for e in entry_points(group=ENTRY_POINT_GROUP)))
+        available = ", ".join(registered_rewards())
         raise ValueError(f"unknown reward {name_or_path!r}; registered: {available}; or give a dotted path 'pkg.module:Class'")
     reward = factory(**kwargs)
     if not isinstance(reward, Reward):

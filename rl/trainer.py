@@ -41,10 +41,11 @@ import torch
 
 from rl.balance import RewardBalancer, gradient_cosines
 from rl.ema import AdapterEMA
-from rl.grpo import Trajectory, grpo_kl, grpo_loss, step_log_prob
+from rl.grpo import grpo_kl, grpo_loss
 from rl.nft import nft_loss, old_policy_decay, optimality, soft_update_, velocity_kl
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER, Conditioning, Policy
 from rollout.samplers import seed_for
+from rollout.sde import Trajectory, step_log_prob
 
 
 @dataclass(frozen=True)

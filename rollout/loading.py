@@ -4,21 +4,33 @@ from __future__ import annotations
 
 import importlib
 import json
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rollout.policy import QUANTIZED_PRECISIONS, Policy, base_precision
-from rollout.tiny.model import WEIGHTS_DIR, TinyPolicy
 
 # Family -> module and Policy class, imported on first use: a family's diffusers pipeline code is
 # large (and transformers warns about torchvision when it loads), and most runs use one family.
 PIPELINE_POLICIES = {"sd3": "rollout.sd3:SD3Policy", "flux": "rollout.flux:FluxPolicy", "sana": "rollout.sana:SanaPolicy"}
-FAMILIES = ("tiny", *PIPELINE_POLICIES)
+# Plug-in families (the tiny testbed is one): entry points "family = 'pkg.module:PolicyClass'". Such a class
+# implements `recognizes(path) -> bool` (which paths hold its checkpoints) and `from_pretrained(path, precision, device, **options)`.
+ENTRY_POINT_GROUP = "solray.models"
 # model_index.json `_class_name` of a diffusers pipeline -> family
 PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "SanaPipeline": "sana"}
+
+
+def model_families() -> dict[str, str]:
+    """Family name -> "module:PolicyClass": the plug-ins' families (entry points solray.models), then the diffusers ones."""
+    return {entry.name: entry.value for entry in entry_points(group=ENTRY_POINT_GROUP)} | PIPELINE_POLICIES
+
+
+def _policy_class(family: str) -> type[Policy]:
+    module_name, class_name = model_families()[family].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 class ModelConfig(BaseModel):
@@ -27,7 +39,7 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     path: str = Field("tiny", description='"tiny" for the shipped testbed model, else a local directory or hub id')
-    family: Literal["auto", "tiny", "sd3", "flux", "sana"] = Field("auto", description="model family; auto reads it from the checkpoint")
+    family: str = Field("auto", description="model family (tiny, sd3, flux, sana or a plug-in's); auto reads it from the checkpoint")
     shift: float | None = Field(None, gt=0, description="timestep shift; None uses the checkpoint's scheduler config")
     # Options of the diffusers families (sd3, flux, sana); the tiny model has none.
     resolution: int | None = Field(None, gt=0, description="image height = width in pixels; None = the checkpoint's default")
@@ -41,23 +53,32 @@ class ModelConfig(BaseModel):
         None, min_length=1, description="module-name suffixes LoRA wraps (peft target_modules); None = the family's"
     )
 
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, family: str) -> str:
+        if family != "auto" and family not in model_families():
+            raise ValueError(f"unknown model family {family!r}; valid: auto, {', '.join(model_families())}")
+        return family
+
 
 PIPELINE_OPTIONS = ("resolution", "cfg_scale", "distilled_guidance", "max_sequence_length", "schedule")
 
 
 def _family(path: str) -> str:
-    if path == "tiny" or (Path(path) / "policy.json").is_file():
-        return "tiny"
+    for family in model_families().keys() - PIPELINE_POLICIES.keys():
+        if _policy_class(family).recognizes(path):
+            return family
     class_name = _pipeline_class_name(path)
     if class_name in PIPELINE_FAMILIES:
         return PIPELINE_FAMILIES[class_name]
+    plugins = [family for family in model_families() if family not in PIPELINE_POLICIES]
     found = (
         f"a diffusers {class_name}"
         if class_name
-        else "neither 'tiny', a tiny policy (policy.json) nor a diffusers pipeline (model_index.json)"
+        else f"neither a checkpoint of {', '.join(plugins) or 'a plug-in family'} nor a diffusers pipeline (model_index.json)"
     )
     raise ValueError(
-        f"cannot tell the model family of {path!r}: it is {found}; supported families: {', '.join(FAMILIES)} "
+        f"cannot tell the model family of {path!r}: it is {found}; supported families: {', '.join(model_families())} "
         f"(pipelines {', '.join(PIPELINE_FAMILIES)}); set model.family to override"
     )
 
@@ -75,29 +96,24 @@ def _pipeline_class_name(path: str) -> str | None:
 
 
 def load_policy(model: str | ModelConfig = "tiny", precision: str = "fp32", device: str | torch.device = "cpu") -> Policy:
-    """A Policy for `model` ("tiny", a local path or hub id, or a ModelConfig) in fp32, bf16, nvfp4 or fp8."""
+    """A Policy for `model` ("tiny", a local path or hub id, or a ModelConfig) in fp32 or bf16.
+
+    An nvfp4 / fp8 explore copy is quant.quantize_policy(load_policy(model, "bf16"), precision): quant builds on rollout.
+    """
+    if precision in QUANTIZED_PRECISIONS:
+        raise ValueError(
+            f"load_policy loads fp32 or bf16 weights; for a {precision} explore copy quantize a bf16 policy: "
+            f"quant.quantize_policy(load_policy(model, 'bf16'), {precision!r})"
+        )
+    precision = base_precision(precision)  # refuses unknown precisions
     config = ModelConfig(path=model) if isinstance(model, str) else model
-    load_precision = base_precision(precision)
     family = _family(config.path) if config.family == "auto" else config.family
     options = {name: getattr(config, name) for name in PIPELINE_OPTIONS if getattr(config, name) != ModelConfig.model_fields[name].default}
-    if family == "tiny":
-        if options:
-            raise ValueError(
-                f"model options {sorted(options)} apply to the diffusers families {', '.join(PIPELINE_POLICIES)}, not to the tiny model"
-            )
-        policy: Policy = TinyPolicy.from_pretrained(WEIGHTS_DIR if config.path == "tiny" else config.path, load_precision, device)
-    else:
-        if "distilled_guidance" in options and family != "flux":
-            raise ValueError(f"distilled_guidance applies to FLUX.1's guidance embedding only, not to family {family!r}")
-        module_name, class_name = PIPELINE_POLICIES[family].split(":")
-        policy_class = getattr(importlib.import_module(module_name), class_name)
-        policy = policy_class.from_pretrained(config.path, load_precision, device, **options)
+    if family in PIPELINE_POLICIES and "distilled_guidance" in options and family != "flux":
+        raise ValueError(f"distilled_guidance applies to FLUX.1's guidance embedding only, not to family {family!r}")
+    policy = _policy_class(family).from_pretrained(config.path, precision, device, **options)
     if config.shift is not None:
         policy.shift = config.shift
     if config.lora_targets is not None:
         policy.lora_target_modules = tuple(config.lora_targets)
-    if precision in QUANTIZED_PRECISIONS:
-        from quant import quantize_policy  # quant imports rollout.policy: import here to avoid a cycle
-
-        policy = quantize_policy(policy, precision)
     return policy

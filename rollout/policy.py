@@ -69,6 +69,7 @@ class Policy(abc.ABC):
     """A text-to-image flow model seen as an RL policy: prompts -> conditioning -> velocity -> images."""
 
     family: str
+    calibration_prompts: tuple[str, ...] = ()  # prompts of the NVFP4 activation calibration (quant.calibration); () = generic ones
     transformer: nn.Module
     latent_shape: tuple[int, int, int]
     # Module-name suffixes LoRA attaches to (peft `target_modules`).

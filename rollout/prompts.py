@@ -1,21 +1,30 @@
-"""Prompt sources: which P prompts an iteration trains on, deterministic per (run seed, step)."""
+"""Prompt sources: which P prompts an iteration trains on, deterministic per (run seed, step).
+
+A source is a text file (one prompt per line) or "name:set", where `name` is a plug-in's
+`solray.prompts` entry point: a mapping from set names to prompt lists (the tiny testbed's
+"tiny:train", "tiny:eval", "tiny:curriculum").
+"""
 
 from __future__ import annotations
 
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import numpy as np
 
-from rollout.tiny.world import prompt_set
+ENTRY_POINT_GROUP = "solray.prompts"
 
 
 def load_prompts(spec: str) -> list[str]:
-    """ "tiny:train" / "tiny:eval" / "tiny:curriculum", or a text file with one prompt per line (blank lines ignored)."""
-    if spec.startswith("tiny:"):
-        return prompt_set(spec.removeprefix("tiny:"))
+    """A registered prompt set ("tiny:eval") or a text file with one prompt per line (blank lines ignored)."""
+    sets = {entry.name: entry.load() for entry in entry_points(group=ENTRY_POINT_GROUP)}
+    name, colon, subset = spec.partition(":")
+    if colon and subset in sets.get(name, {}):
+        return list(sets[name][subset])
     path = Path(spec)
     if not path.is_file():
-        raise ValueError(f"prompt source {spec!r} is neither 'tiny:train', 'tiny:eval', 'tiny:curriculum' nor an existing text file")
+        registered = ", ".join(f"'{name}:{subset}'" for name, subsets in sets.items() for subset in subsets)
+        raise ValueError(f"prompt source {spec!r} is neither {registered or 'a registered prompt set'} nor an existing text file")
     prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompt file {spec!r} holds no prompts")

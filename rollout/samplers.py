@@ -23,11 +23,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rl.grpo import Trajectory, sample_trajectory
 from rollout.policy import Conditioning, Policy
+from rollout.sde import Trajectory, sample_trajectory
 
 SOLVERS = ("euler", "dpm2", "sde", "cps")
 MIN_ROWS = 16  # the fewest images per model call (see `sample`): measured on AVX2, 1-2 threads, 12 suffice
+
+
+EVAL_SEED_BASE = 1_000_000  # the evaluation protocol's fixed seeds: EVAL_SEED_BASE + j for the j-th seed of every eval prompt
 
 
 @dataclass

@@ -1,7 +1,12 @@
 import pytest
 import torch
+from diffusers.utils import logging as diffusers_logging
 
 from rollout import load_policy
+
+# diffusers binds its log handler to sys.stderr when it first logs; inside a capsys test that is the
+# capture stream, closed after the test, and every later diffusers warning then prints a logging error.
+diffusers_logging.get_logger("diffusers").info("bound to the real stderr")
 
 
 def pytest_collection_modifyitems(config, items):

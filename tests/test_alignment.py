@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 
 from rewards import build_reward
-from rollout.samplers import sample
+from rollout.samplers import EVAL_SEED_BASE, sample
 from rollout.tiny import prompt_set, render, verify
 from rollout.tiny.alignment import alignment
-from rollout.tiny.evaluate import EVAL_SEED_BASE
 from rollout.tiny.world import COLORS, draw, parse_prompt
 
 

@@ -35,12 +35,12 @@ from rl.checkpoint import (
     weights_fingerprint,
 )
 from rl.config import RecipeError, load_recipe, recipe_changes
-from rl.driver import train
-from rl.tracking import read_metrics
 from rollout import load_policy
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER
 from rollout.tiny import prompt_set
 from rollout.tiny.model import WEIGHTS_DIR
+from solray.driver import train
+from solray.tracking import read_metrics
 
 REPO = Path(__file__).parents[1]
 # The in-process tiny Sol-RL run of tests/test_driver.py, a little shorter per step.
@@ -318,7 +318,7 @@ def _wait_for(condition, process: subprocess.Popen, timeout: float = 300.0) -> N
 def test_run_killed_mid_way_resumes_to_the_metrics_of_an_uninterrupted_run(tmp_path):
     overrides = SMALL + ["run.steps=4", "checkpoint.every=2"]
     killed_dir = tmp_path / "killed"
-    command = [sys.executable, "-m", "rl.cli", "train", "recipes/tiny_solrl.yaml", *overrides, f"run.output_dir={killed_dir}"]
+    command = [sys.executable, "-m", "solray.cli", "train", "recipes/tiny_solrl.yaml", *overrides, f"run.output_dir={killed_dir}"]
     process = subprocess.Popen(
         command, cwd=REPO, env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )

@@ -7,13 +7,13 @@ import torch
 from PIL import Image
 
 from rl.checkpoint import CHECKPOINTS, adapter_state_dict, lora_config, save_lora
-from rl.cli import build_parser, main
 from rollout import load_policy
 from rollout.policy import TRAINABLE_ADAPTER
+from solray.cli import build_parser, main
 
 
 def test_help_lists_every_command_with_a_description():
-    result = subprocess.run([sys.executable, "-m", "rl.cli", "--help"], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-m", "solray.cli", "--help"], capture_output=True, text=True, check=True)
     text = " ".join(result.stdout.split())
     for command, description in [
         ("train", "run a recipe"),
@@ -50,7 +50,7 @@ def test_sample_writes_pngs_grid_and_verifier_scores(tmp_path, capsys):
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     assert grid.shape == (2 * (64 + 1) + 1, 3 * (64 + 1) + 1, 3)
     out = capsys.readouterr().out
-    assert "wrote 6 images" in out and "'two squares': verifier reward" in out
+    assert "wrote 6 images" in out and "'two squares': tiny_verifier reward" in out
 
 
 def test_sample_with_a_trained_lora_changes_the_images_in_every_precision(tmp_path, capsys):

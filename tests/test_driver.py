@@ -2,12 +2,12 @@ import numpy as np
 import pytest
 
 from rl.config import load_recipe
-from rl.driver import Driver, train
 from rollout import load_policy
 from rollout.prompts import PromptSource, load_prompts
 from rollout.samplers import seed_for
 from rollout.tiny import prompt_set
 from rollout.tiny.evaluate import evaluate_policy
+from solray.driver import Driver, train
 
 SMALL = [
     "run.steps=2",

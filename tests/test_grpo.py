@@ -4,13 +4,11 @@ import random
 import pytest
 import torch
 
-from rl.grpo import (
+from rl.grpo import gaussian_kl, grpo_kl, grpo_loss
+from rollout.sde import (
     Trajectory,
     cps_log_prob,
     cps_step,
-    gaussian_kl,
-    grpo_kl,
-    grpo_loss,
     sample_trajectory,
     sde_log_prob,
     sde_step,

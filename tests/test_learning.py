@@ -20,9 +20,8 @@ from rl.balance import RewardBalancer
 from rl.trainer import GRPOBatch, NFTBatch, Trainer, TrainerSettings
 from rollout import load_policy
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER
-from rollout.samplers import sample
+from rollout.samplers import EVAL_SEED_BASE, sample
 from rollout.tiny import prompt_set
-from rollout.tiny.evaluate import EVAL_SEED_BASE
 
 STEPS = 10
 PROBE_PROMPTS = prompt_set("eval")[:8]

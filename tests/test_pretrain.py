@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from rl.cli import build_parser
 from rollout import load_policy
 from rollout.tiny.pretrain import learning_rate, model_guidance_target, pretrain_tiny, task_pool, training_batch
 from rollout.tiny.world import ALL_PROMPTS
+from solray.cli import build_parser
 
 
 def test_a_few_pretraining_steps_reduce_the_loss_and_save_a_loadable_policy(tmp_path):

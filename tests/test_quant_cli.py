@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from rl.cli import main
+from solray.cli import main
 
 
 def test_sample_nvfp4_with_a_bf16_comparison_grid(tmp_path, capsys):

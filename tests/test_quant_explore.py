@@ -441,12 +441,14 @@ def test_merge_lora_update_names_a_weight_it_has_no_base_for():
 
 def test_calibration_set_is_validated_and_the_defaults_cover_the_tiny_tasks():
     from quant import default_calibration_set
+    from rollout.policy import Policy
     from rollout.tiny import TASKS, parse_prompt, prompt_set
+    from rollout.tiny.model import TinyPolicy
 
-    tiny = default_calibration_set("tiny")
+    tiny = default_calibration_set(TinyPolicy)
     assert {parse_prompt(p).task for p in tiny.prompts} == set(TASKS) and set(tiny.prompts) <= set(prompt_set("train"))
     assert (tiny.steps, tiny.solver, tiny.num_images) == (6, "euler", 20)  # the explore sampler's steps and solver
-    assert default_calibration_set("flux").num_images == 16
+    assert default_calibration_set(Policy).num_images == 16
     with pytest.raises(ValueError, match="deterministic ODE solver"):
         CalibrationSet(("a cat",), solver="sde")
     with pytest.raises(ValueError, match="at least one prompt"):

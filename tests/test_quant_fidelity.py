@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy import stats
 
-from quant.fidelity import average_ranks, best_worst_agreement, fidelity_summary, kendall, spearman, topk_overlap
+from rl.fidelity import average_ranks, best_worst_agreement, fidelity_summary, kendall, spearman, topk_overlap
 
 
 def rows(*values) -> torch.Tensor:

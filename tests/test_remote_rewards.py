@@ -14,8 +14,8 @@ import pytest
 from rewards import Reward, RewardError, build_reward
 from rewards.remote import encode_image
 from rewards.server import RewardServer
-from rl.cli import build_parser
 from rollout.tiny import render
+from solray.cli import build_parser
 
 PROMPTS = ["a red circle", "two squares", "a photo of a cat"]  # the last is outside the tiny world: NaN
 

@@ -8,9 +8,9 @@ import ray
 from actors.workers import RewardWorker
 from rewards import Reward, RewardError
 from rl.config import load_recipe
-from rl.driver import Driver, _driver_sized, train, unscored_shares
 from rollout import load_policy
 from rollout.samplers import sample, seed_for
+from solray.driver import Driver, _driver_sized, train, unscored_shares
 
 STEPS = 2
 # fp32 exploration with the regeneration sampler's settings, so a synced rollout copy must

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from rl.config import Recipe
-from rl.tracking import Tracker, captioned_grid, plot_reward_curves, read_metrics
+from solray.tracking import Tracker, captioned_grid, plot_reward_curves, read_metrics
 
 
 def _images(count: int, size: int = 8) -> np.ndarray:
@@ -88,7 +88,7 @@ def test_disabled_wandb_and_read_metrics_before_step(tmp_path):
 
 
 def test_evaluation_summary_puts_before_and_after_side_by_side():
-    from rl.tracking import evaluation_summary
+    from solray.tracking import evaluation_summary
 
     rows = [
         {

@@ -7,11 +7,12 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from rl.balance import RewardBalancer, balanced_direction, combine_advantages, min_norm_weights
-from rl.grpo import Trajectory, grpo_kl, grpo_loss, sample_trajectory, step_log_prob
+from rl.grpo import grpo_kl, grpo_loss
 from rl.nft import nft_loss, nft_objective, optimality, velocity_kl
 from rl.trainer import GRPOBatch, NFTBatch, NonFiniteTrainingError, Trainer, TrainerSettings
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER, Conditioning, Policy
 from rollout.schedules import flow_match_sigmas
+from rollout.sde import Trajectory, sample_trajectory, step_log_prob
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a red circle"]
 TIMESTEPS = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])

@@ -7,11 +7,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from rollout.policy import Policy
-from rollout.samplers import sample
+from rollout.samplers import EVAL_SEED_BASE, sample
 from rollout.tiny.verifier import verify
 from rollout.tiny.world import TASKS, parse_prompt, prompt_set
-
-EVAL_SEED_BASE = 1_000_000
 
 
 def evaluate_policy(

@@ -23,9 +23,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 from rollout.images import to_uint8
 from rollout.policy import Conditioning, Policy, torch_dtype
 from rollout.schedules import flow_match_sigmas
-from rollout.tiny.world import ALL_PROMPTS, IMAGE_SIZE
+from rollout.tiny.world import ALL_PROMPTS, IMAGE_SIZE, TASKS, parse_prompt, prompt_set
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+CALIBRATION_PROMPTS_PER_TASK = 2
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<unk>", "<eos>")
 MAX_TOKENS = 12
 TEXT_DIM = 64
@@ -79,6 +80,10 @@ def build_transformer() -> SD3Transformer2DModel:
 
 class TinyPolicy(Policy):
     family = "tiny"
+    # The first CALIBRATION_PROMPTS_PER_TASK train prompts of each task type.
+    calibration_prompts = tuple(
+        p for task in TASKS for p in [q for q in prompt_set("train") if parse_prompt(q).task == task][:CALIBRATION_PROMPTS_PER_TASK]
+    )
     latent_shape = (3, IMAGE_SIZE, IMAGE_SIZE)
     lora_target_modules = (
         "attn.to_q",
@@ -109,8 +114,18 @@ class TinyPolicy(Policy):
         self.tokenizer = tokenizer
 
     @classmethod
-    def from_pretrained(cls, path: str | Path = WEIGHTS_DIR, precision: str = "fp32", device: str | torch.device = "cpu") -> TinyPolicy:
-        path = Path(path)
+    def recognizes(cls, path: str) -> bool:
+        """ "tiny" (the shipped weights) or a directory save_pretrained wrote."""
+        return path == "tiny" or (Path(path) / "policy.json").is_file()
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path = WEIGHTS_DIR, precision: str = "fp32", device: str | torch.device = "cpu", **options
+    ) -> TinyPolicy:
+        """The shipped weights ("tiny") or a saved tiny policy; the tiny model takes none of the diffusers families' options."""
+        if options:
+            raise ValueError(f"model options {sorted(options)} apply to the diffusers families (sd3, flux, sana), not to the tiny model")
+        path = WEIGHTS_DIR if str(path) == "tiny" else Path(path)
         transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer")
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path, subfolder="tokenizer")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import zlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,6 +115,25 @@ def prompt_set(split: str) -> list[str]:
     if split not in splits:
         raise ValueError(f"prompt_set split must be 'train', 'eval' or 'curriculum', got {split!r}")
     return list(splits[split])
+
+
+class _PromptSets(Mapping):
+    """prompt_set as a read-only mapping split -> prompts: the testbed's `solray.prompts` entry point ("tiny:eval")."""
+
+    def __getitem__(self, split: str) -> list[str]:
+        if split not in SPLITS:
+            raise KeyError(split)
+        return prompt_set(split)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(SPLITS)
+
+    def __len__(self) -> int:
+        return len(SPLITS)
+
+
+SPLITS = ("train", "eval", "curriculum")
+PROMPT_SETS = _PromptSets()
 
 
 def parse_prompt(prompt: str) -> ParsedPrompt:

@@ -1,4 +1,11 @@
-"""The `solray` command line."""
+"""The `solray` command line: train, sample and reward-server, plus the commands plug-ins register.
+
+A plug-in command is a `solray.commands` entry point naming an object with `help` (one line),
+`loads_policy` (True: the command gets --model, --lora, --precision, --steps and --solver, and
+`run(args, policy)` receives the loaded policy; False: `run(args)`), and
+`add_arguments(parser)`. A usage error inside `run` is an argparse.ArgumentTypeError: it exits 2
+with its message.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +13,12 @@ import argparse
 import json
 import re
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import numpy as np
 
+COMMANDS_ENTRY_POINT_GROUP = "solray.commands"
 MAX_SEEDS = 10_000  # images a seed list may ask for; 0-999999999 would fill memory before drawing one
 
 
@@ -35,9 +44,9 @@ def _slug(prompt: str) -> str:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from rl.config import RecipeError, load_recipe
-    from rl.driver import train
-    from rl.tracking import evaluation_summary
     from rl.trainer import NonFiniteTrainingError
+    from solray.driver import train
+    from solray.tracking import evaluation_summary
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
@@ -57,24 +66,23 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def _load_policy(args: argparse.Namespace, precision: str):
     """--model in `precision`, with --lora (a training checkpoint) attached; nvfp4 and fp8 quantize the merged weights."""
-    from rollout import load_policy
-
-    if not args.lora:
-        return load_policy(args.model, precision=precision)
     from quant import quantize_policy
     from rl.checkpoint import attach_lora
+    from rollout import load_policy
     from rollout.policy import QUANTIZED_PRECISIONS, TRAINABLE_ADAPTER, base_precision
 
     policy = load_policy(args.model, precision=base_precision(precision))
-    attach_lora(policy, args.lora)
-    return quantize_policy(policy, precision, adapter=TRAINABLE_ADAPTER) if precision in QUANTIZED_PRECISIONS else policy
+    if args.lora:
+        attach_lora(policy, args.lora)
+    if precision in QUANTIZED_PRECISIONS:
+        return quantize_policy(policy, precision, adapter=TRAINABLE_ADAPTER)
+    return policy
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from rewards import build_reward
     from rollout.images import image_grid, save_png
     from rollout.samplers import sample
-    from rollout.tiny import ALL_PROMPTS
 
     policy = _load_policy(args, args.precision)
     pairs = [(p, s) for p in args.prompt for s in args.seed]
@@ -84,11 +92,16 @@ def cmd_sample(args: argparse.Namespace) -> None:
         save_png(image, out_dir / f"{i:03d}_{_slug(prompt)}_seed{seed}.png")
     grid = save_png(image_grid(out.images, columns=len(args.seed), scale=args.scale), out_dir / "grid.png")
     print(f"wrote {len(pairs)} images and {grid} (rows = prompts, columns = seeds)")
-    if all(p in ALL_PROMPTS for p in args.prompt):
-        scores = build_reward("tiny_verifier").score(out.images, [p for p, _ in pairs])
+    reward = build_reward(args.reward) if args.reward else None
+    scores = None if reward is None else reward.score(out.images, [p for p, _ in pairs])
+    if scores is not None and np.isfinite(scores).any():  # NaN everywhere: the reward does not apply to these prompts
         for prompt in args.prompt:
             mine = np.array([score for score, (p, _) in zip(scores, pairs) if p == prompt])
-            print(f"  {prompt!r}: verifier reward {mine.mean():.3f}, strict pass {int((mine == 1.0).sum())}/{len(mine)}")
+            extra = reward.eval_metrics(mine, [prompt] * len(mine))
+            print(
+                f"  {prompt!r}: {reward.name} reward {mine.mean():.3f}"
+                + "".join(f", {key} {value:.3f}" for key, value in extra.items() if not key.endswith("_se"))
+            )
     if args.compare_precision:
         # The same prompts x seeds in a second precision; compare.png puts the two grids side by side.
         other_policy = _load_policy(args, args.compare_precision)
@@ -102,44 +115,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(
             f"wrote {compare}: left {args.precision}, right {args.compare_precision} (same seeds); mean |pixel difference| {difference:.2f}"
         )
-        if all(p in ALL_PROMPTS for p in args.prompt):
-            other_scores = build_reward("tiny_verifier").score(other.images, [p for p, _ in pairs])
-            print(f"  verifier reward: {args.precision} {np.mean(scores):.3f}, {args.compare_precision} {np.mean(other_scores):.3f}")
-
-
-def cmd_eval(args: argparse.Namespace) -> None:
-    from rollout.tiny.evaluate import accuracy_table, evaluate_policy
-
-    policy = _load_policy(args, args.precision)
-    result = evaluate_policy(policy, seeds_per_prompt=args.seeds_per_prompt, steps=args.steps, solver=args.solver, progress=True)
-    print(accuracy_table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-
-
-def cmd_pretrain_tiny(args: argparse.Namespace) -> None:
-    from rollout.tiny.pretrain import pretrain_tiny
-
-    losses = pretrain_tiny(
-        args.out,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        save_every=args.save_every,
-        init=args.init,
-        guidance=args.guidance,
-        task_weights=_unique_keys(args.task_weight, "--task-weight"),
-    )
-    print(f"saved to {args.out}; loss {np.mean(losses[:50]):.4f} (first 50 steps) -> {np.mean(losses[-50:]):.4f} (last 50)")
-
-
-def _task_weight(text: str) -> tuple[str, int]:
-    """'two_object=3' -> ('two_object', 3)."""
-    task, sep, weight = text.partition("=")
-    if not sep or not weight.isdigit():
-        raise argparse.ArgumentTypeError(f"bad task weight {text!r}: use task=integer, e.g. two_object=3")
-    return task, int(weight)
+        if scores is not None and np.isfinite(scores).any():
+            other_scores = reward.score(other.images, [p for p, _ in pairs])
+            print(
+                f"  {reward.name} reward: {args.precision} {np.nanmean(scores):.3f}, {args.compare_precision} {np.nanmean(other_scores):.3f}"
+            )
 
 
 def _unique_keys(pairs: list[tuple[str, object]], flag: str) -> dict[str, object]:
@@ -201,33 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["fp32", "bf16", "nvfp4", "fp8"],
         help="also sample in this precision and write compare.png (grids side by side)",
     )
+    sample.add_argument(
+        "--reward", default="tiny_verifier", help="score the images with this reward where it applies (default tiny_verifier; '' = none)"
+    )
     sample.set_defaults(run=cmd_sample)
-
-    evaluate = commands.add_parser("eval", help="strict verifier accuracy on the tiny eval prompts, per task type")
-    add_model_args(evaluate)
-    evaluate.add_argument("--seeds-per-prompt", type=int, default=8)
-    evaluate.add_argument("--json", help="also write the result as JSON here")
-    evaluate.set_defaults(run=cmd_eval)
-
-    pretrain = commands.add_parser("pretrain-tiny", help="pretrain the tiny testbed policy from scratch on the procedural world")
-    pretrain.add_argument("--out", required=True, help="output directory (diffusers layout)")
-    pretrain.add_argument("--steps", type=int, default=4000)
-    pretrain.add_argument("--batch-size", type=int, default=64)
-    pretrain.add_argument("--lr", type=float, default=1e-3)
-    pretrain.add_argument("--seed", type=int, default=0)
-    pretrain.add_argument("--save-every", type=int, default=0, help="also save step-N snapshots every N steps")
-    pretrain.add_argument("--init", help="continue from a saved tiny policy instead of a random init")
-    pretrain.add_argument(
-        "--guidance", type=float, default=1.0, help="bake classifier-free guidance of this scale into the model (1 = none)"
-    )
-    pretrain.add_argument(
-        "--task-weight",
-        type=_task_weight,
-        action="append",
-        default=[],
-        help="draw a task this many times as often as the others (default 1 each): two_object=3; repeat",
-    )
-    pretrain.set_defaults(run=cmd_pretrain_tiny)
 
     reward_server = commands.add_parser("reward-server", help="serve a registered reward over HTTP for the `remote` reward")
     reward_server.add_argument("reward", help="registry name or dotted path 'pkg.module:Class' of the reward to serve")
@@ -240,7 +197,28 @@ def build_parser() -> argparse.ArgumentParser:
     reward_server.add_argument("--max-request-mb", type=float, default=64.0, help="larger request bodies get 413")
     reward_server.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
     reward_server.set_defaults(run=cmd_reward_server)
+
+    for entry in entry_points(group=COMMANDS_ENTRY_POINT_GROUP):
+        plugin = entry.load()
+        sub = commands.add_parser(entry.name, help=plugin.help)
+        if plugin.loads_policy:
+            add_model_args(sub)
+        plugin.add_arguments(sub)
+        sub.set_defaults(run=_plugin_runner(plugin))
     return parser
+
+
+def _plugin_runner(plugin):
+    """argparse's `run` for a plug-in command: load the policy first where it asks for one; its usage errors exit 2."""
+
+    def run(args: argparse.Namespace) -> None:
+        try:
+            plugin.run(args, _load_policy(args, args.precision)) if plugin.loads_policy else plugin.run(args)
+        except argparse.ArgumentTypeError as error:
+            print(f"solray: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> None:

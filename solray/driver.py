@@ -23,18 +23,17 @@ import torch
 from actors.groups import WorkerGroup
 from actors.learners import LearnerGroup
 from actors.workers import LearnerWorker, RewardWorker, RolloutWorker
-from quant.fidelity import spearman
 from rewards import RewardError
+from rewards.base import mean_and_se
 from rl.advantages import group_advantages, weighted_reward, zero_variance_groups
 from rl.checkpoint import CHECKPOINTS, latest_checkpoint, newest_valid_checkpoint, save_checkpoint
 from rl.config import Recipe, RecipeError, recipe_changes
+from rl.fidelity import spearman
 from rl.selection import select_contrastive
-from rl.tracking import Tracker
 from rl.trainer import NonFiniteTrainingError
 from rollout.prompts import PromptSource, load_prompts
-from rollout.samplers import seed_for
-from rollout.tiny.evaluate import EVAL_SEED_BASE
-from rollout.tiny.world import TASKS, parse_prompt
+from rollout.samplers import EVAL_SEED_BASE, seed_for
+from solray.tracking import Tracker
 
 logger = logging.getLogger(__name__)
 GRID_PROMPTS, GRID_SEEDS = 4, 4  # the image-grid probe: eval prompts x seeds, the same at every grid
@@ -344,12 +343,8 @@ class Driver:
         metrics = {}
         for r, name in enumerate(names):
             metrics |= _mean_and_se(f"{prefix}/{name}", rewards[:, r])
-        if "tiny_verifier" in names and source.startswith("tiny:"):
-            strict = (rewards[:, names.index("tiny_verifier")] == 1.0).astype(float)
-            tasks = np.array([parse_prompt(prompt).task for prompt in prompts])
-            metrics |= _mean_and_se(f"{prefix}/strict", strict)
-            metrics |= {f"{prefix}/task/{task}": float(strict[tasks == task].mean()) for task in TASKS if (tasks == task).any()}
-        return metrics
+        extra = self.fetch(self.reward.call(0, "eval_metrics", rewards, prompts))
+        return metrics | {f"{prefix}/{key}": value for key, value in extra.items()}
 
     def grid_samples(self) -> tuple[np.ndarray, list[str], np.ndarray]:
         """A fixed probe, GRID_PROMPTS prompts (of eval.train_prompts when set: where training shows first, else
@@ -452,9 +447,8 @@ def ranking_fidelity(explored: np.ndarray, regenerated: np.ndarray) -> dict[str,
 
 def _mean_and_se(key: str, values: np.ndarray) -> dict[str, float]:
     """{key: mean, key_se: standard error of the mean} over the finite values."""
-    finite = values[np.isfinite(values)]
-    se = float(finite.std(ddof=1) / np.sqrt(finite.size)) if finite.size > 1 else float("nan")
-    return {key: float(finite.mean()) if finite.size else float("nan"), f"{key}_se": se}
+    mean, se = mean_and_se(values)
+    return {key: mean, f"{key}_se": se}
 
 
 def unscored_shares(rewards: np.ndarray, names: list[str]) -> dict[str, float]:
