@@ -170,7 +170,7 @@ class Tracker:
             resume="allow",
             mode=self.recipe.logging.wandb,
             dir=self.output_dir,
-            config=self.recipe.model_dump(mode="json"),
+            config=self.recipe.public_dump(),
         )
 
     def log(self, metrics: dict[str, Any]) -> None:
