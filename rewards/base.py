@@ -2,7 +2,8 @@
 
 A reward scores a batch: __call__(images uint8 [B, H, W, 3], prompts, metadata) -> float [B],
 NaN meaning "not applicable". The runtime always goes through `Reward.score`, which checks the
-inputs and the result and names the reward in every error.
+inputs and the result and names the reward in every error. A score must be NaN or within
++-MAX_ABS_SCORE: an infinite or huge one is refused like a failed call (rewards.on_reward_error).
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 ENTRY_POINT_GROUP = "solray.rewards"
+# The driver combines and normalises scores in float32 (max 3.4e38): deviations up to 2e9 square to
+# 4e18, so no batch's mean, std or weighted sum overflows. A larger score is a reward bug (log(0), a
+# missing normalisation), not a signal; 1e308 would even turn into inf on the cast to float32.
+MAX_ABS_SCORE = 1e9
 _REGISTRY: dict[str, type[Reward]] = {}
 
 
@@ -49,8 +54,13 @@ class Reward:
             raise RewardError(f"reward {self.name!r} returned shape {scores.shape}, expected ({batch},) (one score per image)")
         if not np.issubdtype(scores.dtype, np.floating):
             raise RewardError(f"reward {self.name!r} returned dtype {scores.dtype}, expected a float dtype (NaN = not applicable)")
-        if np.isinf(scores).any():
-            raise RewardError(f"reward {self.name!r} returned an infinite score at index {int(np.isinf(scores).argmax())}")
+        out_of_range = np.abs(scores) > MAX_ABS_SCORE  # False for NaN
+        if out_of_range.any():
+            index = int(out_of_range.argmax())
+            raise RewardError(
+                f"reward {self.name!r} returned {float(scores[index])!r} at index {index}: scores must lie within +-{MAX_ABS_SCORE:g} "
+                "(NaN = not applicable)"
+            )
         return scores.astype(np.float64)
 
     def eval_metrics(self, scores: np.ndarray, prompts: list[str]) -> dict[str, float]:

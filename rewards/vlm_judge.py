@@ -7,6 +7,9 @@ time), one request per image, `concurrency` in flight (vLLM batches them on the 
     vllm serve Qwen/Qwen2.5-VL-7B-Instruct --port 8000 --max-model-len 8192 --limit-mm-per-prompt '{"image": 1}'
 
 and name it in the recipe: rewards: [{name: vlm_judge, kwargs: {url: http://HOST:8000/v1}}].
+A server that wants a key (`vllm serve --api-key`) gets it from the environment variable that
+`api_key_env` names (SOLRAY_VLM_API_KEY), set where the reward workers run; an `api_key` kwarg works
+too, but only the environment keeps it out of the recipe (checkpoints and W&B hold it redacted).
 
 The answer is parsed by `parse_score`; a score is returned normalised to [0, 1]. An answer without
 a usable score gives NaN ("not applicable": advantages skip it) and counts in `metrics()`.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -85,15 +89,18 @@ class VLMJudge(Reward):
         retries: int = 3,
         backoff: float = 1.0,
         api_key: str | None = None,
+        api_key_env: str = "SOLRAY_VLM_API_KEY",
     ) -> None:
         """url: the server's OpenAI base URL (…/v1); model: the served model name (None: the server's first);
-        rubric: the system message; max_score: the scale the rubric asks for (for bare numbers)."""
+        rubric: the system message; max_score: the scale the rubric asks for (for bare numbers);
+        api_key: the server's key, else the value of the environment variable api_key_env (no key when unset)."""
         if image_format not in IMAGE_FORMATS:
             raise ValueError(f"reward 'vlm_judge': image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
         self.url = url.rstrip("/")
         self.rubric, self.max_score, self.temperature, self.max_tokens = rubric, max_score, temperature, max_tokens
         self.image_format, self.concurrency = image_format, concurrency
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        api_key = api_key or os.environ.get(api_key_env)
         self.headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
         self.model = model  # None: asked from the server on the first call (vLLM may still be loading now)
         self.unparsable_total = 0  # answers without a usable score, over the reward's life

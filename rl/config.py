@@ -274,6 +274,10 @@ class Recipe(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
 
+    def public_dump(self) -> dict[str, Any]:
+        """The recipe as JSON values with every secret-named value (redact_secrets) replaced: what checkpoints and W&B keep."""
+        return redact_secrets(self.model_dump(mode="json"))
+
     @property
     def eval_only_rewards(self) -> list[str]:
         """eval.rewards less the training rewards (evaluation scores those anyway): each reward is scored once."""
@@ -339,25 +343,47 @@ def resolve_train_precision(train_precision: str, learner_gpus: float) -> str:
     return "bf16" if learner_gpus > 0 else "fp32"
 
 
+# Names of keys that hold credentials: api_key, apikey, hf_token, access_token, password, client_secret,
+# secret_key, credentials; not max_tokens or tokenizer. Matched anywhere in a recipe (reward kwargs above all).
+SECRET_KEY = re.compile(r"(?:^|_)(?:api_?key|secret_?key|private_?key|token|password|passwd|secret|credentials?)$", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def redact_secrets(tree: Any, drop: bool = False) -> Any:
+    """A JSON tree with the value of every key named like a secret (SECRET_KEY) replaced by REDACTED (None stays
+    None: nothing was given), or with drop, without those keys."""
+    if isinstance(tree, list):
+        return [redact_secrets(item, drop) for item in tree]
+    if not isinstance(tree, dict):
+        return tree
+    return {
+        key: (None if value is None else REDACTED) if SECRET_KEY.search(str(key)) else redact_secrets(value, drop)
+        for key, value in tree.items()
+        if not (drop and SECRET_KEY.search(str(key)))
+    }
+
+
 # Sections and keys a resumed run may change: they do not alter what the run computes (cluster
 # sizes are checked separately, since learner state is sharded per rank).
 RESUMABLE_CHANGES = ("run.name", "run.steps", "run.output_dir", "run.resume", "cluster.", "logging.", "checkpoint.", "eval.")
 
 
 def recipe_changes(saved: dict[str, Any], recipe: Recipe) -> list[str]:
-    """Dotted keys whose value in `recipe` differs from the saved recipe dump, except RESUMABLE_CHANGES.
+    """Dotted keys whose value in `recipe` differs from the saved recipe dump, except RESUMABLE_CHANGES and secrets.
 
     A key the saved dump lacks (added to the schema since) counts as its default. train_precision is
     compared resolved: cluster.* may change, but not into learners that train in another precision.
+    Secret-named keys (redact_secrets) are left out on both sides: checkpoints hold them redacted, and a
+    credential, given or moved into the environment, does not change what the run computes.
     """
-    current = recipe.model_dump(mode="json")
+    current = redact_secrets(recipe.model_dump(mode="json"), drop=True)
 
     def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
         if isinstance(tree, dict):
             return {k: v for key, sub in tree.items() for k, v in leaves(sub, f"{prefix}{key}.").items()}
         return {prefix[:-1]: tree}
 
-    old, new = leaves(Recipe().model_dump(mode="json")) | leaves(saved), leaves(current)
+    old, new = leaves(Recipe().model_dump(mode="json")) | leaves(redact_secrets(saved, drop=True)), leaves(current)
     precision = "algorithm.train_precision"
     keys = sorted((set(old) | set(new)) - {precision})
     changes = [

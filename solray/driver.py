@@ -295,7 +295,7 @@ class Driver:
         run_state = {
             "step": steps_done,
             "version": self.version,
-            "recipe": self.recipe.model_dump(mode="json"),
+            "recipe": self.recipe.public_dump(),
             "base_fingerprint": self.base_fingerprint,
         }
         return save_checkpoint(root, learner_states, run_state, self.recipe.checkpoint.keep)

@@ -6,6 +6,9 @@ explore-precision pool and its ranking agreement with the regenerated rewards), 
 balance/ (multi-reward weights), time/<phase> (seconds per phase of the step), driver/.
 W&B (recipe logging.wandb) is "online", "offline" (synced later with `wandb sync`) or "disabled";
 its files go to output_dir/wandb, and a resumed run continues the same W&B run.
+
+metrics.jsonl and eval.jsonl are strict JSON, which has no NaN or Infinity: a non-finite value is
+written as null (read_metrics reads it back as NaN) and each row's metrics/nonfinite counts them.
 """
 
 from __future__ import annotations
@@ -29,6 +32,23 @@ EVAL_FILE = "eval.jsonl"
 CURVES_FILE = "reward_curves.png"
 GRIDS_DIR = "grids"
 WANDB_ID_FILE = "wandb_id.txt"
+NONFINITE_KEY = "metrics/nonfinite"  # per row: how many values were inf or NaN, written as null
+
+
+def with_nonfinite_count(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with NONFINITE_KEY set to the number of its other values that are inf or NaN floats."""
+    count = sum(isinstance(v, float) and not math.isfinite(v) for k, v in row.items() if k != NONFINITE_KEY)
+    return row | {NONFINITE_KEY: count}
+
+
+def encode_row(row: dict[str, Any]) -> str:
+    """One line of strict JSON: inf and NaN floats become null."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}, allow_nan=False)
+
+
+def decode_row(line: str) -> dict[str, Any]:
+    """Inverse of encode_row up to the sign of infinity: null reads back as NaN, so that rows hold numbers."""
+    return {k: math.nan if v is None else v for k, v in json.loads(line).items()}
 
 
 def read_metrics(path: str | Path, before_step: int | None = None) -> list[dict[str, Any]]:
@@ -36,7 +56,7 @@ def read_metrics(path: str | Path, before_step: int | None = None) -> list[dict[
     path = Path(path)
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [decode_row(line) for line in path.read_text().splitlines() if line.strip()]
     return [row for row in rows if before_step is None or row["step"] < before_step]
 
 
@@ -125,12 +145,12 @@ class Tracker:
         # Rows a killed run wrote after its last checkpoint are recomputed, so they are dropped here.
         self.history = read_metrics(self.metrics_path, start_step)
         temp = self.metrics_path.with_suffix(".jsonl.tmp")
-        temp.write_text("".join(json.dumps(row) + "\n" for row in self.history))
+        temp.write_text("".join(encode_row(row) + "\n" for row in self.history))
         os.replace(temp, self.metrics_path)
         self.metrics_file = self.metrics_path.open("a")
         self.eval_path = self.output_dir / EVAL_FILE
         self.evaluations = read_metrics(self.eval_path, start_step + 1)
-        self.eval_path.write_text("".join(json.dumps(row) + "\n" for row in self.evaluations))
+        self.eval_path.write_text("".join(encode_row(row) + "\n" for row in self.evaluations))
         self.reward_key = f"reward/{recipe.rewards.models[0].name}"
         self.wandb = self._start_wandb() if recipe.logging.wandb != "disabled" else None
         self.progress = tqdm(
@@ -150,13 +170,14 @@ class Tracker:
             resume="allow",
             mode=self.recipe.logging.wandb,
             dir=self.output_dir,
-            config=self.recipe.model_dump(mode="json"),
+            config=self.recipe.public_dump(),
         )
 
     def log(self, metrics: dict[str, Any]) -> None:
-        """One step's row (with its "step"): metrics.jsonl, W&B, progress bar."""
+        """One step's row (with its "step" and, added here, NONFINITE_KEY): metrics.jsonl, W&B, progress bar."""
+        metrics = with_nonfinite_count(metrics)
         self.history.append(metrics)
-        self.metrics_file.write(json.dumps(metrics) + "\n")
+        self.metrics_file.write(encode_row(metrics) + "\n")
         self.metrics_file.flush()
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
@@ -167,10 +188,10 @@ class Tracker:
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
         """An evaluation of the policy after `step` steps: a row of eval.jsonl (naming the adapter evaluated, eval.adapter), W&B, and one printed line."""
         adapter = self.recipe.eval.adapter
-        row = {"step": step, "adapter": adapter} | metrics
+        row = with_nonfinite_count({"step": step, "adapter": adapter} | metrics)
         self.evaluations.append(row)
         with self.eval_path.open("a") as file:
-            file.write(json.dumps(row) + "\n")
+            file.write(encode_row(row) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
         self.progress.write(

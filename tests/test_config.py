@@ -303,3 +303,28 @@ def test_production_recipes_hold_the_reference_settings(name):
         for key in dotted.split("."):
             node = getattr(node, key)
         assert node == value, f"{name}: {dotted} is {node!r}, the reference has {value!r}"
+
+
+def test_public_dump_redacts_secret_named_values_and_a_resume_ignores_them():
+    from rl.config import recipe_changes
+
+    def judge(**kwargs):
+        return Recipe.model_validate({"rewards": {"models": [{"name": "vlm_judge", "kwargs": kwargs}]}})
+
+    recipe = judge(url="http://judge:8000/v1", api_key="sk-planted", max_tokens=64, extra={"hf_token": "hf-planted", "password": None})
+    kwargs = recipe.public_dump()["rewards"]["models"][0]["kwargs"]
+    assert kwargs == {
+        "url": "http://judge:8000/v1",
+        "api_key": "<redacted>",
+        "max_tokens": 64,
+        "extra": {"hf_token": "<redacted>", "password": None},
+    }
+    assert recipe.rewards.models[0].kwargs["api_key"] == "sk-planted"  # the recipe itself keeps it: the reward needs it
+    # Resuming from the redacted dump, from a checkpoint written in plain text before redaction, or with the key
+    # moved into the environment (no api_key kwarg) is no recipe change; any other kwarg still is.
+    assert recipe_changes(recipe.public_dump(), recipe) == []
+    assert recipe_changes(recipe.model_dump(mode="json"), judge(url="http://judge:8000/v1", max_tokens=64, extra={})) == []
+    assert recipe_changes(recipe.public_dump(), judge(url="http://judge:8000/v1", api_key="sk-other", max_tokens=32, extra={})) == [
+        "rewards.models: [{'name': 'vlm_judge', 'weight': 1.0, 'kwargs': {'url': 'http://judge:8000/v1', 'max_tokens': 64, 'extra': {}}}] -> "
+        "[{'name': 'vlm_judge', 'weight': 1.0, 'kwargs': {'url': 'http://judge:8000/v1', 'max_tokens': 32, 'extra': {}}}]"
+    ]

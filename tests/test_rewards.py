@@ -118,3 +118,63 @@ def test_register_reward_refuses_nameless_and_duplicate_names():
         register_reward(type("Nameless", (Reward,), {}))
     with pytest.raises(ValueError, match="'brightness' is already registered"):
         register_reward(type("Other", (Reward,), {"name": "brightness"}))
+
+
+PLUGIN_REWARDS = """
+import numpy as np
+from rewards import Reward
+
+class Huge(Reward):
+    name = "huge"
+    def __call__(self, images, prompts, metadata):
+        return np.array([1e308] + [0.5] * (len(images) - 1))
+
+class Partial(Reward):
+    name = "partial"
+    def __call__(self, images, prompts, metadata):
+        return np.array([0.2, np.nan, 0.6, 0.8])[: len(images)]
+
+class Constant(Reward):
+    name = "constant"
+    def __call__(self, images, prompts, metadata):
+        return np.full(len(images), 1.0)
+"""
+
+
+@pytest.fixture
+def plugin_rewards(tmp_path, monkeypatch):
+    (tmp_path / "score_range_plugins.py").write_text(PLUGIN_REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "score_range_plugins"
+    sys.modules.pop("score_range_plugins", None)
+
+
+def test_a_huge_score_is_refused_naming_the_reward_and_nan_stays_not_applicable(plugin_rewards):
+    from actors.workers import RewardWorker
+
+    huge, partial, constant = ({"name": f"{plugin_rewards}:{cls}"} for cls in ("Huge", "Partial", "Constant"))
+    images, prompts = _images(4), ["a red circle"] * 4
+    with pytest.raises(RewardError, match=r"reward 'huge' returned 1e\+308 at index 0: scores must lie within \+-1e\+09"):
+        RewardWorker([huge, partial], retries=1, on_error="fail").score(images, prompts)
+    # NaN from one of two rewards is "not applicable", not an error.
+    accepted = RewardWorker([partial, constant], on_error="fail").score(images, prompts)
+    assert np.isnan(accepted[1, 0]) and accepted[[0, 2, 3], 0].tolist() == [0.2, 0.6, 0.8] and accepted[:, 1].tolist() == [1.0] * 4
+
+
+def test_a_refused_huge_score_under_skip_leaves_finite_advantages(plugin_rewards):
+    import torch
+
+    from actors.workers import RewardWorker
+    from rl.advantages import group_advantages, weighted_reward
+
+    specs = [{"name": f"{plugin_rewards}:Huge"}, {"name": f"{plugin_rewards}:Partial"}]
+    table = RewardWorker(specs, retries=1, on_error="skip").score(_images(4), ["a red circle"] * 4)
+    assert np.isnan(table[:, 0]).all()  # the failed call's column, as rewards.on_reward_error "skip" gives it
+    # What the driver computes: float32 table, weighted sum (only "partial" applies: x sum w / w_partial = 2), group advantages.
+    summed = weighted_reward(torch.tensor(table, dtype=torch.float32), torch.tensor([1.0, 1.0]))
+    assert summed.numpy()[[0, 2, 3]].tolist() == pytest.approx([0.4, 1.2, 1.6]) and summed[1].isnan()
+    advantages = group_advantages(summed, torch.tensor([0, 0, 1, 1])).numpy()
+    std = np.std([0.4, 1.2, 1.6])  # the global std over the finite rewards
+    # Group 0 holds one finite reward (zero variance: 0); group 1's mean is 1.4.
+    assert advantages[[0, 2, 3]] == pytest.approx([0.0, -0.2 / (std + 1e-4), 0.2 / (std + 1e-4)], rel=1e-5)
+    assert np.isnan(advantages[1])

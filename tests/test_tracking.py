@@ -58,7 +58,8 @@ def test_tracker_writes_jsonl_grids_curves_and_an_offline_wandb_run_that_a_resum
     curves = tracker.close()
 
     run_dir = tmp_path / "run"
-    assert read_metrics(run_dir / "metrics.jsonl") == rows and tracker.history == rows
+    counted = [row | {"metrics/nonfinite": 0} for row in rows]
+    assert read_metrics(run_dir / "metrics.jsonl") == counted and tracker.history == counted
     assert grid == run_dir / "grids" / "step_000002.png" and Image.open(grid).size[0] == 2 * (128 + 1) + 1
     assert curves == run_dir / "reward_curves.png" and curves.is_file()
     run_id = (run_dir / "wandb_id.txt").read_text().strip()
@@ -69,12 +70,48 @@ def test_tracker_writes_jsonl_grids_curves_and_an_offline_wandb_run_that_a_resum
 
     # Resumed after a checkpoint at step 2: the killed run's row of step 2 is dropped, the W&B run continues.
     resumed = Tracker(_recipe(tmp_path), start_step=2)
-    assert resumed.history == rows[:2] and read_metrics(run_dir / "metrics.jsonl") == rows[:2]
+    assert resumed.history == counted[:2] and read_metrics(run_dir / "metrics.jsonl") == counted[:2]
     resumed.log(rows[2] | {"loss/nft": 7.0})
     resumed.close()
     assert [row["loss/nft"] for row in read_metrics(run_dir / "metrics.jsonl")] == [2.0, 1.0, 7.0]
     assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}*"))) == 2
-    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0]) == rows[0]
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0]) == counted[0]
+
+
+def _strict_json(line: str) -> dict:
+    """json.loads that refuses the NaN / Infinity / -Infinity tokens Python's json writes by default."""
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"not strict JSON: {token}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_nonfinite_values_are_written_as_null_and_counted_per_row(tmp_path):
+    with pytest.raises(ValueError, match="not strict JSON: NaN"):
+        _strict_json(json.dumps({"x": float("nan")}))  # the check catches what json.dumps writes by default
+    tracker = Tracker(_recipe(tmp_path, wandb="disabled"))
+    tracker.log({"step": 0, "reward/a": float("nan"), "loss/nft": float("inf"), "train/grad_norm": -np.inf, "time/update": 0.5})
+    tracker.log({"step": 1, "reward/a": 0.25, "loss/nft": 1.5})
+    tracker.log_eval(2, {"eval/a": 0.5, "eval/a_se": float("nan")})
+    tracker.close()
+
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert _strict_json(lines[0]) == {
+        "step": 0, "reward/a": None, "loss/nft": None, "train/grad_norm": None, "time/update": 0.5, "metrics/nonfinite": 3,
+    }  # fmt: skip
+    assert _strict_json(lines[1]) == {"step": 1, "reward/a": 0.25, "loss/nft": 1.5, "metrics/nonfinite": 0}
+    evaluation = _strict_json((tmp_path / "run" / "eval.jsonl").read_text().splitlines()[0])
+    assert evaluation == {"step": 2, "adapter": "ema", "eval/a": 0.5, "eval/a_se": None, "metrics/nonfinite": 1}
+
+    # A resume reads null back as NaN (rows hold numbers: means over them still work) and rewrites strict JSON.
+    resumed = Tracker(_recipe(tmp_path, wandb="disabled"), start_step=2)
+    first = resumed.history[0]
+    assert np.isnan(first["reward/a"]) and np.isnan(first["loss/nft"]) and first["metrics/nonfinite"] == 3
+    assert np.nanmean([row["reward/a"] for row in resumed.history]) == 0.25
+    assert np.isnan(resumed.evaluations[0]["eval/a_se"])
+    resumed.close()
+    assert [_strict_json(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][0]["metrics/nonfinite"] == 3
 
 
 def test_disabled_wandb_and_read_metrics_before_step(tmp_path):

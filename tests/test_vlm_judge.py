@@ -130,6 +130,21 @@ def test_judge_scores_parses_and_counts_unparsable_answers(fake_vllm):
         assert np.array_equal(sent[prompt], image)  # each image went out with its prompt, losslessly
 
 
+def test_judge_reads_its_api_key_from_the_environment_variable_api_key_env_names(fake_vllm, monkeypatch):
+    url = f"http://127.0.0.1:{fake_vllm.server_address[1]}/v1"
+    monkeypatch.setenv("SOLRAY_VLM_API_KEY", "from-default-env")
+    monkeypatch.setenv("MY_JUDGE_KEY", "from-my-env")
+    monkeypatch.delenv("UNSET_JUDGE_KEY", raising=False)
+    for kwargs, expected in [
+        ({}, "Bearer from-default-env"),
+        ({"api_key_env": "MY_JUDGE_KEY"}, "Bearer from-my-env"),
+        ({"api_key": "given", "api_key_env": "MY_JUDGE_KEY"}, "Bearer given"),
+        ({"api_key_env": "UNSET_JUDGE_KEY"}, None),
+    ]:
+        build_reward("vlm_judge", url=url, model="m", concurrency=1, **kwargs).score(images(1), ["three crosses"])
+        assert fake_vllm.requests[-1]["authorization"] == expected
+
+
 def test_judge_uses_a_custom_rubric_and_retries_a_loading_server(fake_vllm):
     url = f"http://127.0.0.1:{fake_vllm.server_address[1]}/v1"
     fake_vllm.failures = 2
