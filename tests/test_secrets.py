@@ -4,7 +4,7 @@ import uuid
 
 import pytest
 
-from rl.cli import main
+from solray.cli import main
 
 PLUGIN = """
 import numpy as np
