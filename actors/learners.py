@@ -11,30 +11,23 @@ with ZeRO stage 1 or 2, partitions the optimizer state. Stage 3 is not offered (
 it partitions the parameters themselves, which only exist inside the engine's forward, and the
 learner computes its gradients outside it.
 
-A group with one learner and `remote=False` runs it in the caller's process with the plain
-Trainer (no torch.distributed); its results are `ray.put`, so callers hold refs either way.
+A group with one learner and `cluster.remote_learners: false` runs it in the caller's process with
+the plain Trainer (no torch.distributed); its results are `ray.put`, so callers hold refs either way.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from typing import Any
 
 import deepspeed
 import deepspeed.comm as dist
 import ray
 import torch
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.groups import call_in_process
 from rl.balance import RewardBalancer
-from rl.config import Resources
 from rl.trainer import Trainer, TrainerSettings
 from rollout.policy import Policy
-
-PLACEMENT_TIMEOUT_S = 600  # how long the learners' bundles may wait for free resources
 
 
 def learner_rows(batch_size: int, rank: int, world_size: int) -> slice:
@@ -130,74 +123,3 @@ class DeepSpeedTrainer(Trainer):
         super().load_state_dict(state)
         if self.engine.zero_optimization_stage() > 0:
             self.engine.optimizer.refresh_fp32_params()
-
-
-class LearnerGroup:
-    """n learner actors in one placement group forming one DeepSpeed world, or one learner in-process (the recipe allows no more)."""
-
-    def __init__(self, worker_class: type, num_learners: int, remote: bool, resources: Resources, *args: Any) -> None:
-        self.num_learners = num_learners
-        self.local = None if remote else worker_class(*args)
-        self.actors: list[ray.actor.ActorHandle] = []
-        self.placement = None
-        if remote:
-            self.placement = self._place(num_learners, resources)
-            remote_class = ray.remote(worker_class)
-            self.actors = [
-                remote_class.options(
-                    num_cpus=resources.num_cpus,
-                    num_gpus=resources.num_gpus,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank),
-                ).remote(*args)
-                for rank in range(num_learners)
-            ]
-            master_addr, master_port = ray.get(self.actors[0].rendezvous_address.remote())
-            ray.get([actor.init_distributed.remote(rank, num_learners, master_addr, master_port) for rank, actor in enumerate(self.actors)])
-
-    @staticmethod
-    def _place(num_learners: int, resources: Resources) -> PlacementGroup:
-        """One bundle per learner, packed onto as few nodes as fit them."""
-        bundle = {name: amount for name, amount in (("CPU", resources.num_cpus), ("GPU", resources.num_gpus)) if amount > 0}
-        placement = placement_group([bundle] * num_learners, strategy="PACK")
-        if not placement.wait(PLACEMENT_TIMEOUT_S):
-            remove_placement_group(placement)
-            raise TimeoutError(
-                f"{num_learners} learner bundles {bundle} found no room in {PLACEMENT_TIMEOUT_S} s; "
-                f"cluster resources: {ray.cluster_resources()} (cluster.learners, cluster.learner_resources)"
-            )
-        return placement
-
-    def __len__(self) -> int:
-        return self.num_learners
-
-    def split(self, items: list) -> list[list]:
-        """The items of each learner's rows, by rank (e.g. the prompts of each regenerated image shard)."""
-        return [items[learner_rows(len(items), rank, self.num_learners)] for rank in range(self.num_learners)]
-
-    def regenerate(self, prompts: list[str], seeds: list[int], step: int) -> list[ray.ObjectRef]:
-        """Each learner samples its rows of iteration `step`'s batch; refs of the image shards [B_r, H, W, 3], by rank."""
-        if len(prompts) < self.num_learners:
-            raise ValueError(f"a batch of {len(prompts)} samples cannot give each of {self.num_learners} learners a row")
-        return self.call_all("regenerate", prompts, seeds, step)
-
-    def train(self, advantages: Any) -> list[ray.ObjectRef]:
-        """One optimizer step on the regenerated batch, given its advantages [B] or [B, R]; every learner's metrics (equal)."""
-        return self.call_all("train", advantages)
-
-    def call(self, rank: int, method: str, *args: Any) -> ray.ObjectRef:
-        """Run `method` on one learner (e.g. rank 0 publishes weights); returns the ref of its result."""
-        if self.local is not None:
-            return call_in_process(self.local, method, args)
-        return getattr(self.actors[rank], method).remote(*args)
-
-    def call_all(self, method: str, *args: Any) -> list[ray.ObjectRef]:
-        """Run `method` on every learner: collective methods need the whole world."""
-        return [self.call(rank, method, *args) for rank in range(self.num_learners)]
-
-    def shutdown(self) -> None:
-        """End the learner actors and free their placement group."""
-        for actor in self.actors:
-            ray.kill(actor)
-        if self.placement is not None:
-            remove_placement_group(self.placement)
-        self.actors, self.placement = [], None

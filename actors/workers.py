@@ -1,4 +1,5 @@
-"""The three workers. Plain classes: a group runs them in-process, or wraps them with ray.remote.
+"""The three workers. Plain classes with keyword-only constructors taking the recipe: a group
+(actors.groups, actors.learners) runs them in-process, or wraps them with ray.remote.
 
 Workers are thin: they hold a model and call rollout/, rewards/, quant/ and rl/ functions. Arrays
 (images, latents, weights) are their arguments and results, so between workers they travel
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,9 +23,9 @@ from quant import DelayedScaling, linear_weights, lora_update, merge_lora_update
 from rewards import RewardError, build_reward
 from rl.balance import RewardBalancer
 from rl.checkpoint import adapter_state_dict, load_adapter_state_dict, lora_config, weights_fingerprint
-from rl.config import Recipe, SolConfig
+from rl.config import Recipe
 from rl.trainer import GRPOBatch, NFTBatch, Trainer, TrainerSettings
-from rollout import ModelConfig, load_policy
+from rollout import load_policy
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER
 from rollout.samplers import sample, seed_for
 from rollout.sde import Trajectory, sde_window
@@ -46,17 +48,32 @@ def worker_device(num_gpus: float) -> torch.device:
     return torch.device("cuda", 0)
 
 
+@dataclass(frozen=True)
+class ExploreRequest:
+    """One explore shard: the candidates (prompts[i], seeds[i]) sampled with the weights of `version`.
+
+    weights: the ref of that version's LoRA factors, for a worker restarted after a crash (it holds the
+    initial weights) to catch up; inside the request, Ray passes it unfetched to workers that need none.
+    """
+
+    prompts: list[str]
+    seeds: list[int]
+    steps: int
+    solver: str
+    shift: float | None
+    version: int
+    weights: ray.ObjectRef | None = None
+
+
 class RolloutWorker:
     """An explore-precision copy of the policy; generates candidate pools with the ODE sampler."""
 
-    def __init__(
-        self, model: dict[str, Any], sol: dict[str, Any], base_precision: str = "fp32", num_gpus: float = 0.0, torch_threads: int = 1
-    ) -> None:
-        """model, sol: the recipe's sections (explore precision, quantization backend and coverage, activation
-        scaling); base_precision: the learners' (Recipe.base_precision), so that merged updates equal theirs."""
-        torch.set_num_threads(torch_threads)
-        sol = SolConfig.model_validate(sol)
-        source = load_policy(ModelConfig(**model), base_precision, worker_device(num_gpus))
+    def __init__(self, *, recipe: Recipe) -> None:
+        """The recipe's model and sol sections (explore precision, quantization backend and coverage, activation scaling);
+        the base weights load in the learners' precision (Recipe.base_precision), so that merged updates equal theirs."""
+        cluster, sol = recipe.cluster, recipe.sol
+        torch.set_num_threads(cluster.threads(cluster.rollout_resources))
+        source = load_policy(recipe.model, recipe.base_precision, worker_device(cluster.rollout_resources.num_gpus))
         # The LoRA-targeted base weights, in host memory: a sync then ships only LoRA factors.
         self.base_weights = linear_weights(source.transformer, source.lora_target_modules)
         delayed = DelayedScaling(sol.amax_history_len, sol.amax_compute_algo) if sol.activation_scaling == "delayed" else None
@@ -83,20 +100,17 @@ class RolloutWorker:
         merged = merge_lora_update(self.base_weights, update, self.policy.device)
         return time.perf_counter() - start + requantize(self.policy, merged, version)
 
-    def explore(
-        self, prompts: list[str], seeds: list[int], steps: int, solver: str, shift: float | None, version: int, weights: list | None = None
-    ) -> np.ndarray:
-        """uint8 images [B, H, W, 3] sampled with the weights of `version`.
+    def explore(self, request: ExploreRequest) -> np.ndarray:
+        """uint8 images [B, H, W, 3] of the request's candidates, sampled with the weights of request.version.
 
-        weights: [ref] to that version's LoRA factors, wrapped in a list so that Ray does not fetch
-        them for every call. A worker restarted after a crash holds the initial weights and catches up
-        from them; any other mismatch (a request older than the weights held) is refused.
+        A worker restarted after a crash holds the initial weights and catches up from request.weights;
+        any other mismatch (a request older than the weights held) is refused.
         """
-        if weights and version > self.version:
-            self.set_weights(ray.get(weights[0]), version)
-        if version != self.version:
-            raise StaleWeightsError(f"rollout worker holds weights v{self.version}, asked to explore with v{version}")
-        return sample(self.policy, prompts, seeds, steps, solver=solver, shift=shift).images
+        if request.weights is not None and request.version > self.version:
+            self.set_weights(ray.get(request.weights), request.version)
+        if request.version != self.version:
+            raise StaleWeightsError(f"rollout worker holds weights v{self.version}, asked to explore with v{request.version}")
+        return sample(self.policy, request.prompts, request.seeds, request.steps, solver=request.solver, shift=request.shift).images
 
     def describe(self) -> dict[str, Any]:
         """The explore copy's quantization report, version and timings, and the worker's pid."""
@@ -106,15 +120,15 @@ class RolloutWorker:
 class RewardWorker:
     """Hosts the recipe's reward models; scores a batch with every one of them."""
 
-    def __init__(
-        self, specs: list[dict[str, Any]], retries: int = 1, on_error: str = "fail", torch_threads: int = 1, eval_rewards: list[str] = ()
-    ) -> None:
-        """specs: the training rewards (rewards.models); eval_rewards: names of rewards only evaluation scores (eval.rewards)."""
-        torch.set_num_threads(torch_threads)
-        self.rewards = [build_reward(spec["name"], **spec.get("kwargs", {})) for spec in specs]
-        self.eval_rewards = [build_reward(name) for name in eval_rewards]
-        self.retries = retries
-        self.on_error = on_error
+    def __init__(self, *, recipe: Recipe) -> None:
+        """The training rewards (rewards.models, with their retries and on_reward_error) and those only evaluation
+        scores (Recipe.eval_only_rewards)."""
+        cluster = recipe.cluster
+        torch.set_num_threads(cluster.threads(cluster.reward_resources))
+        self.rewards = [build_reward(spec.name, **spec.kwargs) for spec in recipe.rewards.models]
+        self.eval_rewards = [build_reward(name) for name in recipe.eval_only_rewards]
+        self.retries = recipe.rewards.retries
+        self.on_error = recipe.rewards.on_reward_error
 
     def describe(self) -> dict[str, Any]:
         """The hosted rewards' names and the worker's pid."""
@@ -161,9 +175,9 @@ class LearnerWorker:
     is one rank of a learner world (actors.learners) and works on its rows of every batch.
     """
 
-    def __init__(self, recipe: dict[str, Any], torch_threads: int = 1) -> None:
-        torch.set_num_threads(torch_threads)
-        self.recipe = Recipe.model_validate(recipe)
+    def __init__(self, *, recipe: Recipe) -> None:
+        torch.set_num_threads(recipe.cluster.threads(recipe.cluster.learner_resources))
+        self.recipe = recipe
         algorithm, optim = self.recipe.algorithm, self.recipe.optim
         self.policy = load_policy(
             self.recipe.model, self.recipe.base_precision, worker_device(self.recipe.cluster.learner_resources.num_gpus)

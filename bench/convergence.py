@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from quant_coverage import forward_inputs, linear_flops
 
-from quant.selection import select_layers
+from quant.coverage import select_layers
 from rl.config import Recipe, load_recipe
 from rollout.tiny.model import MAX_TOKENS, TEXT_DIM, build_transformer
 from solray.driver import train

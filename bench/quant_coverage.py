@@ -2,7 +2,7 @@
 
 Each transformer is built from its public diffusers config on the meta device (shapes only, no
 weights) and run once at the recipe's resolution and text length, counting every nn.Linear's
-rows x in x out. The NVFP4 share is that of the linears `quant.selection.select_layers` quantizes
+rows x in x out. The NVFP4 share is that of the linears `quant.coverage.select_layers` quantizes
 with the family's rule (Sol-RL's skip list and min_dim); for comparison, the rule solray applied
 before it (every transformer-block linear except the adaLN "norm" linears and sides <= 64).
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from diffusers import FluxTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel
 
-from quant.selection import select_layers
+from quant.coverage import select_layers
 from rollout.tiny.model import MAX_TOKENS, TEXT_DIM, build_transformer
 
 OUT = Path("bench/results/quant_coverage.json")

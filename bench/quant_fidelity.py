@@ -26,7 +26,7 @@ Protocol (DESIGN.md sections 1 and 9; issue 4 items 4, 5, 7)
              NVFP4); and the testbed's sensitivity: bf16 with relative Gaussian noise sigma * |v|
              added to every velocity (per-seed noise streams)
 
-coverage   the family's rule (quant.selection, Sol-RL's skip list and min_dim; for the tiny testbed only the
+coverage   the family's rule (quant.coverage, Sol-RL's skip list and min_dim; for the tiny testbed only the
              image stream's feed-forward) unless --skip / --min-dim / --keep say otherwise; activation
              scaling static (calibrated) or --activation-scaling delayed (Sol-RL's TE recipe)
 

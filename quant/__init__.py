@@ -1,6 +1,7 @@
 """Explore precision: NVFP4 and FP8 numerics, their GEMMs, layer selection, calibrated explore copies, re-quantization, fidelity metrics."""
 
 from quant.calibration import CalibrationSet, default_calibration_set
+from quant.coverage import FAMILY_RULES, LayerSelection, QuantRule, select_layers
 from quant.explore import (
     BACKENDS,
     ExploreState,
@@ -16,7 +17,6 @@ from quant.fp8 import fp8_fake_quantize
 from quant.kernels import kernel_support
 from quant.layers import DelayedScaling, FP8Linear, NVFP4KernelLinear, NVFP4Linear, QuantLinear
 from quant.nvfp4 import nvfp4_fake_quantize
-from quant.selection import FAMILY_RULES, LayerSelection, QuantRule, select_layers
 
 __all__ = [
     "BACKENDS",

@@ -5,7 +5,7 @@ explore precision. Frozen parts (text encoders, tokenizer) are shared with the s
 
 Precisions
   fp32, bf16  a dtype cast, nothing quantized (on CPU, bf16 linears accumulate in fp32 as ExploreLinear)
-  nvfp4       bf16 everywhere, with the linears `quant.selection` picks (Sol-RL's rule) in NVFP4 W4A4
+  nvfp4       bf16 everywhere, with the linears `quant.coverage` picks (Sol-RL's rule) in NVFP4 W4A4
   fp8         the same linears in FP8 W8A8 (E4M3, per-tensor scales: quant.fp8)
 
 Backends
@@ -52,9 +52,9 @@ import torch
 from torch import nn
 
 from quant.calibration import CalibrationSet, default_calibration_set
+from quant.coverage import LayerSelection, select_layers
 from quant.kernels import kernel_support
 from quant.layers import DelayedAmax, DelayedScaling, ExploreLinear, FP8Linear, NVFP4KernelLinear, NVFP4Linear, QuantLinear
-from quant.selection import LayerSelection, select_layers
 from rollout.policy import OLD_ADAPTER, PRECISIONS, QUANTIZED_PRECISIONS, Policy, torch_dtype
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def quantize_policy(
 
     adapter: when the transformer carries LoRA adapters, the one merged into the copy's weights
     (by default "old", the adapter DiffusionNFT samples with). The copy has no adapters.
-    skip_modules, min_dim: Sol-RL's coverage rule (quant.selection); None = the family's.
+    skip_modules, min_dim: Sol-RL's coverage rule (quant.coverage); None = the family's.
     keep_patterns: regular expressions of linears to keep in high precision as well, on top of
     skip_modules: trades coverage for ranking fidelity.
     calibration: the activation-amax calibration loop for nvfp4 and fp8; None = the family's default

@@ -19,7 +19,10 @@ thing for DiffusionNFT: r = optimality(0) = 0.5 still trains both implicit polic
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from rewards import RewardError
 
 
 def group_advantages(
@@ -107,3 +110,27 @@ def _column_advantages(
     adv = (values - mean[group_index]) / (std + eps)
     flat = constant[group_index] & finite
     return torch.where(flat, torch.nan if drop_zero_variance else 0.0, adv)
+
+
+def drop_failed_groups(
+    rewards: np.ndarray, group_ids: list[int], on_error: str, prompts: list[str], reward_names: list[str], step: int
+) -> tuple[np.ndarray, int, int]:
+    """rewards.on_reward_error for samples that got no reward (every column of their row NaN).
+
+    Returns (rewards, failed samples, dropped groups): "skip" sets the failed samples' whole groups to NaN
+    (advantages skip them); "fail" raises RewardError naming the step and the first failed prompt.
+    """
+    failed = np.isnan(rewards).all(axis=1)
+    if not failed.any():
+        return rewards, 0, 0
+    if on_error == "fail":
+        first = int(np.argmax(failed))
+        raise RewardError(
+            f"step {step}: {int(failed.sum())} of {len(failed)} images got no reward from {reward_names} "
+            f"(first: prompt {prompts[first]!r}); set rewards.on_reward_error: skip to drop their groups instead"
+        )
+    groups = np.asarray(group_ids)
+    dropped = np.unique(groups[failed])
+    rewards = rewards.copy()
+    rewards[np.isin(groups, dropped)] = np.nan
+    return rewards, int(failed.sum()), len(dropped)

@@ -30,6 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from rl.config import Recipe, RecipeError
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER, Policy
 
 CHECKPOINTS = "checkpoints"
@@ -280,3 +281,27 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_restorable(
+    path: Path, run_state: dict[str, Any], learner_states: list[dict[str, Any]], base_fingerprint: str, recipe: Recipe
+) -> None:
+    """Refuse a checkpoint (read from `path`) that does not fit this run: trained on other base weights, or
+    written by a learner world of another size (ZeRO optimizer shards fit only their own world)."""
+    saved = run_state.get("base_fingerprint")  # None in checkpoints written before it was recorded
+    if saved is not None and saved != base_fingerprint:
+        raise RecipeError(
+            f"{path} was trained on other base weights: model.path {recipe.model.path!r} now loads a transformer with "
+            f"fingerprint {base_fingerprint}, the checkpoint's had {saved}. Its LoRA and optimizer state belong to "
+            "those weights: point model.path at them again, or start a new run.output_dir"
+        )
+    if len(learner_states) != recipe.cluster.learners:
+        raise RecipeError(
+            f"{path} holds the state of {len(learner_states)} learners, this run has {recipe.cluster.learners} (cluster.learners)"
+        )
+
+
+def run_state(steps_done: int, version: int, recipe: Recipe, base_fingerprint: str) -> dict[str, Any]:
+    """The driver's part of a checkpoint after `steps_done` iterations (state.json, beside the trainers'): the
+    rollout weights' version, the recipe without secrets (a resume compares it) and the base weights' fingerprint."""
+    return {"step": steps_done, "version": version, "recipe": recipe.public_dump(), "base_fingerprint": base_fingerprint}

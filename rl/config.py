@@ -105,7 +105,7 @@ class SolConfig(Section):
     )
     skip_modules: list[str] | None = Field(
         None,
-        description="Sol-RL's skip list: linears whose name matches one (regex search; plain names match as substrings) stay in high precision; None = the family's (quant.selection)",
+        description="Sol-RL's skip list: linears whose name matches one (regex search; plain names match as substrings) stay in high precision; None = the family's (quant.coverage)",
     )
     min_dim: int | None = Field(
         None, ge=0, description="Sol-RL's min_dim: linears with max(in, out) <= min_dim stay in high precision; None = the family's"

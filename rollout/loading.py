@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from rollout.policy import QUANTIZED_PRECISIONS, Policy, base_precision
+from rollout.policy import QUANTIZED_PRECISIONS, Policy, unquantized_precision
 
 # Family -> module and Policy class, imported on first use: a family's diffusers pipeline code is
 # large (and transformers warns about torchvision when it loads), and most runs use one family.
@@ -105,7 +105,7 @@ def load_policy(model: str | ModelConfig = "tiny", precision: str = "fp32", devi
             f"load_policy loads fp32 or bf16 weights; for a {precision} explore copy quantize a bf16 policy: "
             f"quant.quantize_policy(load_policy(model, 'bf16'), {precision!r})"
         )
-    precision = base_precision(precision)  # refuses unknown precisions
+    precision = unquantized_precision(precision)  # refuses unknown precisions
     config = ModelConfig(path=model) if isinstance(model, str) else model
     family = _family(config.path) if config.family == "auto" else config.family
     options = {name: getattr(config, name) for name in PIPELINE_OPTIONS if getattr(config, name) != ModelConfig.model_fields[name].default}

@@ -26,7 +26,7 @@ TRAINABLE_ADAPTER = "policy"
 OLD_ADAPTER = "old"
 
 
-def base_precision(precision: str) -> str:
+def unquantized_precision(precision: str) -> str:
     """The precision a policy loads in before any quantization: nvfp4 and fp8 quantize a bf16 copy."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")

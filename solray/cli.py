@@ -69,9 +69,9 @@ def _load_policy(args: argparse.Namespace, precision: str):
     from quant import quantize_policy
     from rl.checkpoint import attach_lora
     from rollout import load_policy
-    from rollout.policy import QUANTIZED_PRECISIONS, TRAINABLE_ADAPTER, base_precision
+    from rollout.policy import QUANTIZED_PRECISIONS, TRAINABLE_ADAPTER, unquantized_precision
 
-    policy = load_policy(args.model, precision=base_precision(precision))
+    policy = load_policy(args.model, precision=unquantized_precision(precision))
     if args.lora:
         attach_lora(policy, args.lora)
     if precision in QUANTIZED_PRECISIONS:

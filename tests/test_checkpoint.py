@@ -105,13 +105,13 @@ def test_learner_restored_from_a_checkpoint_continues_bit_identically(tmp_path):
     # Three rewards with QP balancing: the balancer's weights are part of the state; a full
     # solve at step 0 and 2, the amortised update (which uses the saved weights) at step 1.
     recipe = load_recipe(REPO / "recipes/tiny_marble.yaml", ["sampler.steps=3", "balance.solve_every=2", "algorithm.micro_batch=8"])
-    rewarder = RewardWorker([spec.model_dump() for spec in recipe.rewards.models])
+    rewarder = RewardWorker(recipe=recipe)
     prompts = [p for p in prompt_set("train")[:2] for _ in range(4)]
-    original = LearnerWorker(recipe.model_dump())
+    original = LearnerWorker(recipe=recipe)
     _learner_step(original, rewarder, prompts, list(range(8)))
     path = save_checkpoint(tmp_path, [original.checkpoint_state()], {"step": 1, "version": 1}, keep=2)
 
-    restored = LearnerWorker(recipe.model_dump())
+    restored = LearnerWorker(recipe=recipe)
     (learner_state,), run_state = load_checkpoint(path)
     restored.restore_state(learner_state)
     assert run_state == {"step": 1, "version": 1} and restored.trainer.step == 1

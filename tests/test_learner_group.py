@@ -11,11 +11,12 @@ import pytest
 import ray
 import torch
 
-from actors.learners import LearnerGroup, learner_rows
+from actors.groups import LearnerGroup
+from actors.learners import learner_rows
 from actors.workers import LearnerWorker, RolloutWorker, StaleWeightsError, worker_device
 from quant import lora_merged_weights
 from rl.checkpoint import load_checkpoint, save_checkpoint
-from rl.config import Resources, load_recipe
+from rl.config import load_recipe
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER
 from rollout.samplers import seed_for
 from rollout.tiny import prompt_set
@@ -66,9 +67,11 @@ def world_and_alone(local_ray):
     Fresh because steps compound float rounding: Adam divides the near-zero first gradients of
     lora_A by their own size, so a QP step after a plain one differed by 2.5e-5 (2.5% of lr).
     """
-    recipe = load_recipe("recipes/tiny_solrl.yaml", TINY + WORLD).model_dump()
-    world = LearnerGroup(LearnerWorker, 2, True, Resources(num_cpus=1), recipe, 1)
-    yield world, LearnerGroup(LearnerWorker, 1, False, Resources(), recipe, 1)
+    threads = ["cluster.learner_resources.torch_threads=1"]
+    world = LearnerGroup(
+        load_recipe("recipes/tiny_solrl.yaml", TINY + WORLD + threads + ["cluster.learners=2", "cluster.learner_resources.num_cpus=1"])
+    )
+    yield world, LearnerGroup(load_recipe("recipes/tiny_solrl.yaml", TINY + WORLD + threads + ["cluster.remote_learners=false"]))
     world.shutdown()
 
 
@@ -77,7 +80,7 @@ def step(group: LearnerGroup, advantages: np.ndarray) -> tuple[np.ndarray, dict,
     images = np.concatenate(ray.get(group.regenerate(PROMPTS, SEEDS, 0)))
     metrics = ray.get(group.train(advantages))
     assert all(m == metrics[0] for m in metrics)  # sums over the world: every learner reports the same
-    adapters = [state["adapters"][TRAINABLE_ADAPTER] for state in ray.get(group.call_all("checkpoint_state"))]
+    adapters = [state["adapters"][TRAINABLE_ADAPTER] for state in ray.get(group.checkpoint_states())]
     return images, metrics[0], adapters
 
 
@@ -86,7 +89,7 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 
 
 def assert_world_takes_the_single_step(world: LearnerGroup, alone: LearnerGroup, advantages: np.ndarray) -> None:
-    before = ray.get(alone.call(0, "checkpoint_state"))["adapters"][TRAINABLE_ADAPTER]
+    before = ray.get(alone.checkpoint_states()[0])["adapters"][TRAINABLE_ADAPTER]
     world_images, world_metrics, (rank0, rank1) = step(world, advantages)
     alone_images, alone_metrics, (single,) = step(alone, advantages)
     assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
@@ -119,7 +122,7 @@ def test_two_learners_balance_two_rewards_like_one(world_and_alone):
 @pytest.mark.slow
 def test_learners_step_with_the_recipes_adamw_betas(world_and_alone):
     for group in world_and_alone:
-        for state in ray.get(group.call_all("checkpoint_state")):
+        for state in ray.get(group.checkpoint_states()):
             assert tuple(state["trainer"]["optimizer"]["param_groups"][0]["betas"]) == BETAS
 
 
@@ -128,11 +131,11 @@ def test_restored_learners_repeat_their_step_exactly(world_and_alone, tmp_path):
     # Through rl.checkpoint's files: each rank's ZeRO 2 optimizer shard round-trips through safetensors + JSON.
     # Under ZeRO 2 the engine steps an fp32 master copy of the adapter: a restore must refresh it.
     for name, group in zip(("world", "alone"), world_and_alone):
-        saved = save_checkpoint(tmp_path / name, ray.get(group.call_all("checkpoint_state")), {"step": 0}, keep=1)
+        saved = save_checkpoint(tmp_path / name, ray.get(group.checkpoint_states()), {"step": 0}, keep=1)
         first = step(group, ADVANTAGES)[2]
         states, _ = load_checkpoint(saved)
         assert len(states) == len(group)
-        ray.get([group.call(rank, "restore_state", state) for rank, state in enumerate(states)])
+        ray.get(group.restore(states))
         again = step(group, ADVANTAGES)[2]
         assert all(max_difference(a, b) == 0 for a, b in zip(first, again, strict=True))
 
@@ -140,7 +143,7 @@ def test_restored_learners_repeat_their_step_exactly(world_and_alone, tmp_path):
 @pytest.mark.parametrize("cps", [False, True])
 def test_grpo_learner_samples_a_trajectory_and_trains_on_it(cps):
     overrides = ["algorithm.name=grpo", "algorithm.grpo.timestep_fraction=0.5", f"algorithm.grpo.cps={cps}", "algorithm.grpo.adv_clip=2.5"]
-    learner = LearnerWorker(load_recipe("recipes/tiny_solrl.yaml", TINY + overrides).model_dump())
+    learner = LearnerWorker(recipe=load_recipe("recipes/tiny_solrl.yaml", TINY + overrides))
     assert learner.trainer.settings.adv_clip == 2.5  # GRPO's own clip, not algorithm.nft.adv_clip
     before = {name: p.detach().clone() for name, p in learner.trainer.params.items()}
     images = learner.regenerate(PROMPTS, SEEDS, 0)
@@ -156,9 +159,16 @@ def test_grpo_learner_samples_a_trajectory_and_trains_on_it(cps):
 
 def test_bf16_learner_trains_fp32_lora_and_a_rollout_worker_merges_its_update_to_the_same_weights():
     recipe = load_recipe(
-        "recipes/tiny_solrl.yaml", TINY + ["algorithm.train_precision=bf16", "algorithm.gradient_checkpointing=true"]
-    ).model_dump()
-    learner = LearnerWorker(recipe)
+        "recipes/tiny_solrl.yaml",
+        TINY
+        + [
+            "algorithm.train_precision=bf16",
+            "algorithm.gradient_checkpointing=true",
+            "sol.explore_precision=bf16",
+            "sol.quant_backend=emulate",
+        ],
+    )
+    learner = LearnerWorker(recipe=recipe)
     assert learner.policy.transformer.gradient_checkpointing
     assert learner.policy.transformer.pos_embed.proj.weight.dtype == torch.bfloat16
     assert {p.dtype for p in learner.trainer.params.values()} == {torch.float32}
@@ -168,7 +178,7 @@ def test_bf16_learner_trains_fp32_lora_and_a_rollout_worker_merges_its_update_to
     assert np.isfinite(metrics["loss/nft"])
     assert max((p - before[name]).abs().max().item() for name, p in learner.trainer.params.items()) > 1e-4
 
-    rollout = RolloutWorker(recipe["model"], {"explore_precision": "bf16", "quant_backend": "emulate"}, base_precision="bf16")
+    rollout = RolloutWorker(recipe=recipe)
     rollout.set_weights(learner.explore_weights(), version=1)
 
     merged = lora_merged_weights(learner.policy.transformer, OLD_ADAPTER)

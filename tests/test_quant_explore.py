@@ -23,8 +23,8 @@ from quant import (
     quantize_policy,
     requantize,
 )
+from quant.coverage import select_layers
 from quant.layers import DelayedAmax, ExploreLinear
-from quant.selection import select_layers
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER, Conditioning, Policy
 from rollout.samplers import sample
 from rollout.schedules import flow_match_sigmas
@@ -478,7 +478,7 @@ def test_tiny_policy_nvfp4_explore_copy(tiny_nvfp4):
     from rollout import load_policy
 
     bf16 = load_policy("tiny", precision="bf16")
-    assert len(tiny_nvfp4.explore_state.selection.quantized) == 8  # the image stream's feed-forward (quant.selection)
+    assert len(tiny_nvfp4.explore_state.selection.quantized) == 8  # the image stream's feed-forward (quant.coverage)
     x = torch.randn(2, *bf16.latent_shape, generator=torch.Generator().manual_seed(6))
     t = torch.tensor([0.3, 0.8])
     cond = bf16.encode_prompts(["a red circle", "two blue squares"])
@@ -513,6 +513,7 @@ def test_tiny_calibration_is_deterministic(tiny_nvfp4):
 
 def test_extra_keep_patterns_leave_those_block_linears_in_high_precision(tiny_nvfp4):
     from actors.workers import RolloutWorker
+    from rl.config import Recipe
     from rollout import load_policy
 
     keep = r"^transformer_blocks\.2\."
@@ -525,5 +526,5 @@ def test_extra_keep_patterns_leave_those_block_linears_in_high_precision(tiny_nv
     assert all(selection.kept[name] == f"keep:{keep}" for name in in_block_2)
     assert not any(isinstance(module, NVFP4Linear) for module in explore.transformer.transformer_blocks[2].modules())
     # what a recipe's sol.keep_high_precision reaches: the rollout worker's copy
-    worker = RolloutWorker({"path": "tiny"}, {"explore_precision": "nvfp4", "quant_backend": "emulate", "keep_high_precision": [keep]})
+    worker = RolloutWorker(recipe=Recipe(sol={"explore_precision": "nvfp4", "quant_backend": "emulate", "keep_high_precision": [keep]}))
     assert worker.describe()["quantized_layers"] == selection.quantized

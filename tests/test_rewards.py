@@ -151,13 +151,14 @@ def plugin_rewards(tmp_path, monkeypatch):
 
 def test_a_huge_score_is_refused_naming_the_reward_and_nan_stays_not_applicable(plugin_rewards):
     from actors.workers import RewardWorker
+    from rl.config import Recipe
 
     huge, partial, constant = ({"name": f"{plugin_rewards}:{cls}"} for cls in ("Huge", "Partial", "Constant"))
     images, prompts = _images(4), ["a red circle"] * 4
     with pytest.raises(RewardError, match=r"reward 'huge' returned 1e\+308 at index 0: scores must lie within \+-1e\+09"):
-        RewardWorker([huge, partial], retries=1, on_error="fail").score(images, prompts)
+        RewardWorker(recipe=Recipe(rewards={"models": [huge, partial], "retries": 1})).score(images, prompts)
     # NaN from one of two rewards is "not applicable", not an error.
-    accepted = RewardWorker([partial, constant], on_error="fail").score(images, prompts)
+    accepted = RewardWorker(recipe=Recipe(rewards={"models": [partial, constant]})).score(images, prompts)
     assert np.isnan(accepted[1, 0]) and accepted[[0, 2, 3], 0].tolist() == [0.2, 0.6, 0.8] and accepted[:, 1].tolist() == [1.0] * 4
 
 
@@ -166,9 +167,12 @@ def test_a_refused_huge_score_under_skip_leaves_finite_advantages(plugin_rewards
 
     from actors.workers import RewardWorker
     from rl.advantages import group_advantages, weighted_reward
+    from rl.config import Recipe
 
     specs = [{"name": f"{plugin_rewards}:Huge"}, {"name": f"{plugin_rewards}:Partial"}]
-    table = RewardWorker(specs, retries=1, on_error="skip").score(_images(4), ["a red circle"] * 4)
+    table = RewardWorker(recipe=Recipe(rewards={"models": specs, "retries": 1, "on_reward_error": "skip"})).score(
+        _images(4), ["a red circle"] * 4
+    )
     assert np.isnan(table[:, 0]).all()  # the failed call's column, as rewards.on_reward_error "skip" gives it
     # What the driver computes: float32 table, weighted sum (only "partial" applies: x sum w / w_partial = 2), group advantages.
     summed = weighted_reward(torch.tensor(table, dtype=torch.float32), torch.tensor([1.0, 1.0]))

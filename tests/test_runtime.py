@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 import ray
 
-from actors.workers import RewardWorker
+from actors.workers import ExploreRequest, RewardWorker
 from rewards import Reward, RewardError
-from rl.config import load_recipe
+from rl.config import Recipe, load_recipe
 from rollout import load_policy
 from rollout.samplers import sample, seed_for
 from solray.driver import Driver, _driver_sized, train, unscored_shares
+from solray.exploration import apply_reward_failures
 
 STEPS = 2
 # fp32 exploration with the regeneration sampler's settings, so a synced rollout copy must
@@ -42,22 +43,23 @@ def local_ray():
 
 def run_steps(driver: Driver, kill_at: int | None = None) -> list[dict]:
     history = []
+    exploration = driver.exploration
+    explore, score = exploration.explore, exploration.score
     for step in range(STEPS):
         if step == kill_at:
-            explore, score = driver.explore, driver.score
 
-            def explore_then_kill(prompts, step, explore=explore):
+            def explore_then_kill(prompts, step):
                 refs = explore(prompts, step)
-                ray.kill(driver.rollout.actors[0], no_restart=False)  # mid-shard: its calls are in flight
+                ray.kill(exploration.rollout.actors[0], no_restart=False)  # mid-shard: its calls are in flight
                 return refs
 
-            def score_then_kill(image_refs, prompts, score=score):
-                ray.kill(driver.reward.actors[0], no_restart=False)
+            def score_then_kill(image_refs, prompts):
+                ray.kill(driver.rewards.actors[0], no_restart=False)
                 return score(image_refs, prompts)
 
-            driver.explore, driver.score = explore_then_kill, score_then_kill
+            exploration.explore, exploration.score = explore_then_kill, score_then_kill
         history.append(driver.step(step))
-        driver.explore, driver.score = type(driver).explore.__get__(driver), type(driver).score.__get__(driver)
+        exploration.explore, exploration.score = explore, score
     return history
 
 
@@ -106,10 +108,13 @@ def test_synced_rollout_copy_samples_what_the_learner_samples(remote_driver):
     recipe = driver.recipe
     prompts = ["a red circle", "two squares", "a cross left of a triangle", "a blue triangle"]
     seeds = [seed_for(7, 0, p, 0) for p in range(len(prompts))]
-    explore = ray.get(
-        driver.rollout.call(1, "explore", prompts, seeds, recipe.sol.explore_steps, "euler", None, driver.version, driver.catch_up_weights)
-    )
-    learner = ray.get(driver.learner.call(0, "regenerate", prompts, seeds, 0))
+    exploration = driver.exploration
+
+    def request(version: int) -> ExploreRequest:
+        return ExploreRequest(prompts, seeds, recipe.sol.explore_steps, "euler", None, version, exploration.weights_ref)
+
+    explore = ray.get(exploration.rollout.explore(1, request(exploration.version)))
+    learner = ray.get(driver.learners.regenerate(prompts, seeds, 0)[0])
     # merged weights (rollout) vs base + LoRA adapter (learner): equal up to float rounding of a pixel
     diff = np.abs(explore.astype(int) - learner.astype(int))
     assert diff.max() <= 1 and diff.mean() < 0.01
@@ -117,24 +122,25 @@ def test_synced_rollout_copy_samples_what_the_learner_samples(remote_driver):
     base = sample(load_policy("tiny"), prompts, seeds, recipe.sol.explore_steps, solver="euler").images
     assert np.abs(base.astype(int) - learner.astype(int)).max() > 16
     with pytest.raises(ray.exceptions.RayTaskError, match="holds weights v2, asked to explore with v1"):
-        ray.get(
-            driver.rollout.call(
-                0, "explore", prompts, seeds, recipe.sol.explore_steps, "euler", None, driver.version - 1, driver.catch_up_weights
-            )
-        )
+        ray.get(exploration.rollout.explore(0, request(exploration.version - 1)))
 
 
 @pytest.mark.slow
 def test_killed_rollout_and_reward_actors_are_restarted_and_their_shards_reissued(remote_driver, tmp_path):
     _, reference = remote_driver
     driver = Driver(load_recipe("recipes/tiny_solrl.yaml", [*RUNTIME, *REMOTE, f"run.output_dir={tmp_path}"]))
-    actors = [*driver.rollout.actors, *driver.reward.actors]
+    actors = [*driver.exploration.rollout.actors, *driver.rewards.actors]
     pids = [ray.get(actor.describe.remote())["pid"] for actor in actors]
     history = run_steps(driver, kill_at=1)  # after the first sync: the restarted worker must catch up to v1
     killed = [ray.get(actor.describe.remote())["pid"] != pid for actor, pid in zip(actors, pids)]
     assert killed == [True, False, True]  # rollout 0 and the reward worker were restarted
     driver.shutdown()
     assert_same_run(history, reference, loss_rel=0)
+
+
+def reward_worker(specs: list[dict], **rewards) -> RewardWorker:
+    """A RewardWorker of these reward specs and rewards.* settings."""
+    return RewardWorker(recipe=Recipe(rewards={"models": specs, **rewards}))
 
 
 class FailingReward(Reward):
@@ -147,8 +153,8 @@ class FailingReward(Reward):
 def test_reward_errors_fail_with_the_reward_name_or_become_nan_columns():
     images, prompts = np.zeros((2, 32, 32, 3), np.uint8), ["a circle", "a square"]
     with pytest.raises(RewardError, match="'failing_for_tests' raised RuntimeError: reward server unreachable"):
-        RewardWorker([{"name": "test_runtime:FailingReward"}], retries=1, on_error="fail").score(images, prompts)
-    scores = RewardWorker([{"name": "tiny_verifier"}, {"name": "test_runtime:FailingReward"}], retries=0, on_error="skip").score(
+        reward_worker([{"name": "test_runtime:FailingReward"}], retries=1, on_reward_error="fail").score(images, prompts)
+    scores = reward_worker([{"name": "tiny_verifier"}, {"name": "test_runtime:FailingReward"}], retries=0, on_reward_error="skip").score(
         images, prompts
     )
     assert scores.shape == (2, 2) and np.isfinite(scores[:, 0]).all() and np.isnan(scores[:, 1]).all()
@@ -161,14 +167,12 @@ def test_unscored_shares_count_each_rewards_nans():
 
 def test_on_reward_error_skip_drops_whole_groups_and_fail_names_the_prompt(caplog):
     recipe = load_recipe("recipes/tiny_solrl.yaml", RUNTIME + IN_PROCESS)
-    driver = Driver.__new__(Driver)  # check_rewards only reads the recipe
-    driver.recipe = recipe
     rewards = np.array([[0.5], [np.nan], [0.2], [0.9], [0.1], [0.3]])
     prompts = ["a circle"] * 3 + ["a square"] * 3
     with pytest.raises(RewardError, match=r"step 3: 1 of 6 images got no reward from \['tiny_alignment'\] \(first: prompt 'a circle'\)"):
-        driver.check_rewards(rewards, prompts, [0, 0, 0, 1, 1, 1], step=3)
-    driver.recipe = recipe.model_copy(update={"rewards": recipe.rewards.model_copy(update={"on_reward_error": "skip"})})
-    kept, dropped = driver.check_rewards(rewards, prompts, [0, 0, 0, 1, 1, 1], step=3)
+        apply_reward_failures(recipe, rewards, prompts, [0, 0, 0, 1, 1, 1], step=3)
+    recipe = recipe.model_copy(update={"rewards": recipe.rewards.model_copy(update={"on_reward_error": "skip"})})
+    kept, dropped = apply_reward_failures(recipe, rewards, prompts, [0, 0, 0, 1, 1, 1], step=3)
     assert dropped == 1
     assert "step 3: 1 images got no reward from ['tiny_alignment']; skipped their 1 prompt groups" in caplog.text
     assert np.isnan(kept[:3]).all() and kept[3:, 0].tolist() == [0.9, 0.1, 0.3]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel
 
-from quant.selection import select_layers
+from quant.coverage import select_layers
 
 ATTN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
 ADDED_ATTN = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")

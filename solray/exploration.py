@@ -1,0 +1,165 @@
+"""How an iteration picks the K seeds per prompt that the learners regenerate and train on.
+
+OnPolicy (sol.enabled false): the first K seeds; the learners' samples are the policy's own.
+SolExploration (Sol-RL): rollout workers explore N candidates per prompt at explore precision, the
+reward group scores them as they land, the weighted proxy reward picks the contrastive K
+(rl.selection), and after each update the workers receive the new LoRA factors and re-quantize.
+
+Both have the same methods, so the driver's step has no Sol-RL branch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from actors.groups import LearnerGroup, RolloutGroup
+from actors.workers import ExploreRequest
+from rl.advantages import drop_failed_groups, weighted_reward
+from rl.config import Recipe
+from rl.fidelity import spearman
+from rl.selection import select_contrastive
+from rollout.samplers import seed_for
+
+logger = logging.getLogger(__name__)
+# (image refs, each ref's prompts) -> rewards [B, R] of the concatenated shards
+Scorer = Callable[[list[ray.ObjectRef], list[list[str]]], np.ndarray]
+
+
+class OnPolicy:
+    """No exploration: every prompt trains on its first K seeds (the baseline)."""
+
+    version = 0  # of the weights explore copies hold: there are none
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.group_size = recipe.algorithm.group_size
+
+    def choose(self, prompts: list[str], step: int) -> tuple[list[list[int]], dict[str, float]]:
+        """Per prompt, the candidate indices to regenerate; and metrics."""
+        return [list(range(self.group_size)) for _ in prompts], {}
+
+    def after_update(self, chosen: list[list[int]], rewards: np.ndarray) -> dict[str, float]:
+        """Work after the optimizer step, given the regenerated batch's rewards [P * K, R]; its metrics."""
+        return {}
+
+    def restore(self, version: int) -> None:
+        """Bring exploration to the weights of `version` (a resume)."""
+
+    def shutdown(self) -> None:
+        """Stop what exploration started."""
+
+
+class SolExploration:
+    """Sol-RL's explore / score / select before regeneration, and the weight sync after the update."""
+
+    def __init__(self, recipe: Recipe, learners: LearnerGroup, score: Scorer, fetch: Callable[[ray.ObjectRef], Any], timers) -> None:
+        self.recipe, self.learners, self.score, self.fetch, self.timers = recipe, learners, score, fetch, timers
+        self.rollout = RolloutGroup(recipe)
+        self.reward_weights = torch.tensor([spec.weight for spec in recipe.rewards.models], dtype=torch.float32)
+        self.weights_ref: ray.ObjectRef | None = None  # the current LoRA factors, for workers that must catch up
+        self.version = 0
+        self.pool_scores: np.ndarray | None = None  # [P, N, R] of the step being trained
+
+    def choose(self, prompts: list[str], step: int) -> tuple[list[list[int]], dict[str, float]]:
+        metrics = {}
+        with self.timers("explore"):
+            pool_refs = self.explore(prompts, step)
+        with self.timers("score"):
+            self.pool_scores, metrics["explore/failed_prompts"] = self.score_pool(pool_refs, prompts, step)
+        with self.timers("select"):
+            chosen = self.select(self.pool_scores, step)
+        metrics["explore/reward_mean"] = float(np.nanmean(self.pool_scores[..., 0]))
+        return chosen, metrics
+
+    def explore(self, prompts: list[str], step: int) -> list[list[ray.ObjectRef]]:
+        """Per prompt, shards of N candidate images from the rollout workers (refs)."""
+        sol, shards = self.recipe.sol, self.recipe.cluster.shards_per_prompt
+        pool = np.array_split(np.arange(sol.pool_size), shards)
+        seed, sampler = self.recipe.run.seed, self.recipe.sampler
+        return [
+            [
+                self.rollout.explore(
+                    p * shards + s,
+                    ExploreRequest(
+                        [prompt] * len(js),
+                        [seed_for(seed, step, p, int(j)) for j in js],
+                        sol.explore_steps,
+                        sampler.solver,
+                        sampler.shift,
+                        self.version,
+                        self.weights_ref,
+                    ),
+                )
+                for s, js in enumerate(pool)
+            ]
+            for p, prompt in enumerate(prompts)
+        ]
+
+    def score_pool(self, pool_refs: list[list[ray.ObjectRef]], prompts: list[str], step: int) -> tuple[np.ndarray, int]:
+        """Proxy rewards [P, N, R] of the explored pools, and how many prompts' pools failed to score."""
+        sizes = [len(js) for js in np.array_split(np.arange(self.recipe.sol.pool_size), self.recipe.cluster.shards_per_prompt)]
+        scores = self.score([ref for shards in pool_refs for ref in shards], [[prompt] * n for prompt in prompts for n in sizes])
+        pool_size = self.recipe.sol.pool_size
+        pool_prompts, pool_groups = [prompt for prompt in prompts for _ in range(pool_size)], np.repeat(np.arange(len(prompts)), pool_size)
+        scores, failed = apply_reward_failures(self.recipe, scores, pool_prompts, pool_groups.tolist(), step)
+        return scores.reshape(len(prompts), pool_size, -1), failed
+
+    def select(self, pool_scores: np.ndarray, step: int) -> list[list[int]]:
+        """Per prompt, the K candidate indices to regenerate (from the weighted proxy reward; a candidate
+        no reward applies to stays NaN and is picked last)."""
+        k, mode = self.recipe.algorithm.group_size, self.recipe.sol.selection
+        generator = torch.Generator().manual_seed(seed_for(self.recipe.run.seed, step, len(pool_scores), 0))
+        proxy = weighted_reward(torch.from_numpy(pool_scores.reshape(-1, pool_scores.shape[2])), self.reward_weights)
+        return [select_contrastive(row, k, mode, generator).tolist() for row in proxy.reshape(pool_scores.shape[:2])]
+
+    def after_update(self, chosen: list[list[int]], rewards: np.ndarray) -> dict[str, float]:
+        """Sync the new weights to the rollout workers; how the explore precision ranked the chosen seeds."""
+        with self.timers("sync"):
+            metrics = {"time/requantize": self.sync_weights(self.version + 1)}
+        P, K = len(chosen), self.recipe.algorithm.group_size
+        explored = np.stack([self.pool_scores[p, chosen[p], 0] for p in range(P)])
+        return metrics | ranking_fidelity(explored, rewards[:, 0].reshape(P, K))
+
+    def sync_weights(self, version: int) -> float:
+        """Learner rank 0 publishes the sampling adapter's LoRA factors once as `version`; every rollout worker
+        merges them into its base weights and re-quantizes. Returns the slowest worker's seconds for both."""
+        self.weights_ref = self.learners.explore_weights()
+        self.version = version
+        return max(self.fetch(ref) for ref in self.rollout.set_weights(self.weights_ref, version))
+
+    def restore(self, version: int) -> None:
+        if version > 0:
+            self.sync_weights(version)
+
+    def shutdown(self) -> None:
+        self.rollout.shutdown()
+
+
+def apply_reward_failures(
+    recipe: Recipe, rewards: np.ndarray, prompts: list[str], group_ids: list[int], step: int
+) -> tuple[np.ndarray, int]:
+    """rl.advantages.drop_failed_groups under the recipe's rewards.on_reward_error, logged; (rewards, dropped groups)."""
+    names = [spec.name for spec in recipe.rewards.models]
+    rewards, failed, dropped = drop_failed_groups(rewards, group_ids, recipe.rewards.on_reward_error, prompts, names, step)
+    if dropped:
+        logger.warning(
+            "step %d: %d images got no reward from %s; skipped their %d prompt groups (rewards.on_reward_error: skip)",
+            step,
+            failed,
+            names,
+            dropped,
+        )
+    return rewards, dropped
+
+
+def ranking_fidelity(explored: np.ndarray, regenerated: np.ndarray) -> dict[str, float]:
+    """Mean Spearman over prompts between explore-precision and training-precision rewards [P, K] of
+    the same seeds; prompts with a NaN or a constant reward row carry no ranking and are left out."""
+    rho = spearman(torch.from_numpy(np.nan_to_num(explored)), torch.from_numpy(np.nan_to_num(regenerated)))
+    valid = np.isfinite(explored).all(1) & np.isfinite(regenerated).all(1) & rho.isfinite().numpy()
+    return {"explore/spearman_vs_regen": float(rho[torch.from_numpy(valid)].mean())} if valid.any() else {}
