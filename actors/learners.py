@@ -26,7 +26,8 @@ import ray
 import torch
 
 from rl.balance import RewardBalancer
-from rl.trainer import Trainer, TrainerSettings
+from rl.config import EvalConfig, OptimConfig
+from rl.trainer import Trainer
 from rollout.policy import Policy
 
 
@@ -69,18 +70,21 @@ class DeepSpeedTrainer(Trainer):
     def __init__(
         self,
         policy: Policy,
-        settings: TrainerSettings,
-        sampler_timesteps: torch.Tensor | None,
+        *,
+        optim: OptimConfig,
+        evaluation: EvalConfig,
         balancer: RewardBalancer | None,
         seed: int,
+        micro_batch: int,
         zero_stage: int,
     ) -> None:
-        super().__init__(policy, settings, sampler_timesteps, balancer, seed)
+        """Trainer's arguments, and the recipe's algorithm.micro_batch and cluster.zero_stage for the engine."""
+        super().__init__(policy, optim=optim, evaluation=evaluation, balancer=balancer, seed=seed)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         config = {
-            "train_micro_batch_size_per_gpu": settings.microbatch_size,
+            "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": 1,
-            "gradient_clipping": settings.grad_clip,
+            "gradient_clipping": optim.grad_clip,
             "gradient_allreduce_op": "sum",  # local gradients already weigh each sample by 1 / (whole-batch count)
             "zero_optimization": {"stage": zero_stage},
             "zero_allow_untested_optimizer": True,  # the client optimizer is torch's AdamW

@@ -21,16 +21,15 @@ import torch
 from actors.learners import DeepSpeedTrainer, free_address, join_world, learner_rows
 from quant import DelayedScaling, linear_weights, lora_update, merge_lora_update, quantize_policy, requantize
 from rewards import RewardError, build_reward
+from rl.algorithm import Batch
+from rl.algorithms import ALGORITHMS
 from rl.balance import RewardBalancer
 from rl.checkpoint import adapter_state_dict, load_adapter_state_dict, lora_config, weights_fingerprint
 from rl.config import Recipe
-from rl.trainer import GRPOBatch, NFTBatch, Trainer, TrainerSettings
+from rl.trainer import Trainer
 from rollout import load_policy
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER
-from rollout.samplers import sample, seed_for
-from rollout.sde import Trajectory, sde_window
-
-SDE_WINDOW_STREAM = -1  # seed_for's prompt index of the SDE-window draw: no prompt has it
+from rollout.samplers import sample
 
 
 class StaleWeightsError(RuntimeError):
@@ -178,7 +177,7 @@ class LearnerWorker:
     def __init__(self, *, recipe: Recipe) -> None:
         torch.set_num_threads(recipe.cluster.threads(recipe.cluster.learner_resources))
         self.recipe = recipe
-        algorithm, optim = self.recipe.algorithm, self.recipe.optim
+        algorithm = self.recipe.algorithm
         self.policy = load_policy(
             self.recipe.model, self.recipe.base_precision, worker_device(self.recipe.cluster.learner_resources.num_gpus)
         )
@@ -189,34 +188,23 @@ class LearnerWorker:
         balance = self.recipe.balance
         # The weighted sum reaches the learner as one advantage column (the driver combines the rewards).
         balancer = (
-            RewardBalancer(len(self.recipe.rewards.models), balance.solve_every, balance.ema, balance.floor, balance.amortized)
+            RewardBalancer(
+                len(self.recipe.rewards.models),
+                solve_every=balance.solve_every,
+                ema=balance.ema,
+                floor=balance.floor,
+                amortized=balance.amortized,
+            )
             if balance.mode == "qp"
             else None
         )
-        settings = TrainerSettings(
-            lr=optim.lr,
-            betas=optim.betas,
-            weight_decay=optim.weight_decay,
-            grad_clip=optim.grad_clip,
-            microbatch_size=algorithm.micro_batch,
-            timestep_fraction=(algorithm.grpo if algorithm.name == "grpo" else algorithm.nft).timestep_fraction,
-            adv_clip=(algorithm.grpo if algorithm.name == "grpo" else algorithm.nft).adv_clip,
-            nft_beta=algorithm.nft.beta,
-            loss_scale=algorithm.nft.loss_scale,
-            kl_weight=algorithm.nft.kl_weight,
-            old_decay_rate=algorithm.nft.old_eta_rate,
-            old_decay_cap=algorithm.nft.old_eta_max,
-            clip_range=algorithm.grpo.clip_range,
-            grpo_kl_weight=algorithm.grpo.beta_kl,
-            ema_decay=self.recipe.eval.ema_decay,
-            ema_every=self.recipe.eval.ema_every,
-            nonfinite=optim.nonfinite,
+        self.algorithm = ALGORITHMS[algorithm.name].from_recipe(self.recipe, self.policy)
+        self.trainer = Trainer(
+            self.policy, optim=self.recipe.optim, evaluation=self.recipe.eval, balancer=balancer, seed=self.recipe.run.seed
         )
-        self.sampler_timesteps = self.policy.sigmas(self.recipe.sampler.steps, self.recipe.sampler.shift)
-        self.trainer = Trainer(self.policy, settings, self.sampler_timesteps, balancer, seed=self.recipe.run.seed)
         self.rank, self.world_size = 0, 1
-        # (x0 or trajectory, prompts, rows, whole-batch size) of this learner's rows of the last regenerate()
-        self.regen: tuple[torch.Tensor | Trajectory, list[str], slice, int] | None = None
+        # (what the algorithm kept, prompts, rows, whole-batch size) of this learner's rows of the last regenerate()
+        self.regen: tuple[Any, list[str], slice, int] | None = None
 
     def base_fingerprint(self) -> str:
         """rl.checkpoint.weights_fingerprint of the base transformer as loaded: a resume refuses other base weights."""
@@ -230,41 +218,36 @@ class LearnerWorker:
         """Join the learner world as `rank`; the optimizer step moves onto a DeepSpeed engine (ZeRO stage cluster.zero_stage)."""
         join_world(rank, world_size, master_addr, master_port)
         self.rank, self.world_size = rank, world_size
-        alone = self.trainer
         self.trainer = DeepSpeedTrainer(
-            self.policy, alone.settings, alone.sampler_timesteps, alone.balancer, self.recipe.run.seed, self.recipe.cluster.zero_stage
+            self.policy,
+            optim=self.recipe.optim,
+            evaluation=self.recipe.eval,
+            balancer=self.trainer.balancer,
+            seed=self.recipe.run.seed,
+            micro_batch=self.recipe.algorithm.micro_batch,
+            zero_stage=self.recipe.cluster.zero_stage,
         )
 
     def regenerate(self, prompts: list[str], seeds: list[int], step: int) -> np.ndarray:
         """Sample this learner's rows of iteration `step`'s batch with the "old" (sampling) adapter at full steps;
         uint8 images [B_r, H, W, 3].
 
-        NFT keeps x0 from the recipe's ODE solver; GRPO keeps the trajectory of the SDE (or CPS) sampler,
-        stochastic inside the SDE window drawn for (run seed, step) when the recipe has one.
+        What is sampled and kept is the algorithm's (rl.algorithm): NFT keeps x0 from the recipe's ODE solver;
+        GRPO keeps the trajectory of the SDE (or CPS) sampler, stochastic inside its SDE window.
         """
-        algorithm, sampler = self.recipe.algorithm, self.recipe.sampler
-        grpo = algorithm.name == "grpo"
-        window = None
-        if grpo and algorithm.grpo.sde_window_size:
-            window = sde_window(
-                seed_for(self.recipe.run.seed, step, SDE_WINDOW_STREAM, 0),
-                algorithm.grpo.sde_window_size,
-                algorithm.grpo.sde_window_range or (0, sampler.steps),
-            )
+        sampler = self.recipe.sampler
         rows = learner_rows(len(prompts), self.rank, self.world_size)
         out = sample(
             self.policy,
             prompts[rows],
             seeds[rows],
             sampler.steps,
-            solver=("cps" if algorithm.grpo.cps else "sde") if grpo else sampler.solver,
             shift=sampler.shift,
-            noise_level=algorithm.grpo.noise_level,
-            sde_window=window,
             adapter=OLD_ADAPTER,
             batch_size=32,
+            **self.algorithm.sampling(sampler, self.recipe.run.seed, step),
         )
-        self.regen = (out.trajectory if grpo else out.x0, list(prompts[rows]), rows, len(prompts))
+        self.regen = (self.algorithm.kept(out), list(prompts[rows]), rows, len(prompts))
         return out.images
 
     def train(self, advantages: np.ndarray) -> dict[str, float]:
@@ -275,10 +258,7 @@ class LearnerWorker:
         if len(advantages) != batch_size:
             raise ValueError(f"advantages for {len(advantages)} samples, but the regenerated batch has {batch_size}")
         adv = torch.tensor(advantages[rows], dtype=torch.float32)  # a copy: arrays from the object store are read-only
-        if self.recipe.algorithm.name == "grpo":
-            metrics = self.trainer.grpo_step(GRPOBatch(samples, prompts, adv))
-        else:
-            metrics = self.trainer.nft_step(NFTBatch(samples, prompts, adv))
+        metrics = self.algorithm.train_step(self.trainer, Batch(samples, prompts, adv))
         self.regen = None
         return metrics
 

@@ -267,16 +267,22 @@ def family_row(family: str) -> Callable[[Context], Row]:
 
 def training_steps(policy, steps: int) -> dict:
     """One Flow-GRPO step, then one DiffusionNFT step, on LoRA over the bf16 policy; what each did."""
-    from rl.trainer import GRPOBatch, NFTBatch, Trainer, TrainerSettings
+    from rl.algorithm import Batch
+    from rl.config import AlgorithmConfig, GRPOConfig, NFTConfig, OptimConfig
+    from rl.grpo import GRPO
+    from rl.nft import NFT
+    from rl.trainer import Trainer
     from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER
     from rollout.samplers import sample
     from rollout.sde import step_log_prob
 
     policy.add_lora(rank=4, alpha=8)
-    trainer = Trainer(policy, TrainerSettings(lr=1e-3, timestep_fraction=1.0), sampler_timesteps=policy.sigmas(steps))
+    trainer = Trainer(policy, optim=OptimConfig(lr=1e-3))
+    algorithm = AlgorithmConfig(nft=NFTConfig(timestep_fraction=1.0), grpo=GRPOConfig(timestep_fraction=1.0))
+    flow_grpo, diffusion_nft = GRPO(algorithm), NFT(algorithm, policy.sigmas(steps))
     advantages = torch.tensor([1.0, -1.0, 0.5])
     trajectory = sample(policy, PROMPTS, SEEDS, steps, solver="sde", adapter=OLD_ADAPTER).trajectory.to(policy.device)
-    first = int(trainer.grpo_plan(trajectory)[0])
+    first = int(flow_grpo.plan(trajectory)[0])
     x, x_next = trajectory.latents[first], trajectory.latents[first + 1]
     t, t_next = float(trajectory.timesteps[first]), float(trajectory.timesteps[first + 1])
     with torch.no_grad(), policy.adapter(TRAINABLE_ADAPTER):
@@ -284,11 +290,11 @@ def training_steps(policy, steps: int) -> dict:
     log_prob = step_log_prob(trajectory.method, x, v, x_next, t, t_next, trajectory.noise_level)[0]
     log_ratio = log_prob - trajectory.log_probs[first]
     before = lora_snapshot(policy)
-    grpo = trainer.grpo_step(GRPOBatch(trajectory, PROMPTS, advantages))
+    grpo = flow_grpo.train_step(trainer, Batch(trajectory, PROMPTS, advantages))
     moved_by_grpo = lora_moved(policy, before)
     x0 = sample(policy, PROMPTS, SEEDS, steps).x0
     before = lora_snapshot(policy)
-    nft = trainer.nft_step(NFTBatch(x0=x0, prompts=PROMPTS, advantages=advantages))
+    nft = diffusion_nft.train_step(trainer, Batch(samples=x0, prompts=PROMPTS, advantages=advantages))
     return {
         "grpo_loss": grpo["loss/grpo"],
         "grpo/clipfrac": grpo["grpo/clipfrac"],

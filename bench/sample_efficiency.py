@@ -28,8 +28,11 @@ from quant import quantize_policy, requantize
 from quant.explore import lora_merged_weights
 from rewards import build_reward
 from rl.advantages import group_advantages, weighted_reward
+from rl.algorithm import Batch
+from rl.config import AlgorithmConfig, NFTConfig, OptimConfig
+from rl.nft import NFT
 from rl.selection import select_contrastive
-from rl.trainer import NFTBatch, Trainer, TrainerSettings
+from rl.trainer import Trainer
 from rollout import load_policy
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER, Policy
 from rollout.samplers import EVAL_SEED_BASE, sample, seed_for
@@ -84,10 +87,11 @@ RUNS = {
 def train(run: Run, seed: int) -> tuple[Policy, Trainer, list[dict]]:
     policy = load_policy("tiny")
     policy.add_lora(run.lora_rank, 2.0 * run.lora_rank, init_seed=seed)
-    settings = TrainerSettings(
-        lr=run.lr, nft_beta=run.nft_beta, kl_weight=run.kl_weight, timestep_fraction=run.timestep_fraction, microbatch_size=64
+    nft = NFT(
+        AlgorithmConfig(micro_batch=64, nft=NFTConfig(beta=run.nft_beta, kl_weight=run.kl_weight, timestep_fraction=run.timestep_fraction)),
+        policy.sigmas(STEPS),
     )
-    trainer = Trainer(policy, settings, sampler_timesteps=policy.sigmas(STEPS), seed=seed)
+    trainer = Trainer(policy, optim=OptimConfig(lr=run.lr), seed=seed)
     rewards = [build_reward(name) for name in run.reward.split("+")]
     curriculum = prompt_set("curriculum")
     explore = quantize_policy(policy, run.explore_precision, "emulate") if run.pool_size else None
@@ -108,7 +112,7 @@ def train(run: Run, seed: int) -> tuple[Policy, Trainer, list[dict]]:
         out = sample(policy, flat, seeds, STEPS, solver="dpm2", adapter=OLD_ADAPTER)
         scores = combined(rewards, out.images, flat)
         advantages = group_advantages(scores, torch.arange(run.prompts_per_step).repeat_interleave(run.group_size))
-        metrics = trainer.nft_step(NFTBatch(out.x0, flat, advantages))
+        metrics = nft.train_step(trainer, Batch(out.x0, flat, advantages))
         if explore is not None:
             requantize(explore, lora_merged_weights(policy.transformer, OLD_ADAPTER), step + 1)
         history.append(

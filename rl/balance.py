@@ -114,16 +114,17 @@ def combine_advantages(adv: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
 class RewardBalancer:
     """QP weights for multi-reward NFT (MARBLE), plus its conflict diagnostics.
 
-    A full solve of min_norm_weights every `full_every` steps, EMA-smoothed weights in between; the
+    A full solve of min_norm_weights every `solve_every` steps, EMA-smoothed weights in between; the
     amortised steps between solves back-propagate one loss on `amortized_advantages` (module notation).
+    The parameters are the recipe's balance.solve_every, balance.ema, balance.floor and balance.amortized.
     """
 
-    def __init__(self, num_rewards: int, full_every: int = 10, ema: float = 0.7, floor: float = 0.0, amortized: str = "marble") -> None:
+    def __init__(self, num_rewards: int, solve_every: int = 10, ema: float = 0.7, floor: float = 0.0, amortized: str = "marble") -> None:
         if amortized not in AMORTIZED:
             raise ValueError(f"unknown amortisation {amortized!r}; valid: {', '.join(AMORTIZED)}")
-        if full_every < 1:
-            raise ValueError(f"full_every must be >= 1, got {full_every}")
-        self.full_every = full_every
+        if solve_every < 1:
+            raise ValueError(f"solve_every must be >= 1, got {solve_every}")
+        self.solve_every = solve_every
         self.ema = ema
         self.floor = floor
         self.amortized = amortized
@@ -135,7 +136,7 @@ class RewardBalancer:
 
     def full_gradients_due(self, step: int) -> bool:
         """Whether this step computes one gradient per reward and solves the QP."""
-        return step % self.full_every == 0
+        return step % self.solve_every == 0
 
     def update(self, grads: torch.Tensor) -> torch.Tensor:
         """Solve the QP on G [K, D], fold it into the EMA and keep the gradient norms."""

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from rl.algorithms import ALGORITHMS
 from rollout.loading import ModelConfig
 
 
@@ -294,25 +295,8 @@ class Recipe(Section):
             raise ValueError("rewards.models: at least one reward needs a positive weight")
         if self.balance.mode != "qp" and self.balance.amortized != "marble":
             raise ValueError(f"balance.amortized '{self.balance.amortized}' applies to balance.mode 'qp' only")
-        if self.sol.enabled and self.algorithm.name == "grpo":
-            raise ValueError("sol.enabled with algorithm.name 'grpo' is not supported: Sol-RL regenerates with the ODE sampler; use nft")
-        grpo = self.algorithm.grpo
-        if grpo.sde_window_range is not None and not grpo.sde_window_size:
-            raise ValueError("algorithm.grpo.sde_window_range is set but sde_window_size is 0: give the window a size, or drop the range")
-        if grpo.sde_window_size:
-            if self.algorithm.name != "grpo":
-                raise ValueError("algorithm.grpo.sde_window_size applies to algorithm.name 'grpo' only")
-            low, high = grpo.sde_window_range or (0, self.sampler.steps)
-            if not low < high <= self.sampler.steps or grpo.sde_window_size > high - low:
-                raise ValueError(
-                    f"algorithm.grpo.sde_window_range {grpo.sde_window_range} must satisfy lo < hi <= sampler.steps ({self.sampler.steps}) "
-                    f"and hold sde_window_size ({grpo.sde_window_size}) steps"
-                )
-            if grpo.cps and high - grpo.sde_window_size >= self.sampler.steps - 1:
-                raise ValueError(
-                    f"algorithm.grpo.sde_window_range {grpo.sde_window_range}: a CPS window may hold only the last step, "
-                    "which is deterministic (its std is 0): keep the latest start below sampler.steps - 1"
-                )
+        for algorithm in ALGORITHMS.values():
+            algorithm.check_recipe(self)
         if self.cluster.learners > 1 and not self.cluster.remote_learners:
             raise ValueError(
                 f"cluster.learners = {self.cluster.learners} needs cluster.remote_learners: true (a process holds one learner)"

@@ -107,7 +107,7 @@ def test_combine_advantages_skips_nan_per_reward():
 
 
 def test_balancer_first_solve_then_ema():
-    balancer = RewardBalancer(3, full_every=10, ema=0.7)
+    balancer = RewardBalancer(3, solve_every=10, ema=0.7)
     torch.testing.assert_close(balancer.weights, torch.full((3,), 1 / 3))
     first = balancer.update(torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]]))
     torch.testing.assert_close(first, torch.tensor([0.5, 0.5, 0.0]), atol=1e-6, rtol=0)
@@ -119,7 +119,7 @@ def test_balancer_first_solve_then_ema():
 
 
 def test_amortized_marble_weighs_raw_advantages_and_normalized_rescales_by_the_last_norms():
-    balancer = RewardBalancer(2, full_every=10)
+    balancer = RewardBalancer(2, solve_every=10)
     grads = torch.tensor([[3.0, 0.0], [0.0, 0.03]])  # norms 3 and 0.03: orthogonal, so the QP splits 1/2 - 1/2
     balancer.update(grads)
     torch.testing.assert_close(balancer.weights, torch.tensor([0.5, 0.5]))
@@ -129,7 +129,7 @@ def test_amortized_marble_weighs_raw_advantages_and_normalized_rescales_by_the_l
     combined, weights = balancer.amortized_advantages(adv, counts)  # MARBLE: sum_k a_k nan_to_num(A_k), the plain mean
     torch.testing.assert_close(combined, torch.tensor([1.5, -0.5, 0.25]))
     assert weights is None
-    normalized = RewardBalancer(2, full_every=10, amortized="normalized")
+    normalized = RewardBalancer(2, solve_every=10, amortized="normalized")
     normalized.update(grads)
     # b_k = a_k mean(n) / n_k = 0.5 * 1.515 / (3, 0.03); c_ik = b_k / N_k (N_k = 2) where reward k applies
     b = torch.tensor([0.5 * 1.515 / 3.0, 0.5 * 1.515 / 0.03])

@@ -15,7 +15,10 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
 from quant import FAMILY_RULES, quantize_policy
-from rl.trainer import NFTBatch, Trainer, TrainerSettings
+from rl.algorithm import Batch
+from rl.config import AlgorithmConfig, OptimConfig
+from rl.nft import NFT
+from rl.trainer import Trainer
 from rollout import ModelConfig, load_policy
 from rollout.flux import FluxPolicy
 from rollout.images import image_grid, save_png
@@ -236,16 +239,16 @@ def test_lora_targets_match_and_one_nft_step_lowers_the_loss(saved):
     x0 = sample(policy, PROMPTS, SEEDS, STEPS).x0
     # Every sample positive (r = 1): NFT is then flow matching on the policy's own samples, so one
     # small step must lower the loss on the same timesteps and noise.
-    batch = NFTBatch(x0=x0, prompts=PROMPTS, advantages=torch.full((3,), 5.0))
-    trainer = Trainer(policy, TrainerSettings(lr=1e-3), sampler_timesteps=policy.sigmas(STEPS))
-    plan = trainer.nft_plan(range(len(x0)), x0.shape[1:])  # the plan nft_step draws
+    batch = Batch(samples=x0, prompts=PROMPTS, advantages=torch.full((3,), 5.0))
+    trainer, nft = Trainer(policy, optim=OptimConfig(lr=1e-3)), NFT(AlgorithmConfig(), policy.sigmas(STEPS))
+    plan = nft.plan(trainer, range(len(x0)), x0.shape[1:])  # the plan train_step draws
 
     def loss() -> float:
-        return trainer.nft_gradients(x0, policy.encode_prompts(PROMPTS), batch.advantages[:, None], *plan)[2]["loss/nft"]
+        return nft.gradients(trainer, x0, policy.encode_prompts(PROMPTS), batch.advantages[:, None], *plan)[2]["loss/nft"]
 
     before = {name: p.detach().clone() for name, p in policy.adapter_parameters(TRAINABLE_ADAPTER).items()}
     loss_before = loss()
-    metrics = trainer.nft_step(batch)
+    metrics = nft.train_step(trainer, batch)
     assert metrics["train/grad_norm"] > 0
     after = policy.adapter_parameters(TRAINABLE_ADAPTER)
     assert any(not torch.equal(before[name], p) for name, p in after.items())
@@ -343,8 +346,8 @@ def test_real_checkpoint_samples_explores_in_nvfp4_and_trains(family, tmp_path):
 
     policy.add_lora(rank=32, alpha=64)
     policy.transformer.enable_gradient_checkpointing()
-    trainer = Trainer(policy, TrainerSettings(microbatch_size=1), sampler_timesteps=policy.sigmas(10))
-    metrics = trainer.nft_step(NFTBatch(x0=bf16.x0, prompts=prompts, advantages=torch.tensor([1.0, -1.0, 1.0, -1.0])))
+    nft = NFT(AlgorithmConfig(micro_batch=1), policy.sigmas(10))
+    metrics = nft.train_step(Trainer(policy), Batch(samples=bf16.x0, prompts=prompts, advantages=torch.tensor([1.0, -1.0, 1.0, -1.0])))
     assert np.isfinite(metrics["loss/nft"]) and metrics["train/grad_norm"] > 0
 
 

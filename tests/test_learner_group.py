@@ -144,7 +144,7 @@ def test_restored_learners_repeat_their_step_exactly(world_and_alone, tmp_path):
 def test_grpo_learner_samples_a_trajectory_and_trains_on_it(cps):
     overrides = ["algorithm.name=grpo", "algorithm.grpo.timestep_fraction=0.5", f"algorithm.grpo.cps={cps}", "algorithm.grpo.adv_clip=2.5"]
     learner = LearnerWorker(recipe=load_recipe("recipes/tiny_solrl.yaml", TINY + overrides))
-    assert learner.trainer.settings.adv_clip == 2.5  # GRPO's own clip, not algorithm.nft.adv_clip
+    assert learner.algorithm.config.adv_clip == 2.5  # GRPO's own clip, not algorithm.nft.adv_clip
     before = {name: p.detach().clone() for name, p in learner.trainer.params.items()}
     images = learner.regenerate(PROMPTS, SEEDS, 0)
     trajectory = learner.regen[0]
