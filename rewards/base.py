@@ -97,8 +97,8 @@ def _load_dotted(path: str) -> Callable[..., Reward]:
     module_name, _, attr = path.partition(":")
     try:
         target = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"cannot load reward {path!r}: {error}") from error
+    except Exception as error:  # a plug-in module may fail to import in any way (syntax error, its own imports, ...)
+        raise ValueError(f"cannot load reward {path!r}: {type(error).__name__}: {error}") from error
     return target
 
 
@@ -109,8 +109,9 @@ def _entry_point(name: str) -> Callable[..., Reward] | None:
     return None
 
 
-def build_reward(name_or_path: str, **kwargs: Any) -> Reward:
-    """A Reward from a registry name, a dotted path "pkg.module:Class", or a `solray.rewards` entry point."""
+def reward_factory(name_or_path: str) -> Callable[..., Reward]:
+    """What builds the reward a registry name, a dotted path "pkg.module:Class" or a `solray.rewards` entry point
+    names; ValueError naming it when there is none, it does not import, or it is a class but not a Reward."""
     if name_or_path in _REGISTRY:
         factory: Callable[..., Reward] | None = _REGISTRY[name_or_path]
     elif ":" in name_or_path:
@@ -120,7 +121,14 @@ def build_reward(name_or_path: str, **kwargs: Any) -> Reward:
     if factory is None:
         available = ", ".join(registered_rewards())
         raise ValueError(f"unknown reward {name_or_path!r}; registered: {available}; or give a dotted path 'pkg.module:Class'")
-    reward = factory(**kwargs)
+    if isinstance(factory, type) and not issubclass(factory, Reward):
+        raise ValueError(f"reward {name_or_path!r} is the class {factory.__qualname__}, not a rewards.Reward subclass")
+    return factory
+
+
+def build_reward(name_or_path: str, **kwargs: Any) -> Reward:
+    """A Reward from a registry name, a dotted path "pkg.module:Class", or a `solray.rewards` entry point."""
+    reward = reward_factory(name_or_path)(**kwargs)
     if not isinstance(reward, Reward):
         raise TypeError(f"reward {name_or_path!r} built a {type(reward).__name__}, not a rewards.Reward")
     return reward

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from rewards.base import reward_factory
 from rl.algorithms import ALGORITHMS
 from rollout.loading import ModelConfig
 
@@ -29,6 +30,12 @@ class Section(BaseModel):
         if isinstance(value, bool) and cls.model_fields[info.field_name].annotation in (int, float, int | None, float | None):
             raise ValueError(f"Input should be a number, not the boolean {str(value).lower()}")
         return value
+
+
+def _reward_name(name: str) -> str:
+    """A reward name that resolves (rewards.base.reward_factory): a typo is refused with the recipe, not inside an actor."""
+    reward_factory(name)
+    return name
 
 
 class RunConfig(Section):
@@ -163,6 +170,8 @@ class RewardSpec(Section):
     )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="constructor arguments")
 
+    _name_resolves = field_validator("name")(_reward_name)
+
 
 class RewardsConfig(Section):
     models: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="tiny_verifier")], min_length=1)
@@ -259,6 +268,11 @@ class EvalConfig(Section):
     )
     ema_decay: float = Field(0.9, ge=0, lt=1, description="EMA decay cap; the decay warms up as min((1 + s) / (10 + s), cap)")
     ema_every: int = Field(1, ge=1, description="EMA update every n optimizer steps (Flow-GRPO: 8)")
+
+    @field_validator("rewards")
+    @classmethod
+    def _reward_names_resolve(cls, names: list[str]) -> list[str]:
+        return [_reward_name(name) for name in names]
 
 
 class Recipe(Section):

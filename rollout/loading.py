@@ -92,7 +92,18 @@ def _pipeline_class_name(path: str) -> str | None:
         return None
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.load_config(path).get("_class_name")
+    try:
+        return DiffusionPipeline.load_config(path).get("_class_name")
+    except OSError as error:  # diffusers says "check your internet connection" for a mistyped local path too
+        raise ValueError(
+            f"model path {path!r} is no local directory, and as a hub id it could not be loaded "
+            f"(not in the local cache, or the hub is unreachable): {str(error).splitlines()[0]}"
+        ) from None
+
+
+def model_family(config: ModelConfig) -> str:
+    """The family `config` loads as: model.family, or the one its path holds (read without loading weights)."""
+    return _family(config.path) if config.family == "auto" else config.family
 
 
 def load_policy(model: str | ModelConfig = "tiny", precision: str = "fp32", device: str | torch.device = "cpu") -> Policy:
@@ -107,7 +118,7 @@ def load_policy(model: str | ModelConfig = "tiny", precision: str = "fp32", devi
         )
     precision = unquantized_precision(precision)  # refuses unknown precisions
     config = ModelConfig(path=model) if isinstance(model, str) else model
-    family = _family(config.path) if config.family == "auto" else config.family
+    family = model_family(config)
     options = {name: getattr(config, name) for name in PIPELINE_OPTIONS if getattr(config, name) != ModelConfig.model_fields[name].default}
     if family in PIPELINE_POLICIES and "distilled_guidance" in options and family != "flux":
         raise ValueError(f"distilled_guidance applies to FLUX.1's guidance embedding only, not to family {family!r}")

@@ -25,7 +25,11 @@ def load_prompts(spec: str) -> list[str]:
     if not path.is_file():
         registered = ", ".join(f"'{name}:{subset}'" for name, subsets in sets.items() for subset in subsets)
         raise ValueError(f"prompt source {spec!r} is neither {registered or 'a registered prompt set'} nor an existing text file")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"prompt file {spec!r} is not UTF-8 text (byte {error.start}: {error.reason})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompt file {spec!r} holds no prompts")
     return prompts

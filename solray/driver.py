@@ -25,7 +25,8 @@ from rl.advantages import group_advantages, weighted_reward, zero_variance_group
 from rl.checkpoint import CHECKPOINTS, check_restorable, latest_checkpoint, newest_valid_checkpoint, run_state, save_checkpoint
 from rl.config import Recipe, RecipeError, recipe_changes
 from rl.trainer import NonFiniteTrainingError
-from rollout.prompts import PromptSource
+from rollout.loading import model_family
+from rollout.prompts import PromptSource, load_prompts
 from rollout.samplers import seed_for
 from solray.evaluation import evaluate, grid_samples
 from solray.exploration import OnPolicy, SolExploration, apply_reward_failures
@@ -66,6 +67,7 @@ class Driver:
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
+        check_inputs(recipe)
         if not ray.is_initialized():
             ray.init(address=recipe.cluster.address, include_dashboard=False, log_to_driver=False)
         check_cluster_fits(recipe)
@@ -224,6 +226,22 @@ def train(recipe: Recipe) -> RunResult:
             tracker.close()
         driver.shutdown()
     return RunResult(output_dir, tracker.history, tracker.evaluations)
+
+
+def check_inputs(recipe: Recipe) -> None:
+    """Refuse a model path or prompt source that does not load before any actor starts (the recipe schema cannot:
+    production recipes name files that exist only where they are launched)."""
+    sources = {"run.prompts": recipe.run.prompts, "eval.prompts": recipe.eval.prompts, "eval.train_prompts": recipe.eval.train_prompts}
+    try:
+        model_family(recipe.model)
+    except ValueError as error:
+        raise RecipeError(f"model.path: {error}") from None
+    for key, source in sources.items():
+        try:
+            if source is not None:
+                load_prompts(source)
+        except ValueError as error:
+            raise RecipeError(f"{key}: {error}") from None
 
 
 def check_cluster_fits(recipe: Recipe) -> None:
