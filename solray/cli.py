@@ -3,14 +3,19 @@
 A plug-in command is a `solray.commands` entry point naming an object with `help` (one line),
 `loads_policy` (True: the command gets --model, --lora, --precision, --steps and --solver, and
 `run(args, policy)` receives the loaded policy; False: `run(args)`), and
-`add_arguments(parser)`. A usage error inside `run` is an argparse.ArgumentTypeError: it exits 2
-with its message.
+`add_arguments(parser)`; the parser offers `parser.number(kind, low, high=None, strict=False)`,
+an argument type refusing numbers outside the bounds. A usage error inside `run` is an
+argparse.ArgumentTypeError.
+
+A user error (a bad argument, recipe, model path, LoRA directory or reward name) exits 2 with one
+line naming the input; `--debug` shows its traceback too. A traceback without --debug is a solray bug.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from importlib.metadata import entry_points
@@ -52,6 +57,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         recipe = load_recipe(args.recipe, args.overrides)
         result = train(recipe)
     except (RecipeError, FileExistsError) as error:  # a bad recipe, or run.resume=never on an earlier run's checkpoint
+        if args.debug:
+            raise
         print(f"solray train: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except NonFiniteTrainingError as error:  # inf / NaN weights or gradients (optim.nonfinite: stop)
@@ -64,16 +71,46 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"{len(result.history)} steps done ({rewards or 'no steps'}); metrics, grids and checkpoints in {result.output_dir}")
 
 
+class UsageError(Exception):
+    """A user's input that cannot be used; main() prints it and exits 2."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse's parser with bounded number argument types (plug-in commands get one too)."""
+
+    @staticmethod
+    def number(kind: type, low: float, high: float | None = None, strict: bool = False):
+        """An argument type: `kind` (int or float) >= low (> low when strict) and <= high."""
+
+        def parse(text: str):
+            bound = f"{'>' if strict else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+            try:
+                value = kind(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'} {bound}") from None
+            if not math.isfinite(value) or value < low or (strict and value == low) or (high is not None and value > high):
+                raise argparse.ArgumentTypeError(f"{text!r} is not {bound}")
+            return value
+
+        return parse
+
+
 def _load_policy(args: argparse.Namespace, precision: str):
     """--model in `precision`, with --lora (a training checkpoint) attached; nvfp4 and fp8 quantize the merged weights."""
     from quant import quantize_policy
-    from rl.checkpoint import attach_lora
+    from rl.checkpoint import CheckpointError, attach_lora
     from rollout import load_policy
     from rollout.policy import QUANTIZED_PRECISIONS, TRAINABLE_ADAPTER, unquantized_precision
 
-    policy = load_policy(args.model, precision=unquantized_precision(precision))
+    try:
+        policy = load_policy(args.model, precision=unquantized_precision(precision))
+    except (ValueError, OSError) as error:
+        raise UsageError(f"--model {args.model!r}: {error}") from error
     if args.lora:
-        attach_lora(policy, args.lora)
+        try:
+            attach_lora(policy, args.lora)
+        except (ValueError, OSError, KeyError, CheckpointError) as error:
+            raise UsageError(f"--lora {args.lora!r}: {error}") from error
     if precision in QUANTIZED_PRECISIONS:
         return quantize_policy(policy, precision, adapter=TRAINABLE_ADAPTER)
     return policy
@@ -84,6 +121,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from rollout.images import image_grid, save_png
     from rollout.samplers import sample
 
+    try:
+        reward = build_reward(args.reward) if args.reward else None
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"--reward {args.reward!r}: {error}") from error
     policy = _load_policy(args, args.precision)
     pairs = [(p, s) for p in args.prompt for s in args.seed]
     out = sample(policy, [p for p, _ in pairs], [s for _, s in pairs], args.steps, solver=args.solver, batch_size=96, progress=True)
@@ -92,7 +133,6 @@ def cmd_sample(args: argparse.Namespace) -> None:
         save_png(image, out_dir / f"{i:03d}_{_slug(prompt)}_seed{seed}.png")
     grid = save_png(image_grid(out.images, columns=len(args.seed), scale=args.scale), out_dir / "grid.png")
     print(f"wrote {len(pairs)} images and {grid} (rows = prompts, columns = seeds)")
-    reward = build_reward(args.reward) if args.reward else None
     scores = None if reward is None else reward.score(out.images, [p for p, _ in pairs])
     if scores is not None and np.isfinite(scores).any():  # NaN everywhere: the reward does not apply to these prompts
         for prompt in args.prompt:
@@ -126,9 +166,8 @@ def _unique_keys(pairs: list[tuple[str, object]], flag: str) -> dict[str, object
     """Repeated key=value flags as a dict; a key given twice is an error rather than a silent overwrite."""
     result: dict[str, object] = {}
     for key, value in pairs:
-        if key in result:  # a usage error, exit status 2 like argparse's
-            print(f"solray: {flag} {key} given twice ({result[key]!r} and {value!r})", file=sys.stderr)
-            raise SystemExit(2)
+        if key in result:
+            raise UsageError(f"{flag} {key} given twice ({result[key]!r} and {value!r})")
         result[key] = value
     return result
 
@@ -148,21 +187,30 @@ def cmd_reward_server(args: argparse.Namespace) -> None:
     from rewards import build_reward
     from rewards.server import RewardServer
 
-    reward = build_reward(args.reward, **_unique_keys(args.arg, "--arg"))
-    server = RewardServer(reward, args.host, args.port, args.max_batch, int(args.max_request_mb * 2**20), args.batch_wait_ms / 1000)
+    kwargs = _unique_keys(args.arg, "--arg")
+    try:
+        reward = build_reward(args.reward, **kwargs)
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"reward {args.reward!r}: {error}") from error
+    try:
+        server = RewardServer(reward, args.host, args.port, args.max_batch, int(args.max_request_mb * 2**20), args.batch_wait_ms / 1000)
+    except (OSError, OverflowError) as error:  # a host that does not resolve, a port in use or out of range
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {error}") from error
     print(f"serving reward {reward.name!r} on {server.url} (POST /score, GET /health)", flush=True)
     server.serve_forever()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="solray", description="RL post-training of text-to-image flow models on Ray.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = CommandParser(prog="solray", description="RL post-training of text-to-image flow models on Ray.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
+    number = CommandParser.number
 
     def add_model_args(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--model", default="tiny", help='"tiny" (the shipped testbed model), a local path or a hub id')
         sub.add_argument("--lora", help="a LoRA trained by `solray train`: output_dir/checkpoints/step_N (or its lora/ folder)")
         sub.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "nvfp4", "fp8"])
-        sub.add_argument("--steps", type=int, default=10, help="sampler steps")
+        sub.add_argument("--steps", type=number(int, 1), default=10, help="sampler steps")
         sub.add_argument("--solver", default="euler", choices=["euler", "dpm2", "sde", "cps"])
 
     train = commands.add_parser("train", help="run a recipe: RL post-training on Ray (local Ray when none is running)")
@@ -175,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
     sample.add_argument("--seed", type=_seeds, default=[0], help="seeds: 7, 0-3 or 1,5,9 (default 0)")
     sample.add_argument("--out", required=True, help="output directory")
-    sample.add_argument("--scale", type=int, default=4, help="grid upscaling factor")
+    sample.add_argument("--scale", type=number(int, 1), default=4, help="grid upscaling factor")
     sample.add_argument(
         "--compare-precision",
         choices=["fp32", "bf16", "nvfp4", "fp8"],
@@ -192,10 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--arg", type=_reward_kwarg, action="append", default=[], help="reward constructor argument key=value; repeat"
     )
     reward_server.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for every interface)")
-    reward_server.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
-    reward_server.add_argument("--max-batch", type=int, default=64, help="most images scored in one reward call")
-    reward_server.add_argument("--max-request-mb", type=float, default=64.0, help="larger request bodies get 413")
-    reward_server.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    reward_server.add_argument("--port", type=number(int, 0, 65535), default=8000, help="port (0 picks a free one)")
+    reward_server.add_argument("--max-batch", type=number(int, 1), default=64, help="most images scored in one reward call")
+    reward_server.add_argument("--max-request-mb", type=number(float, 0, strict=True), default=64.0, help="larger request bodies get 413")
+    reward_server.add_argument("--batch-wait-ms", type=number(float, 0), default=5.0, help="how long a batch waits for more requests")
     reward_server.set_defaults(run=cmd_reward_server)
 
     for entry in entry_points(group=COMMANDS_ENTRY_POINT_GROUP):
@@ -215,15 +263,22 @@ def _plugin_runner(plugin):
         try:
             plugin.run(args, _load_policy(args, args.precision)) if plugin.loads_policy else plugin.run(args)
         except argparse.ArgumentTypeError as error:
-            print(f"solray: {error}", file=sys.stderr)
-            raise SystemExit(2) from None
+            raise UsageError(str(error)) from error
 
     return run
 
 
 def main(argv: list[str] | None = None) -> None:
+    from rl.config import RecipeError
+
     args = build_parser().parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except (UsageError, RecipeError) as error:
+        if args.debug:
+            raise
+        print(f"solray: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

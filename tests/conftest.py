@@ -1,12 +1,16 @@
 import pytest
 import torch
+import transformers.generation.continuous_batching.utils  # noqa: F401  (creates its logger's handler: see below)
 from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
 
 from rollout import load_policy
 
-# diffusers binds its log handler to sys.stderr when it first logs; inside a capsys test that is the
-# capture stream, closed after the test, and every later diffusers warning then prints a logging error.
+# diffusers and transformers bind their log handlers to sys.stderr when they first log (or import);
+# inside a capsys test that is the capture stream, closed after the test, and every later warning
+# then prints a logging error. Binding them here, at collection, keeps them on the real stderr.
 diffusers_logging.get_logger("diffusers").info("bound to the real stderr")
+transformers_logging.get_logger("transformers").info("bound to the real stderr")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -17,11 +17,14 @@ class EvalCommand:
     loads_policy = True  # solray.cli adds --model, --lora, --precision, --steps, --solver and loads the policy
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--seeds-per-prompt", type=int, default=8)
-        parser.add_argument("--json", help="also write the result as JSON here")
+        parser.add_argument("--seeds-per-prompt", type=parser.number(int, 1), default=8)
+        parser.add_argument("--json", help="also write the result as JSON here (its directory must exist)")
 
     def run(self, args: argparse.Namespace, policy: Policy) -> None:
         from rollout.tiny.evaluate import accuracy_table, evaluate_policy
+
+        if args.json and not Path(args.json).resolve().parent.is_dir():
+            raise argparse.ArgumentTypeError(f"--json {args.json}: the directory {Path(args.json).resolve().parent} does not exist")
 
         result = evaluate_policy(policy, seeds_per_prompt=args.seeds_per_prompt, steps=args.steps, solver=args.solver, progress=True)
         print(accuracy_table(result))
@@ -35,14 +38,19 @@ class PretrainTinyCommand:
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--out", required=True, help="output directory (diffusers layout)")
-        parser.add_argument("--steps", type=int, default=4000)
-        parser.add_argument("--batch-size", type=int, default=64)
-        parser.add_argument("--lr", type=float, default=1e-3)
-        parser.add_argument("--seed", type=int, default=0)
-        parser.add_argument("--save-every", type=int, default=0, help="also save step-N snapshots every N steps")
+        parser.add_argument("--steps", type=parser.number(int, 1), default=4000)
+        parser.add_argument("--batch-size", type=parser.number(int, 1), default=64)
+        parser.add_argument("--lr", type=parser.number(float, 0, strict=True), default=1e-3)
+        parser.add_argument("--seed", type=parser.number(int, 0), default=0)
+        parser.add_argument(
+            "--save-every", type=parser.number(int, 0), default=0, help="also save step-N snapshots every N steps (0 = none)"
+        )
         parser.add_argument("--init", help="continue from a saved tiny policy instead of a random init")
         parser.add_argument(
-            "--guidance", type=float, default=1.0, help="bake classifier-free guidance of this scale into the model (1 = none)"
+            "--guidance",
+            type=parser.number(float, 0, strict=True),
+            default=1.0,
+            help="bake classifier-free guidance of this scale into the model (1 = none)",
         )
         parser.add_argument(
             "--task-weight",
