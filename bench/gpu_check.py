@@ -268,9 +268,9 @@ def family_row(family: str) -> Callable[[Context], Row]:
 def training_steps(policy, steps: int) -> dict:
     """One Flow-GRPO step, then one DiffusionNFT step, on LoRA over the bf16 policy; what each did."""
     from rl.algorithm import Batch
-    from rl.config import AlgorithmConfig, GRPOConfig, NFTConfig, OptimConfig
-    from rl.grpo import GRPO
-    from rl.nft import NFT
+    from rl.config import AlgorithmConfig, OptimConfig
+    from rl.grpo import GRPO, GRPOConfig
+    from rl.nft import NFT, NFTConfig
     from rl.trainer import Trainer
     from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER
     from rollout.samplers import sample

@@ -29,8 +29,8 @@ from quant.explore import lora_merged_weights
 from rewards import build_reward
 from rl.advantages import group_advantages, weighted_reward
 from rl.algorithm import Batch
-from rl.config import AlgorithmConfig, NFTConfig, OptimConfig
-from rl.nft import NFT
+from rl.config import AlgorithmConfig, OptimConfig
+from rl.nft import NFT, NFTConfig
 from rl.selection import select_contrastive
 from rl.trainer import Trainer
 from rollout import load_policy

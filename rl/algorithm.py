@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from rl.schema import Section
+
 if TYPE_CHECKING:
     from rl.config import Recipe, SamplerConfig
     from rl.trainer import Trainer
@@ -32,6 +34,7 @@ class Algorithm(ABC):
     """One RL algorithm on a learner: its regeneration sampler, what a sample keeps, and its update step."""
 
     name: ClassVar[str]  # algorithm.name in a recipe
+    config_class: ClassVar[type[Section]]  # its recipe subsection, algorithm.<name> (rl.config builds AlgorithmConfig from these)
 
     @classmethod
     @abstractmethod

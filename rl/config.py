@@ -12,24 +12,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from rewards.base import reward_factory
 from rl.algorithms import ALGORITHMS
+from rl.schema import Section
 from rollout.loading import ModelConfig
-
-
-class Section(BaseModel):
-    # inf / NaN in a recipe (lr: .inf, weight: .nan) would train into NaN without a word
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        # YAML reads `true` as a boolean, which pydantic would take as 1 in a number field (run.steps: true)
-        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation in (int, float, int | None, float | None):
-            raise ValueError(f"Input should be a number, not the boolean {str(value).lower()}")
-        return value
 
 
 def _reward_name(name: str) -> str:
@@ -47,35 +35,9 @@ class RunConfig(Section):
     resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the newest checkpoint in output_dir")
 
 
-class NFTConfig(Section):
-    beta: float = Field(1.0, gt=0, description="DiffusionNFT guidance strength (0.1 for multi-reward)")
-    loss_scale: float = Field(5.0, gt=0, description="multiplies the mean NFT loss")
-    kl_weight: float = Field(1e-4, ge=0, description="weight of mean((v_theta - v_ref)^2)")
-    adv_clip: float = Field(5.0, gt=0, description="advantage clip inside optimality()")
-    timestep_fraction: float = Field(0.6, gt=0, le=1, description="fraction of the sampler's timesteps trained per sample")
-    old_eta_rate: float = Field(0.001, ge=0, description="eta = min(old_eta_rate * step, old_eta_max)")
-    old_eta_max: float = Field(0.5, ge=0, lt=1, description="cap of the old-policy soft-update coefficient")
+class AlgorithmSettings(Section):
+    """algorithm's settings every algorithm shares; AlgorithmConfig adds `name` and each registered algorithm's subsection."""
 
-
-class GRPOConfig(Section):
-    noise_level: float = Field(0.7, gt=0, description="SDE noise level a (CPS: eta)")
-    clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip")
-    beta_kl: float = Field(0.04, ge=0, description="KL weight against the reference (adapters off)")
-    cps: bool = Field(False, description="coefficients-preserving SDE step instead of Flow-GRPO's")
-    timestep_fraction: float = Field(
-        0.99, gt=0, le=1, description="without an SDE window: train the first int(steps * fraction) steps of each chain, in order"
-    )
-    sde_window_size: int = Field(
-        0, ge=0, description="steps of the SDE window (0 = every step stochastic); with one, only the window is stochastic and trained"
-    )
-    sde_window_range: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] | None = Field(
-        None, description="[lo, hi) where the window may start and end, its start drawn per (run seed, step); None = (0, sampler.steps)"
-    )
-    adv_clip: float = Field(5.0, gt=0, description="advantage clip inside the PPO loss")
-
-
-class AlgorithmConfig(Section):
-    name: Literal["nft", "grpo"] = Field("nft", description="DiffusionNFT or Flow-GRPO")
     prompts_per_step: int = Field(4, ge=1, description="P: prompts per iteration")
     group_size: int = Field(8, ge=2, description="K: training samples per prompt (the contrastive subset in Sol-RL)")
     lora_rank: int = Field(32, ge=1)
@@ -88,8 +50,20 @@ class AlgorithmConfig(Section):
     global_std: bool = Field(True, description="advantage std over the whole batch (else per prompt group)")
     drop_zero_variance: bool = Field(False, description="drop groups whose rewards are all equal (Flow-GRPO)")
     micro_batch: int = Field(8, ge=1, description="samples per forward/backward pass on a learner")
-    nft: NFTConfig = NFTConfig()
-    grpo: GRPOConfig = GRPOConfig()
+
+
+# The recipe's `algorithm` section: the shared settings, `name` (one of rl.algorithms.ALGORITHMS) and one subsection per
+# registered algorithm (algorithm.nft, algorithm.grpo), declared with the algorithm (its config_class): a new
+# algorithm brings its settings in its own file.
+AlgorithmConfig = create_model(
+    "AlgorithmConfig",
+    __base__=AlgorithmSettings,
+    name=(Literal[tuple(ALGORITHMS)], Field("nft", description=f"the RL algorithm: {', '.join(ALGORITHMS)} (rl.algorithms)")),
+    **{
+        name: (algorithm.config_class, Field(default_factory=algorithm.config_class, description=f"settings of algorithm.name {name}"))
+        for name, algorithm in ALGORITHMS.items()
+    },
+)
 
 
 class SolConfig(Section):

@@ -21,11 +21,13 @@ The learner's step (`GRPO.train_step`, on a rl.trainer.Trainer):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
+from pydantic import Field
 
 from rl.algorithm import Algorithm, Batch, flat_gradient, microbatches
+from rl.schema import Section
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER, Conditioning
 from rollout.samplers import seed_for
 from rollout.sde import Trajectory, check_method, per_sample, sde_step, sde_window, step_log_prob
@@ -76,10 +78,30 @@ def grpo_loss(
     return policy_loss if kl is None else policy_loss + beta_kl * kl
 
 
+class GRPOConfig(Section):
+    """The recipe's algorithm.grpo: Flow-GRPO's (and CPS's) settings (DESIGN.md section 4)."""
+
+    noise_level: float = Field(0.7, gt=0, description="SDE noise level a (CPS: eta)")
+    clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip")
+    beta_kl: float = Field(0.04, ge=0, description="KL weight against the reference (adapters off)")
+    cps: bool = Field(False, description="coefficients-preserving SDE step instead of Flow-GRPO's")
+    timestep_fraction: float = Field(
+        0.99, gt=0, le=1, description="without an SDE window: train the first int(steps * fraction) steps of each chain, in order"
+    )
+    sde_window_size: int = Field(
+        0, ge=0, description="steps of the SDE window (0 = every step stochastic); with one, only the window is stochastic and trained"
+    )
+    sde_window_range: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="[lo, hi) where the window may start and end, its start drawn per (run seed, step); None = (0, sampler.steps)"
+    )
+    adv_clip: float = Field(5.0, gt=0, description="advantage clip inside the PPO loss")
+
+
 class GRPO(Algorithm):
     """Flow-GRPO: trains on the trajectories of the SDE (or CPS) sampler (algorithm.grpo)."""
 
     name = "grpo"
+    config_class = GRPOConfig
 
     def __init__(self, algorithm: AlgorithmConfig) -> None:
         """algorithm: the recipe's section (micro_batch, grpo)."""

@@ -43,9 +43,11 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import Field
 
 from rl.algorithm import Algorithm, Batch, flat_gradient, microbatches
 from rl.balance import gradient_cosines
+from rl.schema import Section
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER, Conditioning, Policy
 from rollout.samplers import seed_for
 
@@ -122,10 +124,23 @@ def _mean_per_sample(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).mean(1)
 
 
+class NFTConfig(Section):
+    """The recipe's algorithm.nft: DiffusionNFT's settings (reference values, DESIGN.md section 4)."""
+
+    beta: float = Field(1.0, gt=0, description="DiffusionNFT guidance strength (0.1 for multi-reward)")
+    loss_scale: float = Field(5.0, gt=0, description="multiplies the mean NFT loss")
+    kl_weight: float = Field(1e-4, ge=0, description="weight of mean((v_theta - v_ref)^2)")
+    adv_clip: float = Field(5.0, gt=0, description="advantage clip inside optimality()")
+    timestep_fraction: float = Field(0.6, gt=0, le=1, description="fraction of the sampler's timesteps trained per sample")
+    old_eta_rate: float = Field(0.001, ge=0, description="eta = min(old_eta_rate * step, old_eta_max)")
+    old_eta_max: float = Field(0.5, ge=0, lt=1, description="cap of the old-policy soft-update coefficient")
+
+
 class NFT(Algorithm):
     """DiffusionNFT: trains on the x0 the sampler's ODE solver regenerates (algorithm.nft)."""
 
     name = "nft"
+    config_class = NFTConfig
 
     def __init__(self, algorithm: AlgorithmConfig, sampler_timesteps: torch.Tensor) -> None:
         """algorithm: the recipe's section (micro_batch, nft); sampler_timesteps: policy.sigmas(steps, shift) of the

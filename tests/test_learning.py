@@ -19,7 +19,9 @@ from rl.advantages import group_advantages, weighted_reward
 from rl.algorithm import Batch
 from rl.algorithms import ALGORITHMS
 from rl.balance import RewardBalancer
-from rl.config import AlgorithmConfig, GRPOConfig, NFTConfig, OptimConfig, Recipe, SamplerConfig, SolConfig
+from rl.config import AlgorithmConfig, OptimConfig, Recipe, SamplerConfig, SolConfig
+from rl.grpo import GRPOConfig
+from rl.nft import NFTConfig
 from rl.trainer import Trainer
 from rollout import load_policy
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER

@@ -8,9 +8,9 @@ from diffusers import SD3Transformer2DModel
 
 from rl.algorithm import Batch
 from rl.balance import RewardBalancer, balanced_direction, combine_advantages, min_norm_weights
-from rl.config import AlgorithmConfig, GRPOConfig, NFTConfig, OptimConfig
-from rl.grpo import GRPO, grpo_kl, grpo_loss
-from rl.nft import NFT, nft_loss, nft_objective, optimality, velocity_kl
+from rl.config import AlgorithmConfig, OptimConfig
+from rl.grpo import GRPO, GRPOConfig, grpo_kl, grpo_loss
+from rl.nft import NFT, NFTConfig, nft_loss, nft_objective, optimality, velocity_kl
 from rl.trainer import NonFiniteTrainingError, Trainer
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER, Conditioning, Policy
 from rollout.schedules import flow_match_sigmas
