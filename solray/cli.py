@@ -50,7 +50,7 @@ def _slug(prompt: str) -> str:
 def cmd_train(args: argparse.Namespace) -> None:
     from rl.config import RecipeError, load_recipe
     from rl.trainer import NonFiniteTrainingError
-    from solray.driver import train
+    from solray.driver import ActorLostError, train
     from solray.tracking import evaluation_summary
 
     try:
@@ -61,7 +61,9 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise
         print(f"solray train: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    except NonFiniteTrainingError as error:  # inf / NaN weights or gradients (optim.nonfinite: stop)
+    except (NonFiniteTrainingError, ActorLostError) as error:  # inf / NaN training (optim.nonfinite: stop), or a learner died
+        if args.debug:
+            raise
         print(f"solray train: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     last = result.history[-1] if result.history else {}

@@ -35,6 +35,10 @@ from solray.tracking import Tracker
 logger = logging.getLogger(__name__)
 
 
+class ActorLostError(RuntimeError):
+    """An actor died and could not be restarted (a learner, or one past cluster.max_restarts); the run stopped."""
+
+
 @dataclass
 class RunResult:
     output_dir: Path
@@ -210,6 +214,11 @@ def train(recipe: Recipe) -> RunResult:
                 newest = latest_checkpoint(output_dir / CHECKPOINTS)
                 kept = f"the newest checkpoint, {newest}, holds finite weights" if newest else "no checkpoint had been written"
                 raise NonFiniteTrainingError(f"{getattr(error, 'cause', error)}. Training stopped in step {step + 1}; {kept}.") from None
+            except ray.exceptions.RayActorError as error:  # a learner (never restarted) or an actor past cluster.max_restarts
+                newest = latest_checkpoint(output_dir / CHECKPOINTS)
+                again = f"run the same command again: run.resume auto continues from {newest}" if newest else "no checkpoint had been written"
+                reason = str(error).strip().splitlines()[0]
+                raise ActorLostError(f"an actor of the run died in step {step + 1} ({reason}); training stopped, {again}") from None
             tracker.log({"step": step} | row)
             last = step + 1 == recipe.run.steps
             if recipe.eval.enabled and (last or (eval_every and (step + 1) % eval_every == 0)):

@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 import ray
 
+from actors.groups import LearnerGroup
 from actors.workers import ExploreRequest, RewardWorker
 from rewards import Reward, RewardError
 from rl.config import Recipe, load_recipe
 from rollout import load_policy
 from rollout.samplers import sample, seed_for
-from solray.driver import Driver, _driver_sized, train, unscored_shares
+from solray.driver import ActorLostError, Driver, _driver_sized, train, unscored_shares
 from solray.exploration import apply_reward_failures
 
 STEPS = 2
@@ -136,6 +137,32 @@ def test_killed_rollout_and_reward_actors_are_restarted_and_their_shards_reissue
     assert killed == [True, False, True]  # rollout 0 and the reward worker were restarted
     driver.shutdown()
     assert_same_run(history, reference, loss_rel=0)
+
+
+@pytest.mark.slow
+def test_a_killed_learner_stops_the_run_naming_the_checkpoint_a_resume_continues_from(local_ray, tmp_path, monkeypatch):
+    overrides = [*RUNTIME, *REMOTE, "run.steps=3", "checkpoint.every=1", "logging.grid_every=0", f"run.output_dir={tmp_path}"]
+    recipe = load_recipe("recipes/tiny_solrl.yaml", overrides)
+    train_step, issued = LearnerGroup.train, []
+
+    def train_and_kill_in_step_2(group, advantages):
+        refs = train_step(group, advantages)
+        issued.append(len(refs))
+        if len(issued) == 2:
+            ray.kill(group.actors[0])  # its train call is in flight: learners are never restarted
+        return refs
+
+    monkeypatch.setattr(LearnerGroup, "train", train_and_kill_in_step_2)
+    with pytest.raises(
+        ActorLostError,
+        match=rf"died in step 2 .*training stopped, run the same command again: run.resume auto continues from {tmp_path}/checkpoints/step_000001$",
+    ):
+        train(recipe)
+    monkeypatch.undo()
+    resumed = train(recipe)  # what the message promises
+    assert [row["step"] for row in resumed.history] == [0, 1, 2] and sorted(p.name for p in (tmp_path / "checkpoints").iterdir())[
+        -1
+    ] == "step_000003"
 
 
 def reward_worker(specs: list[dict], **rewards) -> RewardWorker:
