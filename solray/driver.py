@@ -216,7 +216,9 @@ def train(recipe: Recipe) -> RunResult:
                 raise NonFiniteTrainingError(f"{getattr(error, 'cause', error)}. Training stopped in step {step + 1}; {kept}.") from None
             except ray.exceptions.RayActorError as error:  # a learner (never restarted) or an actor past cluster.max_restarts
                 newest = latest_checkpoint(output_dir / CHECKPOINTS)
-                again = f"run the same command again: run.resume auto continues from {newest}" if newest else "no checkpoint had been written"
+                again = (
+                    f"run the same command again: run.resume auto continues from {newest}" if newest else "no checkpoint had been written"
+                )
                 reason = str(error).strip().splitlines()[0]
                 raise ActorLostError(f"an actor of the run died in step {step + 1} ({reason}); training stopped, {again}") from None
             tracker.log({"step": step} | row)

@@ -51,7 +51,10 @@ def stop_head(temp_dir: Path) -> None:
 def test_ray_job_submit_runs_the_tiny_recipe_on_a_started_head(tmp_path):
     temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths live under it
     gcs, dashboard, client, agent, runtime_env, metrics = free_ports(6)
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"} | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"} | {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+    }
     start = [
         *RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
