@@ -11,7 +11,7 @@ import sys
 import tempfile
 import warnings
 
-PACKAGES = ("rl", "actors", "rewards", "rollout", "quant")
+PACKAGES = ("rl", "actors", "rewards", "rollout", "quant", "solray")
 ALLOWED_MISSING = {"torch", "ray", "deepspeed"}  # torch: no CPU wheel for this Python here; ray, deepspeed: import torch / large
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

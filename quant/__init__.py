@@ -1,4 +1,4 @@
-"""Explore precision: NVFP4 and FP8 numerics, their GEMMs, layer selection, calibrated explore copies, re-quantization, fidelity metrics."""
+"""Explore precision: NVFP4 and FP8 numerics, their GEMMs, layer selection, calibrated explore copies, re-quantization."""
 
 from quant.calibration import CalibrationSet, default_calibration_set
 from quant.coverage import FAMILY_RULES, LayerSelection, QuantRule, select_layers

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from rollout.policy import Policy
+from rollout.samplers import sample
 
 CALIBRATION_SOLVERS = ("euler", "dpm2")
 DEFAULT_SEEDS = (0, 1)
@@ -63,8 +64,6 @@ class CalibrationSet:
 
     def run(self, policy: Policy) -> None:
         """The forward loop: sample every pair with `policy` (its quantizers switched off by the caller)."""
-        from rollout.samplers import sample  # rollout.samplers imports rl; keep `import quant` light
-
         pairs = [(prompt, seed) for prompt in self.prompts for seed in self.seeds]
         sample(policy, [p for p, _ in pairs], [s for _, s in pairs], self.steps, solver=self.solver, batch_size=self.batch_size)
 

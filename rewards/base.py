@@ -105,8 +105,19 @@ def _load_dotted(path: str) -> Callable[..., Reward]:
 def _entry_point(name: str) -> Callable[..., Reward] | None:
     for entry in entry_points(group=ENTRY_POINT_GROUP):
         if entry.name == name:
-            return entry.load()
+            try:
+                return entry.load()
+            except Exception as error:  # the plug-in package is broken: name it, as for a dotted path
+                raise ValueError(f"cannot load reward {name!r} (entry point {entry.value}): {type(error).__name__}: {error}") from error
     return None
+
+
+def check_reward_name(name_or_path: str) -> str:
+    """A name build_reward will resolve: registered or an entry point's (found without importing the plug-in), or a
+    dotted path to a Reward (imported: its module must load); ValueError naming it otherwise."""
+    if name_or_path not in registered_rewards():
+        reward_factory(name_or_path)
+    return name_or_path
 
 
 def reward_factory(name_or_path: str) -> Callable[..., Reward]:

@@ -1,1 +1,1 @@
-"""Recipes, the driver loop, and the RL algorithms as pure torch functions."""
+"""Recipes, the RL algorithms (pure torch functions and their registered objects), the trainer and checkpoints."""

@@ -14,16 +14,15 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
-from rewards.base import reward_factory
+from rewards.base import check_reward_name
 from rl.algorithms import ALGORITHMS
 from rl.schema import Section
 from rollout.loading import ModelConfig
 
 
 def _reward_name(name: str) -> str:
-    """A reward name that resolves (rewards.base.reward_factory): a typo is refused with the recipe, not inside an actor."""
-    reward_factory(name)
-    return name
+    """A reward name that resolves (rewards.base.check_reward_name): a typo is refused with the recipe, not inside an actor."""
+    return check_reward_name(name)
 
 
 class RunConfig(Section):

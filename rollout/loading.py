@@ -65,7 +65,7 @@ PIPELINE_OPTIONS = ("resolution", "cfg_scale", "distilled_guidance", "max_sequen
 
 
 def _family(path: str) -> str:
-    for family in model_families().keys() - PIPELINE_POLICIES.keys():
+    for family in [name for name in model_families() if name not in PIPELINE_POLICIES]:  # in entry-point order
         if _policy_class(family).recognizes(path):
             return family
     class_name = _pipeline_class_name(path)

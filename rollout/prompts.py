@@ -17,12 +17,13 @@ ENTRY_POINT_GROUP = "solray.prompts"
 
 def load_prompts(spec: str) -> list[str]:
     """A registered prompt set ("tiny:eval") or a text file with one prompt per line (blank lines ignored)."""
-    sets = {entry.name: entry.load() for entry in entry_points(group=ENTRY_POINT_GROUP)}
+    entries = {entry.name: entry for entry in entry_points(group=ENTRY_POINT_GROUP)}
     name, colon, subset = spec.partition(":")
-    if colon and subset in sets.get(name, {}):
-        return list(sets[name][subset])
+    if colon and name in entries and subset in (prompt_sets := entries[name].load()):
+        return list(prompt_sets[subset])
     path = Path(spec)
     if not path.is_file():
+        sets = {name: entry.load() for name, entry in entries.items()}  # only now: to list them
         registered = ", ".join(f"'{name}:{subset}'" for name, subsets in sets.items() for subset in subsets)
         raise ValueError(f"prompt source {spec!r} is neither {registered or 'a registered prompt set'} nor an existing text file")
     try:

@@ -249,7 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     reward_server.set_defaults(run=cmd_reward_server)
 
     for entry in entry_points(group=COMMANDS_ENTRY_POINT_GROUP):
-        plugin = entry.load()
+        try:
+            plugin = entry.load()
+        except Exception as error:  # one broken plug-in must not take the other commands down
+            print(f"solray: plug-in command {entry.name!r} ({entry.value}) not loaded: {type(error).__name__}: {error}", file=sys.stderr)
+            continue
         sub = commands.add_parser(entry.name, help=plugin.help)
         if plugin.loads_policy:
             add_model_args(sub)

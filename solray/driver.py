@@ -80,12 +80,21 @@ class Driver:
         self.fetched_bytes = 0
         self.reward_names = [spec.name for spec in recipe.rewards.models]
         self.reward_weights = torch.tensor([spec.weight for spec in recipe.rewards.models], dtype=torch.float32)
-        self.rewards = RewardGroup(recipe)
-        self.learners = LearnerGroup(recipe)
-        self.base_fingerprint = ray.get(self.learners.base_fingerprint())
-        self.exploration = (
-            SolExploration(recipe, self.learners, self.score, self.fetch, self.timers) if recipe.sol.enabled else OnPolicy(recipe)
-        )
+        started = []  # the groups to stop if a later one fails to start
+        try:
+            self.rewards = RewardGroup(recipe)
+            started.append(self.rewards)
+            self.learners = LearnerGroup(recipe)
+            started.append(self.learners)
+            self.exploration = (
+                SolExploration(recipe, self.learners, self.score, self.fetch, self.timers) if recipe.sol.enabled else OnPolicy(recipe)
+            )
+            started.append(self.exploration)
+            self.base_fingerprint = ray.get(self.learners.base_fingerprint())  # after every group started: their loads overlap
+        except BaseException:
+            for group in reversed(started):
+                group.shutdown()
+            raise
 
     def step(self, step: int) -> dict[str, float]:
         """One iteration (DESIGN.md section 1); returns its metrics and per-phase seconds."""
@@ -150,7 +159,7 @@ class Driver:
         return grid_samples(self.recipe, self.learners, self.rewards, self.fetch)
 
     def save_checkpoint(self, steps_done: int) -> Path:
-        """The learners' adapters, optimizer states and noise generators, and the run's position after `steps_done` iterations."""
+        """The learners' adapters and trainer states (optimizer, EMA, balancer, step), and the run's position after `steps_done` iterations."""
         learner_states = ray.get(self.learners.checkpoint_states())
         state = run_state(steps_done, self.exploration.version, self.recipe, self.base_fingerprint)
         return save_checkpoint(Path(self.recipe.run.output_dir) / CHECKPOINTS, learner_states, state, self.recipe.checkpoint.keep)
@@ -200,6 +209,7 @@ def train(recipe: Recipe) -> RunResult:
     driver = Driver(recipe)
     tracker = None
     grid_every, checkpoint_every, eval_every = recipe.logging.grid_every, recipe.checkpoint.every, recipe.eval.every
+    where = "before the first step"
     try:
         start = 0 if saved is None else driver.restore(latest, *saved)
         tracker = Tracker(recipe, start)
@@ -208,19 +218,13 @@ def train(recipe: Recipe) -> RunResult:
         if start == 0 and grid_every:
             tracker.log_grid(0, *driver.grid_samples())
         for step in range(start, recipe.run.steps):
+            where = f"in step {step + 1}"
             try:
                 row = driver.step(step)
             except FloatingPointError as error:  # NonFiniteTrainingError, or an explore copy whose calibration overflowed
                 newest = latest_checkpoint(output_dir / CHECKPOINTS)
                 kept = f"the newest checkpoint, {newest}, holds finite weights" if newest else "no checkpoint had been written"
                 raise NonFiniteTrainingError(f"{getattr(error, 'cause', error)}. Training stopped in step {step + 1}; {kept}.") from None
-            except ray.exceptions.RayActorError as error:  # a learner (never restarted) or an actor past cluster.max_restarts
-                newest = latest_checkpoint(output_dir / CHECKPOINTS)
-                again = (
-                    f"run the same command again: run.resume auto continues from {newest}" if newest else "no checkpoint had been written"
-                )
-                reason = str(error).strip().splitlines()[0]
-                raise ActorLostError(f"an actor of the run died in step {step + 1} ({reason}); training stopped, {again}") from None
             tracker.log({"step": step} | row)
             last = step + 1 == recipe.run.steps
             if recipe.eval.enabled and (last or (eval_every and (step + 1) % eval_every == 0)):
@@ -232,6 +236,8 @@ def train(recipe: Recipe) -> RunResult:
             if (checkpoint_every and (step + 1) % checkpoint_every == 0) or last:
                 with driver.timers("checkpoint"):
                     driver.save_checkpoint(step + 1)
+    except ray.exceptions.RayActorError as error:  # a learner (never restarted) or an actor past cluster.max_restarts
+        raise ActorLostError(actor_lost_message(error, where, output_dir, recipe.run.resume)) from None
     finally:
         if tracker is not None:
             tracker.close()
@@ -239,12 +245,30 @@ def train(recipe: Recipe) -> RunResult:
     return RunResult(output_dir, tracker.history, tracker.evaluations)
 
 
+def actor_lost_message(error: Exception, where: str, output_dir: Path, resume: str) -> str:
+    """What stopped the run, and how to continue it from its newest checkpoint."""
+    newest = latest_checkpoint(output_dir / CHECKPOINTS)
+    if newest is None:
+        again = "no checkpoint had been written"
+    elif resume == "auto":
+        again = f"run the same command again: run.resume auto continues from {newest}"
+    else:
+        again = f"run it again with run.resume=auto to continue from {newest}"
+    return f"an actor of the run died {where} ({str(error).strip().splitlines()[0]}); training stopped, {again}"
+
+
 def check_inputs(recipe: Recipe) -> None:
-    """Refuse a model path or prompt source that does not load before any actor starts (the recipe schema cannot:
-    production recipes name files that exist only where they are launched)."""
-    sources = {"run.prompts": recipe.run.prompts, "eval.prompts": recipe.eval.prompts, "eval.train_prompts": recipe.eval.train_prompts}
+    """Refuse a prompt source the driver will read, and on a local run a model path, that does not load, before any
+    actor starts (the recipe schema cannot: production recipes name files that exist only where they are launched; on
+    a cluster the model may exist only on the GPU nodes, whose workers then say what is wrong)."""
+    evaluated = recipe.eval.enabled or recipe.logging.grid_every > 0
+    sources = {"run.prompts": recipe.run.prompts} | (
+        {"eval.prompts": recipe.eval.prompts, "eval.train_prompts": recipe.eval.train_prompts} if evaluated else {}
+    )
+    local = recipe.cluster.address is None and "RAY_ADDRESS" not in os.environ and not ray.is_initialized()
     try:
-        model_family(recipe.model)
+        if local:
+            model_family(recipe.model)
     except ValueError as error:
         raise RecipeError(f"model.path: {error}") from None
     for key, source in sources.items():
@@ -267,7 +291,7 @@ def check_cluster_fits(recipe: Recipe) -> None:
     for kind, key in (("num_cpus", "CPU"), ("num_gpus", "GPU")):
         needed = sum(n * getattr(resources, kind) for n, resources in groups)
         if needed > available.get(key, 0.0) + 1e-9:
-            raise ValueError(
+            raise RecipeError(
                 f"{recipe.run.name}: the actors need {needed:g} {key}s (cluster.*_workers x cluster.*_resources.{kind}) "
                 f"but the Ray cluster has {available.get(key, 0.0):g}; lower the resources or the worker counts"
             )

@@ -11,7 +11,7 @@ from rewards import Reward, RewardError
 from rl.config import Recipe, load_recipe
 from rollout import load_policy
 from rollout.samplers import sample, seed_for
-from solray.driver import ActorLostError, Driver, _driver_sized, train, unscored_shares
+from solray.driver import ActorLostError, Driver, _driver_sized, actor_lost_message, train, unscored_shares
 from solray.exploration import apply_reward_failures
 
 STEPS = 2
@@ -163,6 +163,22 @@ def test_a_killed_learner_stops_the_run_naming_the_checkpoint_a_resume_continues
     assert [row["step"] for row in resumed.history] == [0, 1, 2] and sorted(p.name for p in (tmp_path / "checkpoints").iterdir())[
         -1
     ] == "step_000003"
+
+
+def test_the_lost_actor_message_says_how_to_continue_the_run(tmp_path):
+    error = RuntimeError("The actor died unexpectedly before finishing this task.\n\tclass_name: LearnerWorker")
+    assert actor_lost_message(error, "in step 3", tmp_path, "auto") == (
+        "an actor of the run died in step 3 (The actor died unexpectedly before finishing this task.); "
+        "training stopped, no checkpoint had been written"
+    )
+    (tmp_path / "checkpoints" / "step_000002").mkdir(parents=True)
+    newest = tmp_path / "checkpoints" / "step_000002"
+    assert actor_lost_message(error, "in step 3", tmp_path, "auto").endswith(
+        f"run the same command again: run.resume auto continues from {newest}"
+    )
+    assert actor_lost_message(error, "in step 3", tmp_path, "never").endswith(
+        f"run it again with run.resume=auto to continue from {newest}"
+    )
 
 
 def reward_worker(specs: list[dict], **rewards) -> RewardWorker:
