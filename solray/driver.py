@@ -265,9 +265,8 @@ def check_inputs(recipe: Recipe) -> None:
     sources = {"run.prompts": recipe.run.prompts} | (
         {"eval.prompts": recipe.eval.prompts, "eval.train_prompts": recipe.eval.train_prompts} if evaluated else {}
     )
-    local = recipe.cluster.address is None and "RAY_ADDRESS" not in os.environ and not ray.is_initialized()
     try:
-        if local:
+        if _single_machine(recipe):
             model_family(recipe.model)
     except ValueError as error:
         raise RecipeError(f"model.path: {error}") from None
@@ -277,6 +276,13 @@ def check_inputs(recipe: Recipe) -> None:
                 load_prompts(source)
         except ValueError as error:
             raise RecipeError(f"{key}: {error}") from None
+
+
+def _single_machine(recipe: Recipe) -> bool:
+    """Whether every actor runs on this machine: a Ray started here, or one already joined that has a single node."""
+    if ray.is_initialized():
+        return sum(node["Alive"] for node in ray.nodes()) == 1
+    return recipe.cluster.address is None and "RAY_ADDRESS" not in os.environ
 
 
 def check_cluster_fits(recipe: Recipe) -> None:
