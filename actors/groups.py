@@ -12,6 +12,7 @@ and are not restarted.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,14 +27,24 @@ from rl.config import Recipe, Resources
 PLACEMENT_TIMEOUT_S = 600  # how long the learners' bundles may wait for free resources
 
 
+@dataclass(frozen=True)
+class WorkerClasses:
+    """The worker class each group runs: the real ones, or (bench/scale_sim.py) ones whose compute is a calibrated wait."""
+
+    rollout: type = RolloutWorker
+    reward: type = RewardWorker
+    learner: type = LearnerWorker
+
+
+REAL_WORKERS = WorkerClasses()
+
+
 class ActorGroup:
     """n actors of `worker_class` (keyword-only constructor), or one in-process when n == 0; local and remote behind one interface."""
 
-    worker_class: type
-
-    def __init__(self, *, num_workers: int, resources: Resources, max_restarts: int = 0, **worker_kwargs: Any) -> None:
-        self.local = self.worker_class(**worker_kwargs) if num_workers == 0 else None
-        remote_class = ray.remote(self.worker_class)
+    def __init__(self, *, worker_class: type, num_workers: int, resources: Resources, max_restarts: int = 0, **worker_kwargs: Any) -> None:
+        self.local = worker_class(**worker_kwargs) if num_workers == 0 else None
+        remote_class = ray.remote(worker_class)
         self.actors = [
             remote_class.options(
                 num_cpus=resources.num_cpus,
@@ -72,12 +83,14 @@ class ActorGroup:
 class RolloutGroup(ActorGroup):
     """Explore-precision copies of the policy (Sol-RL's rollout workers)."""
 
-    worker_class = RolloutWorker
-
-    def __init__(self, recipe: Recipe) -> None:
+    def __init__(self, recipe: Recipe, worker_class: type = RolloutWorker) -> None:
         cluster = recipe.cluster
         super().__init__(
-            num_workers=cluster.rollout_workers, resources=cluster.rollout_resources, max_restarts=cluster.max_restarts, recipe=recipe
+            worker_class=worker_class,
+            num_workers=cluster.rollout_workers,
+            resources=cluster.rollout_resources,
+            max_restarts=cluster.max_restarts,
+            recipe=recipe,
         )
 
     def explore(self, index: int, request: ExploreRequest) -> ray.ObjectRef:
@@ -92,12 +105,14 @@ class RolloutGroup(ActorGroup):
 class RewardGroup(ActorGroup):
     """Hosts of the recipe's reward models."""
 
-    worker_class = RewardWorker
-
-    def __init__(self, recipe: Recipe) -> None:
+    def __init__(self, recipe: Recipe, worker_class: type = RewardWorker) -> None:
         cluster = recipe.cluster
         super().__init__(
-            num_workers=cluster.reward_workers, resources=cluster.reward_resources, max_restarts=cluster.max_restarts, recipe=recipe
+            worker_class=worker_class,
+            num_workers=cluster.reward_workers,
+            resources=cluster.reward_resources,
+            max_restarts=cluster.max_restarts,
+            recipe=recipe,
         )
 
     def score(self, index: int, images: ray.ObjectRef, prompts: list[str], evaluation: bool = False) -> ray.ObjectRef:
@@ -113,13 +128,16 @@ class LearnerGroup(ActorGroup):
     """cluster.learners learner actors in one placement group forming one DeepSpeed world, or with
     cluster.remote_learners false one learner in the driver's process (the recipe allows no more)."""
 
-    worker_class = LearnerWorker
-
-    def __init__(self, recipe: Recipe) -> None:
+    def __init__(self, recipe: Recipe, worker_class: type = LearnerWorker) -> None:
         cluster = recipe.cluster
         self.num_learners = cluster.learners
         self.placement = self._place(cluster.learners, cluster.learner_resources) if cluster.remote_learners else None
-        super().__init__(num_workers=cluster.learners if cluster.remote_learners else 0, resources=cluster.learner_resources, recipe=recipe)
+        super().__init__(
+            worker_class=worker_class,
+            num_workers=cluster.learners if cluster.remote_learners else 0,
+            resources=cluster.learner_resources,
+            recipe=recipe,
+        )
         if self.actors:
             master_addr, master_port = ray.get(self.actors[0].rendezvous_address.remote())
             ray.get(

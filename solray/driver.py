@@ -20,7 +20,7 @@ import numpy as np
 import ray
 import torch
 
-from actors.groups import LearnerGroup, RewardGroup
+from actors.groups import REAL_WORKERS, LearnerGroup, RewardGroup, WorkerClasses
 from rl.advantages import group_advantages, weighted_reward, zero_variance_groups
 from rl.checkpoint import CHECKPOINTS, check_restorable, latest_checkpoint, newest_valid_checkpoint, run_state, save_checkpoint
 from rl.config import Recipe, RecipeError, recipe_changes
@@ -69,7 +69,8 @@ class Driver:
     """The iteration's named phases over the actor groups: prompts, choose (exploration), regen, rescore,
     advantage, update, then exploration's after-update work (Sol-RL: the weight sync)."""
 
-    def __init__(self, recipe: Recipe) -> None:
+    def __init__(self, recipe: Recipe, workers: WorkerClasses = REAL_WORKERS) -> None:
+        """Start the groups of `recipe.cluster`, running `workers` (the real worker classes unless a simulator substitutes its own)."""
         self.recipe = recipe
         check_inputs(recipe)
         if not ray.is_initialized():
@@ -82,12 +83,14 @@ class Driver:
         self.reward_weights = torch.tensor([spec.weight for spec in recipe.rewards.models], dtype=torch.float32)
         started = []  # the groups to stop if a later one fails to start
         try:
-            self.rewards = RewardGroup(recipe)
+            self.rewards = RewardGroup(recipe, workers.reward)
             started.append(self.rewards)
-            self.learners = LearnerGroup(recipe)
+            self.learners = LearnerGroup(recipe, workers.learner)
             started.append(self.learners)
             self.exploration = (
-                SolExploration(recipe, self.learners, self.score, self.fetch, self.timers) if recipe.sol.enabled else OnPolicy(recipe)
+                SolExploration(recipe, self.learners, self.score, self.fetch, self.timers, workers)
+                if recipe.sol.enabled
+                else OnPolicy(recipe)
             )
             started.append(self.exploration)
             self.base_fingerprint = ray.get(self.learners.base_fingerprint())  # after every group started: their loads overlap

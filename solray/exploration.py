@@ -18,7 +18,7 @@ import numpy as np
 import ray
 import torch
 
-from actors.groups import LearnerGroup, RolloutGroup
+from actors.groups import LearnerGroup, RolloutGroup, WorkerClasses
 from actors.workers import ExploreRequest
 from rl.advantages import drop_failed_groups, weighted_reward
 from rl.config import Recipe
@@ -57,9 +57,11 @@ class OnPolicy:
 class SolExploration:
     """Sol-RL's explore / score / select before regeneration, and the weight sync after the update."""
 
-    def __init__(self, recipe: Recipe, learners: LearnerGroup, score: Scorer, fetch: Callable[[ray.ObjectRef], Any], timers) -> None:
+    def __init__(
+        self, recipe: Recipe, learners: LearnerGroup, score: Scorer, fetch: Callable[[ray.ObjectRef], Any], timers, workers: WorkerClasses
+    ) -> None:
         self.recipe, self.learners, self.score, self.fetch, self.timers = recipe, learners, score, fetch, timers
-        self.rollout = RolloutGroup(recipe)
+        self.rollout = RolloutGroup(recipe, workers.rollout)
         self.reward_weights = torch.tensor([spec.weight for spec in recipe.rewards.models], dtype=torch.float32)
         self.weights_ref: ray.ObjectRef | None = None  # the current LoRA factors, for workers that must catch up
         self.version = 0
