@@ -1,7 +1,16 @@
 """The driver with remote Ray actors: same numbers as in-process, no arrays in the driver, weight
 sync that the rollout copy really uses, killed actors re-issued, and rewards that fail."""
 
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
 import numpy as np
+import psutil
 import pytest
 import ray
 
@@ -274,3 +283,30 @@ def test_a_recipe_that_does_not_fit_the_cluster_fails_before_starting_actors(loc
     recipe = load_recipe("recipes/tiny_solrl.yaml", [*REMOTE, "cluster.learner_resources.num_cpus=7.5", f"run.output_dir={tmp_path}"])
     with pytest.raises(ValueError, match=r"tiny_solrl: the actors need 8.75 CPUs .* but the Ray cluster has 8;"):
         Driver(recipe)
+
+
+@pytest.mark.slow
+def test_a_driver_killed_with_sigkill_leaves_no_ray_process_behind(tmp_path):
+    output_dir, ray_root = tmp_path / "run", Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths
+    overrides = [*RUNTIME, *REMOTE, "run.steps=20", f"run.output_dir={output_dir}", "logging.progress=false"]
+    env = os.environ | {"RAY_TMPDIR": str(ray_root), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "solray.cli", "train", "recipes/tiny_solrl.yaml", *overrides]
+    driver = psutil.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not (output_dir / "metrics.jsonl").is_file():  # the first step is done: every actor is up
+            assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the run logged no step in 300 s"
+            time.sleep(0.2)
+        started = driver.children(recursive=True)  # the Ray it started: GCS, raylet, dashboard agents, actors
+        assert len(started) >= 5
+        driver.kill()
+        driver.wait()
+        # GCS and raylet go at once; Ray's dashboard and runtime-env agents first try for 60 s to tell the (dead) GCS that
+        # the raylet died (ray._private.utils.publish_error_to_driver), then exit
+        _, alive = psutil.wait_procs(started, timeout=150)
+        assert [process.info for process in psutil.process_iter(["pid", "name"]) if process in alive] == []
+    finally:
+        for process in [driver, *driver.children(recursive=True)] if driver.is_running() else []:
+            process.kill()
+        shutil.rmtree(ray_root, ignore_errors=True)

@@ -1,6 +1,12 @@
+import hashlib
 import logging
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +71,54 @@ def test_a_reward_api_key_in_the_recipe_reaches_the_reward_but_no_file_wandb_or_
     assert "1 steps done" in out.out
     main(["train", "recipes/tiny_solrl.yaml", *[o.replace("run.steps=1", "run.steps=2") for o in overrides]])
     assert "2 steps done" in capsys.readouterr().out
+
+
+REMOTE_PLUGIN = """
+import hashlib
+import numpy as np
+from rewards import Reward
+
+class KeyedReward(Reward):
+    name = "keyed"
+
+    def __init__(self, api_key, label):
+        # to the Ray worker's log: the key's digest (proof that it arrived) and the label (proof the search reads those logs)
+        print("received", hashlib.sha256(api_key.encode()).hexdigest(), label, flush=True)
+
+    def __call__(self, images, prompts, metadata):
+        return np.zeros(len(images))
+"""
+
+
+@pytest.mark.slow
+def test_a_reward_api_key_reaches_a_remote_reward_worker_but_no_ray_log(tmp_path):
+    secret, marker = f"sk-planted-{uuid.uuid4().hex}", f"visible-{uuid.uuid4().hex}"
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "remote_secret_plugin.py").write_text(REMOTE_PLUGIN)
+    ray_root = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    output_dir = tmp_path / "run"
+    overrides = [
+        "run.steps=1", f"run.output_dir={output_dir}", "sol.enabled=false", "algorithm.prompts_per_step=2", "algorithm.group_size=4",
+        "cluster.rollout_workers=0", "cluster.reward_workers=1", "cluster.remote_learners=false", "eval.enabled=false",
+        "logging.wandb=disabled", "logging.grid_every=0", "logging.progress=false",
+        f"rewards.models=[{{name: tiny_alignment}}, {{name: 'remote_secret_plugin:KeyedReward', weight: 0, kwargs: {{api_key: {secret}, label: {marker}}}}}]",
+    ]  # fmt: skip
+    # A fresh process starts its own Ray under RAY_TMPDIR, whose session logs (raylet, GCS, every worker's output) are then searched.
+    env = os.environ | {"PYTHONPATH": str(plugins), "RAY_TMPDIR": str(ray_root), "OMP_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "solray.cli", "train", "recipes/tiny_solrl.yaml", *overrides],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        logs = [path for path in ray_root.rglob("*") if path.is_file() and "/logs/" in str(path)]
+        digest = hashlib.sha256(secret.encode()).hexdigest()
+        assert any(f"received {digest} {marker}".encode() in path.read_bytes() for path in logs)
+        assert _files_holding(ray_root, secret) == [] and _files_holding(output_dir, secret) == []
+        assert secret not in done.stdout + done.stderr
+    finally:
+        shutil.rmtree(ray_root, ignore_errors=True)
