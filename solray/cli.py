@@ -212,7 +212,7 @@ def cmd_reward_server(args: argparse.Namespace) -> None:
         raise UsageError(f"reward-server: {error}") from error
     try:
         with reward_server(args.reward, kwargs, settings, replicas) as url:
-            print(f"serving reward {args.reward!r} on {url} (POST /score, GET /health); Ctrl-C stops it", flush=True)
+            print(f"serving reward {args.reward!r} on {url} (POST /score, GET /health); Ctrl-C or SIGTERM stops it", flush=True)
             _wait_for_ctrl_c()
     except ValueError as error:  # the reward does not resolve, does not take --arg, or its replicas failed to start
         raise UsageError(str(error)) from error
@@ -221,12 +221,14 @@ def cmd_reward_server(args: argparse.Namespace) -> None:
 
 
 def _wait_for_ctrl_c() -> None:
-    """Block until Ctrl-C (the server runs on other threads)."""
+    """Block until Ctrl-C or SIGTERM (the server runs on other threads); the caller then stops it and its replicas."""
+    import signal
     import threading
 
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
+    stop = threading.Event()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signal_number, lambda *_: stop.set())
+    while not stop.wait(1.0):  # a timed wait lets the signal handlers run
         pass
 
 
