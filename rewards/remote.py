@@ -5,8 +5,12 @@ Protocol (never pickle: a reward server may face many clients, and unpickling ru
                   Content-Type application/msgpack: images are PNG or JPEG bytes
                   Content-Type application/json:    images are base64 strings of PNG or JPEG bytes
                 -> 200 {"scores": [float]} in the request's format; JSON writes NaN ("not applicable") as null
-  GET /health   -> 200 {"status": "ok", "reward": name, "queued": jobs waiting, "max_batch": ..., "max_request_bytes": ...}
-  errors        -> 4xx / 5xx with JSON {"error": message}; 4xx are the client's fault and never retried
+  GET /health   -> 200 {"status": "ok", "reward": name, "queued": jobs waiting, "max_batch": ..., "max_request_bytes": ...,
+                         "max_request_pixels": ...}
+  auth          a server started with a token wants `Authorization: Bearer <token>` on every request (else 401);
+                the `remote` reward sends the token in the environment variable `token_env` (SOLRAY_REWARD_TOKEN)
+  errors        -> 4xx / 5xx with JSON {"error": message}; 4xx are the client's fault and never retried;
+                   413: a body over max_request_bytes or images over max_request_pixels; 503: busy, retried
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import base64
 import http.client
 import io
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +34,8 @@ from rewards.base import Reward, register_reward
 MSGPACK, JSON = "application/msgpack", "application/json"
 WIRE_FORMATS = {"msgpack": MSGPACK, "json": JSON}
 IMAGE_FORMATS = ("png", "jpeg")
+TOKEN_ENV = "SOLRAY_REWARD_TOKEN"
+DEFAULT_MAX_REQUEST_PIXELS = 32 << 20  # the server's default limit too (rewards.server.ServerSettings)
 
 
 def encode_image(image: np.ndarray, image_format: str = "png", jpeg_quality: int = 95) -> bytes:
@@ -81,8 +88,12 @@ class RemoteReward(Reward):
         retries: int = 3,
         backoff: float = 1.0,
         batch_size: int = 64,
+        max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
+        token_env: str = TOKEN_ENV,
     ) -> None:
-        """url: the server's base URL, e.g. http://host:8000; png is lossless, jpeg is smaller and lossy."""
+        """url: the server's base URL, e.g. http://host:8000; png is lossless, jpeg is smaller and lossy.
+        A request holds at most `batch_size` images and `max_request_pixels` pixels (the server's limit).
+        The server's token, if it has one, is read from the environment variable `token_env` at each request."""
         if wire_format not in WIRE_FORMATS:
             raise ValueError(f"reward 'remote': wire_format must be one of {tuple(WIRE_FORMATS)}, got {wire_format!r}")
         if image_format not in IMAGE_FORMATS:
@@ -91,17 +102,20 @@ class RemoteReward(Reward):
         self.content_type = WIRE_FORMATS[wire_format]
         self.image_format, self.jpeg_quality = image_format, jpeg_quality
         self.timeout, self.retries, self.backoff, self.batch_size = timeout, retries, backoff, batch_size
+        self.max_request_pixels, self.token_env = max_request_pixels, token_env
 
     def __call__(self, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]) -> np.ndarray:
-        parts = [slice(start, start + self.batch_size) for start in range(0, len(images), self.batch_size)]
+        per_request = max(1, min(self.batch_size, self.max_request_pixels // max(1, images.shape[1] * images.shape[2])))
+        parts = [slice(start, start + per_request) for start in range(0, len(images), per_request)]
         return np.concatenate([self._post(images[part], prompts[part], metadata[part]) for part in parts])
 
     def _post(self, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]) -> np.ndarray:
         encoded = [encode_image(image, self.image_format, self.jpeg_quality) for image in images]
         body = pack({"images": encoded, "prompts": prompts, "metadata": metadata}, self.content_type)
-        answer, content_type = post_with_retries(
-            f"{self.url}/score", body, {"Content-Type": self.content_type}, self.timeout, self.retries, self.backoff
-        )
+        headers = {"Content-Type": self.content_type}
+        if token := os.environ.get(self.token_env):
+            headers["Authorization"] = f"Bearer {token}"
+        answer, content_type = post_with_retries(f"{self.url}/score", body, headers, self.timeout, self.retries, self.backoff)
         scores = unpack(answer, content_type)["scores"]
         if len(scores) != len(images):
             raise RuntimeError(f"{self.url}/score returned {len(scores)} scores for {len(images)} images")

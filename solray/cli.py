@@ -186,20 +186,50 @@ def _reward_kwarg(text: str) -> tuple[str, object]:
 
 
 def cmd_reward_server(args: argparse.Namespace) -> None:
-    from rewards import build_reward
-    from rewards.server import RewardServer
+    import os
+
+    from rewards.remote import TOKEN_ENV
+    from rewards.server import ServerSettings
+    from solray.reward_server import Replicas, reward_server
 
     kwargs = _unique_keys(args.arg, "--arg")
     try:
-        reward = build_reward(args.reward, **kwargs)
-    except (ValueError, TypeError) as error:
-        raise UsageError(f"reward {args.reward!r}: {error}") from error
+        settings = ServerSettings(
+            host=args.host,
+            port=args.port,
+            max_batch=args.max_batch,
+            batch_wait_s=args.batch_wait_ms / 1000,
+            max_request_bytes=int(args.max_request_mb * 2**20),
+            max_request_pixels=int(args.max_request_mpx * 2**20),
+            max_inflight_bytes=int(args.max_inflight_mb * 2**20),
+            max_connections=args.max_connections,
+            request_timeout_s=args.request_timeout_s,
+            token=args.token if args.token is not None else os.environ.get(TOKEN_ENV),
+            insecure=args.insecure,
+        ).check()
+        replicas = Replicas(args.replicas, args.max_replicas, args.gpus).check()
+    except ValueError as error:
+        raise UsageError(f"reward-server: {error}") from error
     try:
-        server = RewardServer(reward, args.host, args.port, args.max_batch, int(args.max_request_mb * 2**20), args.batch_wait_ms / 1000)
-    except (OSError, OverflowError) as error:  # a host that does not resolve, a port in use or out of range
+        with reward_server(args.reward, kwargs, settings, replicas) as url:
+            print(f"serving reward {args.reward!r} on {url} (POST /score, GET /health); Ctrl-C or SIGTERM stops it", flush=True)
+            _wait_for_ctrl_c()
+    except ValueError as error:  # the reward does not resolve, does not take --arg, or its replicas failed to start
+        raise UsageError(str(error)) from error
+    except (OSError, OverflowError) as error:  # a host that does not resolve, a port in use
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {error}") from error
-    print(f"serving reward {reward.name!r} on {server.url} (POST /score, GET /health)", flush=True)
-    server.serve_forever()
+
+
+def _wait_for_ctrl_c() -> None:
+    """Block until Ctrl-C or SIGTERM (the server runs on other threads); the caller then stops it and its replicas."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signal_number, lambda *_: stop.set())
+    while not stop.wait(1.0):  # a timed wait lets the signal handlers run
+        pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,11 +271,33 @@ def build_parser() -> argparse.ArgumentParser:
     reward_server.add_argument(
         "--arg", type=_reward_kwarg, action="append", default=[], help="reward constructor argument key=value; repeat"
     )
-    reward_server.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for every interface)")
+    reward_server.add_argument(
+        "--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every one; needs --token or --insecure)"
+    )
     reward_server.add_argument("--port", type=number(int, 0, 65535), default=8000, help="port (0 picks a free one)")
     reward_server.add_argument("--max-batch", type=number(int, 1), default=64, help="most images scored in one reward call")
-    reward_server.add_argument("--max-request-mb", type=number(float, 0, strict=True), default=64.0, help="larger request bodies get 413")
     reward_server.add_argument("--batch-wait-ms", type=number(float, 0), default=5.0, help="how long a batch waits for more requests")
+    reward_server.add_argument("--max-request-mb", type=number(float, 0, strict=True), default=64.0, help="larger request bodies get 413")
+    reward_server.add_argument(
+        "--max-request-mpx",
+        type=number(float, 0, strict=True),
+        default=32.0,
+        help="megapixels (2**20) all images of a request may hold; 413 beyond",
+    )
+    reward_server.add_argument(
+        "--max-inflight-mb", type=number(float, 0, strict=True), default=2048.0, help="bodies and decoded images in flight; 503 beyond"
+    )
+    reward_server.add_argument("--max-connections", type=number(int, 1), default=256, help="concurrent requests; 503 beyond")
+    reward_server.add_argument(
+        "--request-timeout-s", type=number(float, 0, strict=True), default=300.0, help="most seconds to score a request"
+    )
+    reward_server.add_argument("--replicas", type=number(int, 1), default=1, help="Ray Serve replicas of the reward")
+    reward_server.add_argument("--max-replicas", type=number(int, 1), help="autoscale up to this many replicas on load")
+    reward_server.add_argument("--gpus", type=number(float, 0), help="GPUs per replica (default: what the reward class declares)")
+    reward_server.add_argument(
+        "--token", help="shared token every request must carry (Authorization: Bearer); prefer the SOLRAY_REWARD_TOKEN variable"
+    )
+    reward_server.add_argument("--insecure", action="store_true", help="serve beyond loopback without a token")
     reward_server.set_defaults(run=cmd_reward_server)
 
     for entry in entry_points(group=COMMANDS_ENTRY_POINT_GROUP):

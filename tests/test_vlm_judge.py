@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from rewards import RewardError, build_reward
-from rewards.server import RewardServer
+from rewards.server import ServerSettings
 from rewards.vlm_judge import DEFAULT_RUBRIC, parse_score
 
 ANSWERS = {
@@ -160,9 +160,21 @@ def test_judge_uses_a_custom_rubric_and_retries_a_loading_server(fake_vllm):
 
 
 def test_judge_served_by_the_reward_server(fake_vllm):
-    """The judge behind `solray reward-server`, called through the `remote` reward: NaN survives both hops."""
-    judge = build_reward("vlm_judge", url=f"http://127.0.0.1:{fake_vllm.server_address[1]}/v1")
-    with RewardServer(judge, port=0) as server:
-        for wire_format in ("msgpack", "json"):
-            scores = build_reward("remote", url=server.url, wire_format=wire_format).score(images(), list(ANSWERS))
-            np.testing.assert_allclose(scores, [0.7, 0.9, np.nan, 0.8])
+    """The judge behind `solray reward-server` (a Ray Serve replica), called through the `remote` reward: NaN survives both hops."""
+    import ray
+    from ray import serve
+
+    from solray.reward_server import deploy_reward, serve_http
+
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    judge = {"url": f"http://127.0.0.1:{fake_vllm.server_address[1]}/v1"}
+    try:
+        settings = ServerSettings(port=0)
+        with deploy_reward("vlm_judge", judge, settings, app_name="test-vlm-judge") as handle, serve_http(handle, settings) as url:
+            for wire_format in ("msgpack", "json"):
+                scores = build_reward("remote", url=url, wire_format=wire_format).score(images(), list(ANSWERS))
+                np.testing.assert_allclose(scores, [0.7, 0.9, np.nan, 0.8])
+    finally:
+        serve.shutdown()
+        ray.shutdown()
