@@ -125,11 +125,12 @@ class Replicas:
 
 def check_reward(reward: str, reward_kwargs: dict[str, Any]) -> None:
     """ValueError unless `reward` resolves and its constructor takes `reward_kwargs` (it is built on the replicas)."""
-    factory = reward_factory(reward)
     try:
-        inspect.signature(factory).bind(**reward_kwargs)
+        inspect.signature(reward_factory(reward)).bind(**reward_kwargs)
     except TypeError as error:
         raise ValueError(f"reward {reward!r} does not take {sorted(reward_kwargs)}: {error}") from None
+    except ValueError as error:
+        raise ValueError(f"reward {reward!r}: {error}") from None
 
 
 @contextmanager

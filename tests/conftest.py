@@ -1,4 +1,5 @@
 import pytest
+import ray  # noqa: F401  (its "ray" logger's handler keeps the sys.stderr of its import: see below)
 import torch
 import transformers.generation.continuous_batching.utils  # noqa: F401  (creates its logger's handler: see below)
 from diffusers.utils import logging as diffusers_logging
@@ -6,7 +7,7 @@ from transformers.utils import logging as transformers_logging
 
 from rollout import load_policy
 
-# diffusers and transformers bind their log handlers to sys.stderr when they first log (or import);
+# diffusers, transformers and ray bind their log handlers to sys.stderr when they first log (or import);
 # inside a capsys test that is the capture stream, closed after the test, and every later warning
 # then prints a logging error. Binding them here, at collection, keeps them on the real stderr.
 diffusers_logging.get_logger("diffusers").info("bound to the real stderr")
