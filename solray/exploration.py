@@ -113,7 +113,8 @@ class SolExploration:
             with self.timers("explore_wait"):  # the part of the pool's exploring and scoring that training did not hide
                 pool = self.ahead.result()
             self.ahead = None
-            assert pool.step == step, f"the pool explored ahead is step {pool.step}'s, not step {step}'s"
+            if pool.step != step:  # a bug, not a user error: the pool ahead is always the next step's
+                raise RuntimeError(f"the pool explored ahead is step {pool.step}'s, not step {step}'s")
         else:
             with self.timers("explore"):
                 pool_refs = self.explore(prompts, step)
