@@ -346,6 +346,7 @@ def run_config(
                     walls.append(time.perf_counter() - wall)
                     cpus.append(time.process_time() - cpu)
                 stats = ray.get([actor.stats.remote() for actor in all_actors])
+                memory = actor_memory([s["pid"] for s in stats])
             finally:
                 driver.shutdown()
         finally:
@@ -361,6 +362,7 @@ def run_config(
                 "status": "simulated",
                 "actors": actors,
                 "start_seconds": start_s,
+                "actor_memory_mib": memory,
                 "image_side": sim.image_side,
                 "iteration_s": iteration,
                 "iteration_s_per_step": [w * compression for w in walls],
@@ -396,6 +398,20 @@ def analytic(profile: Profile, recipe, placement: str, gpus: int) -> dict:
         "expected_ratio_to_reference": expected / reference,
         "payload_bytes_per_step": payload_bytes(profile, recipe, 0) | {"moved": None},
     }
+
+
+def actor_memory(pids: list[int]) -> dict[str, float]:
+    """The actor processes' memory: proportional set size (shared pages split between their users) and RSS, MiB."""
+    import psutil
+
+    pss = rss = 0
+    for pid in pids:
+        try:
+            info = psutil.Process(pid).memory_full_info()
+        except (psutil.Error, OSError):
+            continue
+        pss, rss = pss + info.pss, rss + info.rss
+    return {"pss_total": pss / 2**20, "pss_per_actor": pss / 2**20 / max(len(pids), 1), "rss_per_actor": rss / 2**20 / max(len(pids), 1)}
 
 
 def busy_shares(stats: list[dict], wall: float) -> dict[str, dict]:
@@ -504,7 +520,7 @@ def table(result: dict) -> str:
 def simulate(
     model: str,
     sizes: list[int],
-    compression: float,
+    compression: list[float],
     steps: int,
     profile: Profile | None = None,
     placements: list[str] | None = None,
@@ -513,10 +529,12 @@ def simulate(
 ) -> dict:
     profile = profile or PROFILES[model]
     runs = []
-    for gpus in sizes:
+    compression = compression * len(sizes) if len(compression) == 1 else compression
+    for gpus, factor in zip(sizes, compression, strict=True):
         for placement in placements or PLACEMENTS:
-            print(f"{model} {placement} {gpus} GPUs ...", flush=True)
-            run = run_config(model, placement, gpus, profile, compression, steps=steps, recipe_path=recipe_path)
+            print(f"{model} {placement} {gpus} GPUs, compression {factor:g} ...", flush=True)
+            run = run_config(model, placement, gpus, profile, factor, steps=steps, recipe_path=recipe_path)
+            run["compression"] = factor
             print(
                 f"  {run['status']}: iteration {run.get('iteration_s', float('nan')):.1f} s, expected {run['expected_s']:.1f} s", flush=True
             )
@@ -524,7 +542,6 @@ def simulate(
     result = {
         "model": model,
         "profile": vars(profile),
-        "compression": compression,
         "steps_measured": steps,
         "weak_scaling": f"{PROMPTS_PER_GPU} prompts per GPU (the paper's 48 on 8), pool 96, group 24",
         "machine": {"cpus": os.cpu_count(), "note": "shared with other work"},
@@ -540,7 +557,13 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(PROFILES), default="flux")
     parser.add_argument("--gpus", type=int, nargs="+", default=[8, 64, 128])
     parser.add_argument("--placements", nargs="+", choices=list(PLACEMENTS), default=list(PLACEMENTS))
-    parser.add_argument("--compression", type=float, default=20.0, help="simulated seconds = uncompressed seconds / compression")
+    parser.add_argument(
+        "--compression",
+        type=float,
+        nargs="+",
+        default=[20.0],
+        help="simulated seconds = uncompressed / compression (one, or one per --gpus)",
+    )
     parser.add_argument("--steps", type=int, default=2, help="measured iterations per configuration (after one warm-up)")
     parser.add_argument("--quick", action="store_true", help="CI: the FLUX profile at 8 GPUs, split, compression 50, 1 step")
     parser.add_argument("--profile", help="a real run's metrics.jsonl: per-unit costs from its time/ metrics (with --recipe)")
@@ -551,7 +574,7 @@ def main() -> None:
     args = parser.parse_args()
     profile = None
     if args.quick:
-        args.gpus, args.placements, args.compression, args.steps = [8], ["split"], 50.0, 1
+        args.gpus, args.placements, args.compression, args.steps = [8], ["split"], [50.0], 1
     if args.profile:
         from rl.config import load_recipe
 
