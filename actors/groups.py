@@ -12,6 +12,7 @@ and are not restarted.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,8 +43,19 @@ REAL_WORKERS = WorkerClasses()
 class ActorGroup:
     """n actors of `worker_class` (keyword-only constructor), or one in-process when n == 0; local and remote behind one interface."""
 
-    def __init__(self, *, worker_class: type, num_workers: int, resources: Resources, max_restarts: int = 0, **worker_kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        worker_class: type,
+        num_workers: int,
+        resources: Resources,
+        max_restarts: int = 0,
+        placement: PlacementGroup | None = None,
+        **worker_kwargs: Any,
+    ) -> None:
+        """With `placement`, worker r runs in its bundle r."""
         self.local = worker_class(**worker_kwargs) if num_workers == 0 else None
+        self.local_lock = threading.Lock()  # an in-process worker serves one call at a time, as an actor does
         remote_class = ray.remote(worker_class)
         self.actors = [
             remote_class.options(
@@ -51,14 +63,10 @@ class ActorGroup:
                 num_gpus=resources.num_gpus,
                 max_restarts=max_restarts,
                 max_task_retries=max_restarts,
-                **self._placement(rank),
+                **({} if placement is None else {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement, rank)}),
             ).remote(**worker_kwargs)
             for rank in range(num_workers)
         ]
-
-    def _placement(self, rank: int) -> dict[str, Any]:
-        """Extra actor options for worker `rank` (a learner's placement-group bundle); none by default."""
-        return {}
 
     def __len__(self) -> int:
         return max(len(self.actors), 1)
@@ -67,7 +75,8 @@ class ActorGroup:
         """`method` on worker index % n (in-process: with ref arguments fetched as Ray would); the ref of its result."""
         if self.local is not None:
             resolved = [ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args]
-            return ray.put(getattr(self.local, method)(*resolved))
+            with self.local_lock:
+                return ray.put(getattr(self.local, method)(*resolved))
         return getattr(self.actors[index % len(self.actors)], method).remote(*args)
 
     def _call_all(self, method: str, *args: Any) -> list[ray.ObjectRef]:
@@ -81,15 +90,17 @@ class ActorGroup:
 
 
 class RolloutGroup(ActorGroup):
-    """Explore-precision copies of the policy (Sol-RL's rollout workers)."""
+    """Explore-precision copies of the policy (Sol-RL's rollout workers); with cluster.placement colocated, worker r
+    shares learner r's bundle (LearnerGroup.placement)."""
 
-    def __init__(self, recipe: Recipe, worker_class: type = RolloutWorker) -> None:
+    def __init__(self, recipe: Recipe, worker_class: type = RolloutWorker, placement: PlacementGroup | None = None) -> None:
         cluster = recipe.cluster
         super().__init__(
             worker_class=worker_class,
             num_workers=cluster.rollout_workers,
             resources=cluster.rollout_resources,
             max_restarts=cluster.max_restarts,
+            placement=placement,
             recipe=recipe,
         )
 
@@ -126,16 +137,20 @@ class RewardGroup(ActorGroup):
 
 class LearnerGroup(ActorGroup):
     """cluster.learners learner actors in one placement group forming one DeepSpeed world, or with
-    cluster.remote_learners false one learner in the driver's process (the recipe allows no more)."""
+    cluster.remote_learners false one learner in the driver's process (the recipe allows no more).
+
+    With cluster.placement colocated, each bundle also holds a rollout worker's resources (RolloutGroup takes it)."""
 
     def __init__(self, recipe: Recipe, worker_class: type = LearnerWorker) -> None:
         cluster = recipe.cluster
         self.num_learners = cluster.learners
-        self.placement = self._place(cluster.learners, cluster.learner_resources) if cluster.remote_learners else None
+        colocated = [cluster.rollout_resources] if cluster.placement == "colocated" else []
+        self.placement = self._place(cluster.learners, [cluster.learner_resources, *colocated]) if cluster.remote_learners else None
         super().__init__(
             worker_class=worker_class,
             num_workers=cluster.learners if cluster.remote_learners else 0,
             resources=cluster.learner_resources,
+            placement=self.placement,
             recipe=recipe,
         )
         if self.actors:
@@ -144,13 +159,12 @@ class LearnerGroup(ActorGroup):
                 [actor.init_distributed.remote(rank, len(self.actors), master_addr, master_port) for rank, actor in enumerate(self.actors)]
             )
 
-    def _placement(self, rank: int) -> dict[str, Any]:
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank)}
-
     @staticmethod
-    def _place(num_learners: int, resources: Resources) -> PlacementGroup:
-        """One bundle per learner, packed onto as few nodes as fit them."""
-        bundle = {name: amount for name, amount in (("CPU", resources.num_cpus), ("GPU", resources.num_gpus)) if amount > 0}
+    def _place(num_learners: int, resources: list[Resources]) -> PlacementGroup:
+        """One bundle per learner holding the sum of `resources` (the learner's, and a colocated rollout worker's),
+        packed onto as few nodes as fit them."""
+        totals = {"CPU": sum(r.num_cpus for r in resources), "GPU": sum(r.num_gpus for r in resources)}
+        bundle = {name: amount for name, amount in totals.items() if amount > 0}
         placement = placement_group([bundle] * num_learners, strategy="PACK")
         if not placement.wait(PLACEMENT_TIMEOUT_S):
             remove_placement_group(placement)

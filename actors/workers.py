@@ -112,8 +112,9 @@ class RolloutWorker:
         return sample(self.policy, request.prompts, request.seeds, request.steps, solver=request.solver, shift=request.shift).images
 
     def describe(self) -> dict[str, Any]:
-        """The explore copy's quantization report, version and timings, and the worker's pid."""
-        return self.policy.explore_state.to_dict() | {"pid": os.getpid()}
+        """The explore copy's quantization report, version and timings, the worker's pid and placement group (hex id or None)."""
+        placement = ray.get_runtime_context().get_placement_group_id() if ray.is_initialized() else None
+        return self.policy.explore_state.to_dict() | {"pid": os.getpid(), "placement_group": placement}
 
 
 class RewardWorker:

@@ -301,7 +301,14 @@ def check_restorable(
         )
 
 
-def run_state(steps_done: int, version: int, recipe: Recipe, base_fingerprint: str) -> dict[str, Any]:
+def run_state(steps_done: int, version: int, exploration: dict[str, Any], recipe: Recipe, base_fingerprint: str) -> dict[str, Any]:
     """The driver's part of a checkpoint after `steps_done` iterations (state.json, beside the trainers'): the
-    rollout weights' version, the recipe without secrets (a resume compares it) and the base weights' fingerprint."""
-    return {"step": steps_done, "version": version, "recipe": recipe.public_dump(), "base_fingerprint": base_fingerprint}
+    rollout weights' version, exploration's state (a pool explored ahead), the recipe without secrets (a resume
+    compares it) and the base weights' fingerprint."""
+    return {
+        "step": steps_done,
+        "version": version,
+        "exploration": exploration,
+        "recipe": recipe.public_dump(),
+        "base_fingerprint": base_fingerprint,
+    }

@@ -49,6 +49,11 @@ class AlgorithmSettings(Section):
     global_std: bool = Field(True, description="advantage std over the whole batch (else per prompt group)")
     drop_zero_variance: bool = Field(False, description="drop groups whose rewards are all equal (Flow-GRPO)")
     micro_batch: int = Field(8, ge=1, description="samples per forward/backward pass on a learner")
+    pipeline_depth: Literal[0, 1] = Field(
+        0,
+        description="Sol-RL only. 1: the rollout workers explore step t+1's pool with the weights of step t while the learners "
+        "regenerate and train step t (the selection is one weight version stale, explore/staleness); 0: one phase after another",
+    )
 
 
 # The recipe's `algorithm` section: the shared settings, `name` (one of rl.algorithms.ALGORITHMS) and one subsection per
@@ -188,6 +193,11 @@ class ClusterConfig(Section):
         description="DeepSpeed ZeRO stage of the learner group; not 3: it partitions the parameters, which then exist only "
         "inside the engine's forward, and the learners compute their gradients outside it and hand them to the engine",
     )
+    placement: Literal["split", "colocated"] = Field(
+        "split",
+        description="split: rollout workers and learners on their own devices; colocated (Sol-RL's layout): rollout worker r and "
+        "learner r share one placement-group bundle (one GPU), so every GPU explores, then every GPU regenerates and trains",
+    )
     max_restarts: int = Field(3, ge=0, description="restarts of a failed rollout / reward actor")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per actor, unless its role's resources set their own")
 
@@ -284,6 +294,17 @@ class Recipe(Section):
             raise ValueError(f"balance.amortized '{self.balance.amortized}' applies to balance.mode 'qp' only")
         for algorithm in ALGORITHMS.values():
             algorithm.check_recipe(self)
+        if self.algorithm.pipeline_depth and not self.sol.enabled:
+            raise ValueError("algorithm.pipeline_depth 1 overlaps exploration with training: it needs sol.enabled true")
+        cluster = self.cluster
+        if cluster.placement == "colocated" and not (
+            self.sol.enabled and cluster.remote_learners and cluster.rollout_workers == cluster.learners
+        ):
+            raise ValueError(
+                "cluster.placement colocated pairs one rollout worker with each learner: it needs sol.enabled true, "
+                f"cluster.remote_learners true and cluster.rollout_workers == cluster.learners (got {cluster.rollout_workers} and "
+                f"{cluster.learners})"
+            )
         if self.cluster.learners > 1 and not self.cluster.remote_learners:
             raise ValueError(
                 f"cluster.learners = {self.cluster.learners} needs cluster.remote_learners: true (a process holds one learner)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -79,6 +80,7 @@ class Driver:
         self.prompt_source = PromptSource(recipe.run.prompts, recipe.run.seed)
         self.timers = Timers()
         self.fetched_bytes = 0
+        self.fetch_lock = threading.Lock()  # fetch also runs on exploration's thread (algorithm.pipeline_depth 1)
         self.reward_names = [spec.name for spec in recipe.rewards.models]
         self.reward_weights = torch.tensor([spec.weight for spec in recipe.rewards.models], dtype=torch.float32)
         started = []  # the groups to stop if a later one fails to start
@@ -88,7 +90,7 @@ class Driver:
             self.learners = LearnerGroup(recipe, workers.learner)
             started.append(self.learners)
             self.exploration = (
-                SolExploration(recipe, self.learners, self.score, self.fetch, self.timers, workers)
+                SolExploration(recipe, self.learners, self.score, self.fetch, self.timers, workers, self.prompts)
                 if recipe.sol.enabled
                 else OnPolicy(recipe)
             )
@@ -104,7 +106,7 @@ class Driver:
         recipe, timer = self.recipe, self.timers
         P, K = recipe.algorithm.prompts_per_step, recipe.algorithm.group_size
         with timer("prompts"):
-            prompts = self.prompt_source.batch(step, P)
+            prompts = self.prompts(step)
         chosen, metrics = self.exploration.choose(prompts, step)
         flat_prompts = [prompt for prompt in prompts for _ in range(K)]
         group_ids = [p for p in range(P) for _ in range(K)]
@@ -126,6 +128,10 @@ class Driver:
         )
         metrics["driver/fetched_bytes"], self.fetched_bytes = float(self.fetched_bytes), 0
         return metrics | self.timers.pop()
+
+    def prompts(self, step: int) -> list[str]:
+        """Iteration `step`'s P prompts (a function of the run seed and the step alone)."""
+        return self.prompt_source.batch(step, self.recipe.algorithm.prompts_per_step)
 
     def advantages(self, rewards: np.ndarray, group_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(the rewards trained on, their group advantages) over the whole batch (global std), before the learners split it:
@@ -150,7 +156,8 @@ class Driver:
     def fetch(self, ref: ray.ObjectRef) -> Any:
         """ray.get for the driver, which may only hold scalars, metric dicts and [B, R] score tables."""
         value = ray.get(ref)
-        self.fetched_bytes += _driver_sized(value)
+        with self.fetch_lock:
+            self.fetched_bytes += _driver_sized(value)
         return value
 
     def evaluate(self) -> dict[str, float]:
@@ -164,7 +171,7 @@ class Driver:
     def save_checkpoint(self, steps_done: int) -> Path:
         """The learners' adapters and trainer states (optimizer, EMA, balancer, step), and the run's position after `steps_done` iterations."""
         learner_states = ray.get(self.learners.checkpoint_states())
-        state = run_state(steps_done, self.exploration.version, self.recipe, self.base_fingerprint)
+        state = run_state(steps_done, self.exploration.version, self.exploration.state(), self.recipe, self.base_fingerprint)
         return save_checkpoint(Path(self.recipe.run.output_dir) / CHECKPOINTS, learner_states, state, self.recipe.checkpoint.keep)
 
     def restore(self, path: Path, learner_states: list[dict[str, Any]], state: dict[str, Any]) -> int:
@@ -172,7 +179,7 @@ class Driver:
         to its weights; returns the step to continue at."""
         check_restorable(path, state, learner_states, self.base_fingerprint, self.recipe)
         ray.get(self.learners.restore(learner_states))
-        self.exploration.restore(state["version"])
+        self.exploration.restore(state["version"], state.get("exploration", {}))
         self.fetched_bytes = 0  # the restore's traffic belongs to no step
         return state["step"]
 

@@ -4,6 +4,10 @@ OnPolicy (sol.enabled false): the first K seeds; the learners' samples are the p
 SolExploration (Sol-RL): rollout workers explore N candidates per prompt at explore precision, the
 reward group scores them as they land, the weighted proxy reward picks the contrastive K
 (rl.selection), and after each update the workers receive the new LoRA factors and re-quantize.
+With algorithm.pipeline_depth 1, step t+1's pool is explored and scored (on a driver thread) while
+the learners regenerate and train step t: with the weights of step t, one version behind those
+that regenerate it. A checkpoint keeps that pool's scores, so a resumed run selects as the
+uninterrupted one did.
 
 Both have the same methods, so the driver's step has no Sol-RL branch.
 """
@@ -12,6 +16,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,36 +53,90 @@ class OnPolicy:
         """Work after the optimizer step, given the regenerated batch's rewards [P * K, R]; its metrics."""
         return {}
 
-    def restore(self, version: int) -> None:
-        """Bring exploration to the weights of `version` (a resume)."""
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint must keep to continue exploration exactly (JSON values)."""
+        return {}
+
+    def restore(self, version: int, state: dict[str, Any]) -> None:
+        """Bring exploration to the weights of `version` and to a `state` from `state()` (a resume)."""
 
     def shutdown(self) -> None:
         """Stop what exploration started."""
+
+
+@dataclass
+class ExploredPool:
+    """A step's pool, explored with the weights of `version`: proxy rewards [P, N, R] and the prompts whose pools failed to score."""
+
+    step: int
+    version: int
+    scores: np.ndarray
+    failed: int
+
+    def to_json(self) -> dict[str, Any]:
+        scores = [[[None if np.isnan(v) else float(v) for v in row] for row in prompt] for prompt in self.scores]
+        return {"step": self.step, "version": self.version, "scores": scores, "failed": self.failed}
+
+    @classmethod
+    def from_json(cls, state: dict[str, Any]) -> ExploredPool:
+        scores = np.array(state["scores"], dtype=np.float64)  # null -> NaN
+        return cls(state["step"], state["version"], scores, state["failed"])
 
 
 class SolExploration:
     """Sol-RL's explore / score / select before regeneration, and the weight sync after the update."""
 
     def __init__(
-        self, recipe: Recipe, learners: LearnerGroup, score: Scorer, fetch: Callable[[ray.ObjectRef], Any], timers, workers: WorkerClasses
+        self,
+        recipe: Recipe,
+        learners: LearnerGroup,
+        score: Scorer,
+        fetch: Callable[[ray.ObjectRef], Any],
+        timers,
+        workers: WorkerClasses,
+        prompts_for: Callable[[int], list[str]],
     ) -> None:
+        """score and fetch: the driver's (thread-safe: a pipelined pool is scored on a driver thread); prompts_for(step):
+        the step's prompts (a pipelined pool is explored one step ahead)."""
         self.recipe, self.learners, self.score, self.fetch, self.timers = recipe, learners, score, fetch, timers
-        self.rollout = RolloutGroup(recipe, workers.rollout)
+        self.prompts_for = prompts_for
+        self.ahead: Future[ExploredPool] | None = None  # pipeline_depth 1: the next step's pool, being explored and scored
+        self.scorer = ThreadPoolExecutor(1, thread_name_prefix="explore-ahead") if recipe.algorithm.pipeline_depth else None
+        self.rollout = RolloutGroup(recipe, workers.rollout, learners.placement if recipe.cluster.placement == "colocated" else None)
         self.reward_weights = torch.tensor([spec.weight for spec in recipe.rewards.models], dtype=torch.float32)
         self.weights_ref: ray.ObjectRef | None = None  # the current LoRA factors, for workers that must catch up
         self.version = 0
         self.pool_scores: np.ndarray | None = None  # [P, N, R] of the step being trained
 
     def choose(self, prompts: list[str], step: int) -> tuple[list[list[int]], dict[str, float]]:
-        metrics = {}
-        with self.timers("explore"):
-            pool_refs = self.explore(prompts, step)
-        with self.timers("score"):
-            self.pool_scores, metrics["explore/failed_prompts"] = self.score_pool(pool_refs, prompts, step)
+        if self.ahead is not None:
+            with self.timers("explore_wait"):  # the part of the pool's exploring and scoring that training did not hide
+                pool = self.ahead.result()
+            self.ahead = None
+            assert pool.step == step, f"the pool explored ahead is step {pool.step}'s, not step {step}'s"
+        else:
+            with self.timers("explore"):
+                pool_refs = self.explore(prompts, step)
+            with self.timers("score"):
+                pool = self.score_pool(pool_refs, prompts, step, self.version)
+        if self.scorer is not None and step + 1 < self.recipe.run.steps:
+            self.explore_ahead(step + 1)
+        self.pool_scores = pool.scores
         with self.timers("select"):
-            chosen = self.select(self.pool_scores, step)
-        metrics["explore/reward_mean"] = float(np.nanmean(self.pool_scores[..., 0]))
+            chosen = self.select(pool.scores, step)
+        metrics = {
+            "explore/failed_prompts": pool.failed,
+            "explore/reward_mean": float(np.nanmean(pool.scores[..., 0])),
+            "explore/staleness": float(self.version - pool.version),
+        }
         return chosen, metrics
+
+    def explore_ahead(self, step: int) -> None:
+        """Start exploring `step`'s pool with the current weights (its requests queue on the rollout workers before the
+        coming weight sync), and score it on the driver's thread as its shards land."""
+        prompts = self.prompts_for(step)
+        pool_refs = self.explore(prompts, step)
+        self.ahead = self.scorer.submit(self.score_pool, pool_refs, prompts, step, self.version)
 
     def explore(self, prompts: list[str], step: int) -> list[list[ray.ObjectRef]]:
         """Per prompt, shards of N candidate images from the rollout workers (refs)."""
@@ -102,14 +162,14 @@ class SolExploration:
             for p, prompt in enumerate(prompts)
         ]
 
-    def score_pool(self, pool_refs: list[list[ray.ObjectRef]], prompts: list[str], step: int) -> tuple[np.ndarray, int]:
-        """Proxy rewards [P, N, R] of the explored pools, and how many prompts' pools failed to score."""
+    def score_pool(self, pool_refs: list[list[ray.ObjectRef]], prompts: list[str], step: int, version: int) -> ExploredPool:
+        """The proxy rewards [P, N, R] of the pools explored for `step` with the weights of `version`."""
         sizes = [len(js) for js in np.array_split(np.arange(self.recipe.sol.pool_size), self.recipe.cluster.shards_per_prompt)]
         scores = self.score([ref for shards in pool_refs for ref in shards], [[prompt] * n for prompt in prompts for n in sizes])
         pool_size = self.recipe.sol.pool_size
         pool_prompts, pool_groups = [prompt for prompt in prompts for _ in range(pool_size)], np.repeat(np.arange(len(prompts)), pool_size)
         scores, failed = apply_reward_failures(self.recipe, scores, pool_prompts, pool_groups.tolist(), step)
-        return scores.reshape(len(prompts), pool_size, -1), failed
+        return ExploredPool(step, version, scores.reshape(len(prompts), pool_size, -1), failed)
 
     def select(self, pool_scores: np.ndarray, step: int) -> list[list[int]]:
         """Per prompt, the K candidate indices to regenerate (from the weighted proxy reward; a candidate
@@ -134,11 +194,20 @@ class SolExploration:
         self.version = version
         return max(self.fetch(ref) for ref in self.rollout.set_weights(self.weights_ref, version))
 
-    def restore(self, version: int) -> None:
+    def state(self) -> dict[str, Any]:
+        """With a pool explored ahead: its scores (waited for), so that a resume selects from the same pool."""
+        return {} if self.ahead is None else {"explored_ahead": self.ahead.result().to_json()}
+
+    def restore(self, version: int, state: dict[str, Any]) -> None:
         if version > 0:
             self.sync_weights(version)
+        if "explored_ahead" in state:
+            self.ahead = Future()
+            self.ahead.set_result(ExploredPool.from_json(state["explored_ahead"]))
 
     def shutdown(self) -> None:
+        if self.scorer is not None:
+            self.scorer.shutdown(wait=False, cancel_futures=True)
         self.rollout.shutdown()
 
 

@@ -315,8 +315,9 @@ def _wait_for(condition, process: subprocess.Popen, timeout: float = 300.0) -> N
 
 
 @pytest.mark.slow
-def test_run_killed_mid_way_resumes_to_the_metrics_of_an_uninterrupted_run(tmp_path):
-    overrides = SMALL + ["run.steps=4", "checkpoint.every=2"]
+@pytest.mark.parametrize("pipeline_depth", [0, 1])
+def test_run_killed_mid_way_resumes_to_the_metrics_of_an_uninterrupted_run(tmp_path, pipeline_depth):
+    overrides = SMALL + ["run.steps=4", "checkpoint.every=2", f"algorithm.pipeline_depth={pipeline_depth}"]
     killed_dir = tmp_path / "killed"
     command = [sys.executable, "-m", "solray.cli", "train", "recipes/tiny_solrl.yaml", *overrides, f"run.output_dir={killed_dir}"]
     process = subprocess.Popen(
@@ -329,6 +330,9 @@ def test_run_killed_mid_way_resumes_to_the_metrics_of_an_uninterrupted_run(tmp_p
     assert process.returncode == -signal.SIGKILL
     assert sorted(checkpoint_steps(killed_dir / "checkpoints")) == [2]
     (killed_dir / "checkpoints" / ".tmp-step_000004").mkdir()  # as if the kill had hit the next save
+    exploration = json.loads((killed_dir / "checkpoints/step_000002/state.json").read_text())["exploration"]
+    # depth 1: step 2's pool, explored with v1 during step 1, is kept with its scores [P, N, R]
+    assert [(e["step"], e["version"], len(e["scores"])) for e in exploration.values()] == [(2, 1, 2)] * pipeline_depth
 
     resumed = train(load_recipe(REPO / "recipes/tiny_solrl.yaml", overrides + [f"run.output_dir={killed_dir}"])).history
     uninterrupted = train(
@@ -344,6 +348,7 @@ def test_run_killed_mid_way_resumes_to_the_metrics_of_an_uninterrupted_run(tmp_p
     assert sorted(checkpoint_steps(killed_dir / "checkpoints")) == [2, 4]
     assert not (killed_dir / "checkpoints" / ".tmp-step_000004").exists()
     assert resumed[3]["loss/nft"] != resumed[2]["loss/nft"]
+    assert [row["explore/staleness"] for row in resumed] == [0, pipeline_depth, pipeline_depth, pipeline_depth]
 
 
 def test_weights_fingerprint_ignores_the_load_precision_and_sees_changed_weights():

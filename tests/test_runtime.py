@@ -32,6 +32,7 @@ RUNTIME = [
 ]
 IN_PROCESS = ["cluster.rollout_workers=0", "cluster.reward_workers=0", "cluster.remote_learners=false"]
 REMOTE = ["cluster.rollout_workers=2", "cluster.reward_workers=1", "cluster.remote_learners=true"]
+PIPELINED = ["algorithm.pipeline_depth=1"]
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,8 @@ def local_ray():
 
 
 def run_steps(driver: Driver, kill_at: int | None = None) -> list[dict]:
+    """STEPS driver steps; in step `kill_at`, rollout worker 0 is killed after each explore call and the reward worker
+    before each scoring (with pipeline_depth 1, step 0 explores twice: its own pool and step 1's)."""
     history = []
     exploration = driver.exploration
     explore, score = exploration.explore, exploration.score
@@ -126,17 +129,63 @@ def test_synced_rollout_copy_samples_what_the_learner_samples(remote_driver):
         ray.get(exploration.rollout.explore(0, request(exploration.version - 1)))
 
 
+@pytest.fixture(scope="module")
+def pipelined_driver(local_ray, tmp_path_factory):
+    recipe = load_recipe("recipes/tiny_solrl.yaml", [*RUNTIME, *REMOTE, *PIPELINED, f"run.output_dir={tmp_path_factory.mktemp('piped')}"])
+    driver = Driver(recipe)
+    yield driver, run_steps(driver)
+    driver.shutdown()
+
+
 @pytest.mark.slow
-def test_killed_rollout_and_reward_actors_are_restarted_and_their_shards_reissued(remote_driver, tmp_path):
-    _, reference = remote_driver
-    driver = Driver(load_recipe("recipes/tiny_solrl.yaml", [*RUNTIME, *REMOTE, f"run.output_dir={tmp_path}"]))
+@pytest.mark.parametrize("pipelined", [False, True], ids=["depth0", "depth1"])
+def test_killed_rollout_and_reward_actors_are_restarted_and_their_shards_reissued(pipelined, request, tmp_path):
+    _, reference = request.getfixturevalue("pipelined_driver" if pipelined else "remote_driver")
+    driver = Driver(load_recipe("recipes/tiny_solrl.yaml", [*RUNTIME, *REMOTE, *(PIPELINED * pipelined), f"run.output_dir={tmp_path}"]))
     actors = [*driver.exploration.rollout.actors, *driver.rewards.actors]
     pids = [ray.get(actor.describe.remote())["pid"] for actor in actors]
-    history = run_steps(driver, kill_at=1)  # after the first sync: the restarted worker must catch up to v1
+    # depth 0: after the first sync, so the restarted worker must catch up to v1; depth 1: step 1's pool, explored
+    # during step 0 with v0, whose requests sit before the v1 sync on the worker that restarts
+    history = run_steps(driver, kill_at=0 if pipelined else 1)
     killed = [ray.get(actor.describe.remote())["pid"] != pid for actor, pid in zip(actors, pids)]
     assert killed == [True, False, True]  # rollout 0 and the reward worker were restarted
     driver.shutdown()
     assert_same_run(history, reference, loss_rel=0)
+
+
+@pytest.mark.slow
+def test_pipelined_steps_select_from_a_pool_explored_one_version_behind(pipelined_driver, remote_driver):
+    driver, pipelined = pipelined_driver
+    _, sequential = remote_driver
+    assert [row["explore/staleness"] for row in pipelined] == [0.0, 1.0]
+    assert [row["explore/staleness"] for row in sequential] == [0.0, 0.0]
+    assert_same_run(pipelined[:1], sequential[:1], loss_rel=0)  # step 0 has no earlier step to overlap
+    # Step 1's pool was explored with v0 (the base model: the LoRA starts at zero), the sequential run's with v1.
+    recipe, base = driver.recipe, load_policy("tiny")
+    alignment = driver.rewards.local or RewardWorker(recipe=recipe)
+    pool_means = []
+    for p, prompt in enumerate(driver.prompts(1)):
+        seeds = [seed_for(recipe.run.seed, 1, p, j) for j in range(recipe.sol.pool_size)]
+        images = sample(base, [prompt] * len(seeds), seeds, recipe.sol.explore_steps, solver="euler").images
+        pool_means.append(alignment.score(images, [prompt] * len(seeds))[:, 0].mean())
+    assert pipelined[1]["explore/reward_mean"] == pytest.approx(np.mean(pool_means), rel=1e-6)
+    assert pipelined[1]["explore/reward_mean"] != sequential[1]["explore/reward_mean"]
+
+
+@pytest.mark.slow
+def test_colocated_placement_shares_each_learner_bundle_with_a_rollout_worker(remote_driver, tmp_path):
+    _, split = remote_driver
+    colocated = ["cluster.placement=colocated", "cluster.rollout_workers=1", f"run.output_dir={tmp_path}"]
+    driver = Driver(load_recipe("recipes/tiny_solrl.yaml", [*RUNTIME, *REMOTE, *colocated]))
+    placement = driver.learners.placement
+    try:
+        # tiny_solrl: a learner needs 0.75 CPU and a rollout worker 0.5; one bundle holds both
+        assert ray.util.placement_group_table(placement)["bundles"] == {0: {"CPU": 1.25}}
+        assert [ray.get(actor.describe.remote())["placement_group"] for actor in driver.exploration.rollout.actors] == [placement.id.hex()]
+        history = run_steps(driver)
+    finally:
+        driver.shutdown()
+    assert_same_run(history, split, loss_rel=0)  # where the actors run changes no number
 
 
 @pytest.mark.slow

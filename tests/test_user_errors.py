@@ -44,6 +44,16 @@ CASES = [
     ([*TRAIN, "algorithm.name=ppo"], "algorithm.name: Input should be 'nft' or 'grpo'"),
     ([*TRAIN, "algorithm.group_size=1"], "algorithm.group_size: Input should be greater than or equal to 2"),
     ([*TRAIN, "sol.pool_size=1"], "sol.pool_size: Input should be greater than or equal to 2"),
+    ([*TRAIN, "algorithm.pipeline_depth=2"], "algorithm.pipeline_depth: Input should be 0 or 1"),
+    (
+        [*TRAIN, "algorithm.pipeline_depth=1", "sol.enabled=false"],
+        "algorithm.pipeline_depth 1 overlaps exploration with training: it needs sol.enabled true",
+    ),
+    ([*TRAIN, "cluster.placement=mixed"], "cluster.placement: Input should be 'split' or 'colocated'"),
+    (
+        [*TRAIN, "cluster.placement=colocated", "cluster.rollout_workers=2", "cluster.learners=1"],
+        "cluster.rollout_workers == cluster.learners (got 2 and 1)",
+    ),
     ([*TRAIN, "sol.keep_high_precision=['(']"], "'(' is not a regular expression"),
     ([*TRAIN, "sol.explore_precision=int4"], "sol.explore_precision"),
     ([*TRAIN, "cluster.zero_stage=3"], "cluster.zero_stage: Input should be 0, 1 or 2"),
