@@ -35,7 +35,7 @@ import numpy as np
 import ray
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]  # this checkout's packages, not an installed copy's
 import sim_workers  # noqa: E402  (bench/ is not a package)
 from sim_workers import Profile, SimLearnerWorker, SimRecipe, SimRewardWorker, SimRolloutWorker  # noqa: E402
 
@@ -140,20 +140,23 @@ def layout(placement: str, gpus: int) -> dict[str, int]:
     """Worker counts at `gpus` simulated GPUs: split = the production recipes' 8-GPU layout scaled (half the GPUs
     hold a rollout worker, half a learner, each at 0.75 GPU, every GPU a 0.25-GPU reward worker); colocated = every
     GPU holds one of each role."""
-    if placement == "colocated":
+    if placement.startswith("colocated"):
         return {"rollout_workers": gpus, "learners": gpus, "reward_workers": gpus}
     return {"rollout_workers": gpus // 2, "learners": gpus // 2, "reward_workers": gpus}
 
 
-# The overrides that make a placement. Reward workers get no Ray GPU in the simulation (see check_packing: Ray's
-# first-fit packs the 0.25-GPU reward workers four to a GPU and the 0.75-GPU workers then do not fit); each is pinned
-# to simulated GPU k instead (sim_workers.SimRewardWorker), the layout the recipes mean. colocated's and pipelined's
-# keys are implemented on main (issue 18): until this branch has them they are reported analytically.
+# The overrides that make a placement (cluster.placement, algorithm.pipeline_depth). Reward workers get no Ray GPU
+# in the simulation (check_packing: Ray's first-fit packs the 0.25-GPU reward workers four to a GPU, and then
+# the 0.75-GPU workers do not all fit); each is pinned to simulated GPU k instead (sim_workers.SimWorker.pin_gpu),
+# the layout the recipes mean. colocated: rollout worker r and learner r share bundle r, 0.5 GPU each (one GPU).
 PLACEMENTS: dict[str, list[str]] = {
     "split": [],
-    "colocated": ["cluster.placement=colocated"],
     "pipelined": ["algorithm.pipeline_depth=1"],
+    "colocated": ["cluster.placement=colocated"],
+    "colocated+pipelined": ["cluster.placement=colocated", "algorithm.pipeline_depth=1"],
 }
+
+
 PROMPTS_PER_GPU = PAPER_BATCH["prompts"] // REFERENCE_GPUS  # weak scaling: the per-GPU work of the paper's batch
 
 
@@ -161,7 +164,7 @@ def recipe_overrides(model: str, placement: str, gpus: int, output_dir: str, pro
     """The recipe overrides of one configuration: the family's production recipe at `gpus` GPUs, with no evaluation,
     no model weights (model.family named, so check_inputs reads no checkpoint) and no CPU reservations."""
     counts = layout(placement, gpus)
-    gpu_share = {"rollout": 0.75, "learner": 0.75} if placement != "colocated" else {"rollout": 0.5, "learner": 0.25}
+    gpu_share = {"rollout": 0.5, "learner": 0.5} if placement.startswith("colocated") else {"rollout": 0.75, "learner": 0.75}
     return [
         f"model.family={RECIPES[model][1]}",
         "run.prompts=tiny:train",
@@ -206,11 +209,12 @@ def expected_seconds(p: Profile, recipe, placement: str, gpus: int) -> dict[str,
     split: explore on the rollout GPUs, which also run their reward workers' share of the pool scoring (each GPU
     hosts one reward worker), then the last shard's score; regeneration and update on the learner GPUs, rescore of
     each learner's shard by one reward worker; the sync. pipelined (depth 1, split GPUs): the rollout side's and
-    the learner side's work overlap, so a step takes the longer of the two. colocated: the reference schedule."""
+    the learner side's work overlap (the sync queues behind the next pool's shards), so a step takes the longer of
+    the two, then the sync. colocated (pipelined or not): the reference schedule, every GPU running every role's work."""
     a, c, s = recipe.algorithm, recipe.cluster, recipe.sol
     P, K, N = a.prompts_per_step, a.group_size, s.pool_size
     n_r, n_l, n_w = c.rollout_workers, c.learners, c.reward_workers
-    if placement == "colocated":
+    if placement.startswith("colocated"):
         work = phase_work(p, recipe)
         return {name: seconds / gpus for name, seconds in work.items()} | {"sync": p.sync}
     shard = N / c.shards_per_prompt
@@ -227,14 +231,19 @@ def expected_seconds(p: Profile, recipe, placement: str, gpus: int) -> dict[str,
         "sync": p.sync,
     }
     if placement == "pipelined":
-        learner_side = phases["regen"] + phases["rescore"] + phases["update"] + phases["sync"] + P * N / n_w * p.reward_image
-        return {"rollout side": explore_side, "learner side": learner_side, "step (the longer)": max(explore_side, learner_side)}
+        learner_side = phases["regen"] + phases["rescore"] + phases["update"] + P * N / n_w * p.reward_image
+        return {
+            "rollout side": explore_side,
+            "learner side": learner_side,
+            "sync": p.sync,
+            "step": max(explore_side, learner_side) + p.sync,
+        }
     return phases
 
 
 def expected_total(p: Profile, recipe, placement: str, gpus: int) -> float:
     phases = expected_seconds(p, recipe, placement, gpus)
-    return phases["step (the longer)"] if placement == "pipelined" else sum(phases.values())
+    return phases["step"] if placement == "pipelined" else sum(phases.values())
 
 
 def payload_bytes(p: Profile, recipe, image_side: int) -> dict[str, int]:
@@ -295,6 +304,7 @@ def run_config(
     warmup: int = 1,
     pool_budget: float = 1 << 30,
     recipe_path: str | None = None,
+    max_actors: int | None = None,
 ) -> dict:
     """Simulate `steps` iterations (after `warmup`) of one configuration on the real Driver; its figures."""
     from actors.groups import WorkerClasses
@@ -312,6 +322,13 @@ def run_config(
             # The placement's keys are not in this branch's schema yet: the analytic figures of its layout only.
             plain = load_recipe(REPO / (recipe_path or RECIPES[model][0]), overrides[: -len(PLACEMENTS[placement])])
             return base | analytic(profile, plain, placement, gpus) | {"status": f"analytic only: {str(error)[-160:]}"}
+        actors = sum(layout(placement, gpus).values())
+        if max_actors is not None and actors > max_actors:
+            return (
+                base
+                | analytic(profile, recipe, placement, gpus)
+                | {"status": f"analytic only: {actors} actors > --max-actors {max_actors}"}
+            )
         sim = SimRecipe(
             profile=profile,
             compression=compression,
@@ -321,7 +338,6 @@ def run_config(
             steps=recipe.sampler.steps,
             gpus=gpus,
         )
-        actors = sum(layout(placement, gpus).values())
         ray.init(
             num_cpus=2,
             num_gpus=gpus,
@@ -526,6 +542,7 @@ def simulate(
     placements: list[str] | None = None,
     packing: bool = False,
     recipe_path: str | None = None,
+    max_actors: int | None = None,
 ) -> dict:
     profile = profile or PROFILES[model]
     runs = []
@@ -533,7 +550,7 @@ def simulate(
     for gpus, factor in zip(sizes, compression, strict=True):
         for placement in placements or PLACEMENTS:
             print(f"{model} {placement} {gpus} GPUs, compression {factor:g} ...", flush=True)
-            run = run_config(model, placement, gpus, profile, factor, steps=steps, recipe_path=recipe_path)
+            run = run_config(model, placement, gpus, profile, factor, steps=steps, recipe_path=recipe_path, max_actors=max_actors)
             run["compression"] = factor
             print(
                 f"  {run['status']}: iteration {run.get('iteration_s', float('nan')):.1f} s, expected {run['expected_s']:.1f} s", flush=True
@@ -569,6 +586,9 @@ def main() -> None:
     parser.add_argument("--profile", help="a real run's metrics.jsonl: per-unit costs from its time/ metrics (with --recipe)")
     parser.add_argument("--recipe", help="the recipe of the --profile run (default: the --model's production recipe)")
     parser.add_argument("--reward-image-s", type=float, default=ASSUMED_REWARD_IMAGE_S, help="--profile: a reward's seconds per image")
+    parser.add_argument(
+        "--max-actors", type=int, help="configurations with more actors are reported analytically (each actor process costs ~56 MiB PSS)"
+    )
     parser.add_argument("--packing", action="store_true", help="also start the recipes' fractional-GPU actors as the driver orders them")
     parser.add_argument("--out", help="output JSON path (default bench/results/scale_sim_<model>.json; a temp dir for --quick/--profile)")
     args = parser.parse_args()
@@ -579,7 +599,9 @@ def main() -> None:
         from rl.config import load_recipe
 
         profile = profile_from_metrics(Path(args.profile), load_recipe(args.recipe or REPO / RECIPES[args.model][0]), PROFILES[args.model])
-    result = simulate(args.model, args.gpus, args.compression, args.steps, profile, args.placements, args.packing)
+    result = simulate(
+        args.model, args.gpus, args.compression, args.steps, profile, args.placements, args.packing, max_actors=args.max_actors
+    )
     default_dir = Path(tempfile.mkdtemp(prefix="scale-sim-")) if (args.quick or args.profile) else REPO / "bench/results"
     out = Path(args.out) if args.out else default_dir / f"scale_sim_{args.model}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
