@@ -354,7 +354,8 @@ def run_config(
                 for step in range(warmup):
                     driver.step(step)
                 all_actors = driver.rewards.actors + driver.learners.actors + driver.exploration.rollout.actors
-                ray.get([actor.stats.remote() for actor in all_actors])  # reset the counters after warm-up
+                pids = [s["pid"] for s in ray.get([actor.stats.remote() for actor in all_actors])]  # resets the counters
+                actor_cpu = process_cpu(pids)
                 walls, cpus, rows = [], [], []
                 for step in range(warmup, warmup + steps):
                     wall, cpu = time.perf_counter(), time.process_time()
@@ -362,7 +363,8 @@ def run_config(
                     walls.append(time.perf_counter() - wall)
                     cpus.append(time.process_time() - cpu)
                 stats = ray.get([actor.stats.remote() for actor in all_actors])
-                memory = actor_memory([s["pid"] for s in stats])
+                actor_cpu = process_cpu(pids) - actor_cpu
+                memory = actor_memory(pids)
             finally:
                 driver.shutdown()
         finally:
@@ -385,6 +387,10 @@ def run_config(
                 "ratio_to_reference": iteration / reference_seconds(profile, recipe, gpus),
                 "driver_cpu_s_per_step": sum(cpus) / steps,
                 "driver_share_of_step": sum(cpus) / steps / iteration,
+                "actors_cpu_s_per_step": actor_cpu / steps,
+                # CPU the driver and the actors used per second of simulated wall, against the machine's cores: near
+                # os.cpu_count() the host, not the schedule, sets the pace (lower the compression)
+                "host_cpu_load": (sum(cpus) + actor_cpu) / measured_wall,
                 "object_store_bytes_per_step": {
                     "moved": bytes_moved,
                     "real": payload_bytes(profile, recipe, sim.image_side)["real"],
@@ -414,6 +420,20 @@ def analytic(profile: Profile, recipe, placement: str, gpus: int) -> dict:
         "expected_ratio_to_reference": expected / reference,
         "payload_bytes_per_step": payload_bytes(profile, recipe, 0) | {"moved": None},
     }
+
+
+def process_cpu(pids: list[int]) -> float:
+    """User + system CPU seconds the processes have used so far (those still alive)."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except (psutil.Error, OSError):
+            continue
+        total += times.user + times.system
+    return total
 
 
 def actor_memory(pids: list[int]) -> dict[str, float]:
@@ -513,14 +533,14 @@ def plot(result: dict, path: Path) -> None:
 
 def table(result: dict) -> str:
     lines = [
-        "| placement | GPUs | rollout workers | iteration (s) | / reference | analytic / reference | GPU busy share | driver CPU s/step (share) | object store MB/step moved (real) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| placement | GPUs | rollout workers | iteration (s) | / reference | analytic / reference | GPU busy share | driver CPU s/step (share) | object store MB/step moved (real) | host CPU (cores) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
         if r["status"] != "simulated":
             lines.append(
                 f"| {r['placement']} | {r['gpus']} | {r['layout']['rollout_workers']} | ({r['expected_s']:.0f}) | - | "
-                f"{r['expected_ratio_to_reference']:.2f} | - | - | - ({r['payload_bytes_per_step']['real'] / 1e6:.0f}) |"
+                f"{r['expected_ratio_to_reference']:.2f} | - | - | - ({r['payload_bytes_per_step']['real'] / 1e6:.0f}) | - |"
             )
             continue
         busy = ", ".join(f"{name} {g['busy_share']:.2f}" for name, g in r["busy_share"].items())
@@ -528,7 +548,7 @@ def table(result: dict) -> str:
         lines.append(
             f"| {r['placement']} | {r['gpus']} | {r['layout']['rollout_workers']} | {r['iteration_s']:.0f} | {r['ratio_to_reference']:.2f} | "
             f"{r['expected_ratio_to_reference']:.2f} | {busy} | {r['driver_cpu_s_per_step']:.2f} ({100 * r['driver_share_of_step']:.2f}%) | "
-            f"{store['moved'] / 1e6:.0f} ({store['real'] / 1e6:.0f}) |"
+            f"{store['moved'] / 1e6:.0f} ({store['real'] / 1e6:.0f}) | {r.get('host_cpu_load', float('nan')):.1f} |"
         )
     return "\n".join(lines)
 
