@@ -465,30 +465,43 @@ def busy_shares(stats: list[dict], wall: float) -> dict[str, dict]:
     return {name: {"gpus": g["gpus"], "busy_share": g["seconds"] / (g["gpus"] * wall)} for name, g in sorted(groups.items())}
 
 
+# Fractional-GPU layouts as the Driver creates them (reward workers first, then learners, then rollout workers):
+# the production recipes' split layout, and the colocated one the README suggests (8 reward workers x 0.125 beside
+# 8 bundles of 0.875; plain actors of 0.875 stand in for the learners' placement-group bundles here).
+PACKING_LAYOUTS = {
+    "split (recipes/*_solrl.yaml)": [("reward", 0.25, 8), ("learner", 0.75, 4), ("rollout", 0.75, 4)],
+    "colocated (README: 8 x 0.125 rewards, 8 x 0.875 bundles)": [("reward", 0.125, 8), ("learner+rollout", 0.875, 8)],
+}
+
+
 def check_packing(gpus: int = 8, timeout_s: float = 60) -> dict:
-    """Start the production recipes' actors as the Driver orders them (reward workers at 0.25 GPU, then learners, then
-    rollout workers at 0.75) on `gpus` fake GPUs: how many start, and on which GPU Ray put each."""
+    """Start each PACKING_LAYOUTS layout's actors in the Driver's order on `gpus` fake GPUs: how many start within
+    `timeout_s`, and on which GPU Ray put each (Ray assigns fake GPUs as it does real ones)."""
     recipe = SimRecipe(profile=PROFILES["flux"], compression=1.0, lock_dir=tempfile.gettempdir(), image_side=8, lora_rank=1, steps=1)
-    ray.init(num_cpus=2, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
-    try:
-        order = [("reward", SimRewardWorker, 0.25, gpus), ("learner", SimLearnerWorker, 0.75, gpus // 2)]
-        order.append(("rollout", SimRolloutWorker, 0.75, gpus // 2))
-        actors = [
-            (role, ray.remote(cls).options(num_cpus=0, num_gpus=share).remote(recipe=recipe))
-            for role, cls, share, n in order
-            for _ in range(n)
-        ]
-        refs = [actor.describe.remote() for _, actor in actors]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        placed = [(role, ray.get(ref)["gpu"]) for (role, _), ref in zip(actors, refs) if ref in ready]
-        for _, actor in actors:
-            ray.kill(actor)
-    finally:
-        ray.shutdown()
-    by_gpu: dict[str, list[str]] = {}
-    for role, gpu in placed:
-        by_gpu.setdefault(gpu, []).append(role)
-    return {"gpus": gpus, "actors": len(refs), "started": len(ready), "waited_s": timeout_s, "roles_by_gpu": dict(sorted(by_gpu.items()))}
+    out = {}
+    for name, order in PACKING_LAYOUTS.items():
+        ray.init(num_cpus=2, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
+        try:
+            actors = [
+                (role, ray.remote(SimRewardWorker).options(num_cpus=0, num_gpus=share).remote(recipe=recipe))
+                for role, share, n in order
+                for _ in range(n)
+            ]
+            refs = [actor.describe.remote() for _, actor in actors]
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+            by_gpu: dict[str, list[str]] = {}
+            for (role, _), ref in zip(actors, refs):
+                if ref in ready:
+                    by_gpu.setdefault(ray.get(ref)["gpu"], []).append(role)
+            unplaced = [role for (role, _), ref in zip(actors, refs) if ref not in ready]
+            out[name] = {"actors": len(refs), "started": len(ready), "unplaced": unplaced, "roles_by_gpu": dict(sorted(by_gpu.items()))}
+            for _, actor in actors:
+                ray.kill(actor)
+        except Exception as error:  # a report, not a reason to lose the simulation's results
+            out[name] = {"error": repr(error)}
+        finally:
+            ray.shutdown()
+    return {"gpus": gpus, "waited_s": timeout_s, "layouts": out}
 
 
 # --- Report --------------------------------------------------------------------------------------------------------
