@@ -28,6 +28,16 @@ class KeyedReward(Reward):
 """
 
 
+def keyed_run(output_dir, plugin: str, secret: str, marker: str, reward_workers: int, wandb: str) -> list[str]:
+    """Overrides of a 1-step baseline run whose second reward, `plugin`:KeyedReward (weight 0), gets the secret as api_key."""
+    return [
+        "run.steps=1", f"run.output_dir={output_dir}", "sol.enabled=false", "algorithm.prompts_per_step=2", "algorithm.group_size=4",
+        "cluster.rollout_workers=0", f"cluster.reward_workers={reward_workers}", "cluster.remote_learners=false", "eval.enabled=false",
+        f"logging.wandb={wandb}", "logging.grid_every=0", "logging.progress=false",
+        f"rewards.models=[{{name: tiny_alignment}}, {{name: '{plugin}:KeyedReward', weight: 0, kwargs: {{api_key: {secret}, label: {marker}}}}}]",
+    ]  # fmt: skip
+
+
 def _files_holding(root, text: str) -> list[str]:
     """Every file under root whose bytes contain text (binary files too: W&B's .wandb log is protobuf)."""
     return sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file() and text.encode() in path.read_bytes())
@@ -47,12 +57,7 @@ def test_a_reward_api_key_in_the_recipe_reaches_the_reward_but_no_file_wandb_or_
     monkeypatch.setenv("WANDB_SILENT", "true")
     caplog.set_level(logging.DEBUG)
     output_dir = tmp_path / "run"
-    overrides = [
-        "run.steps=1", f"run.output_dir={output_dir}", "sol.enabled=false", "algorithm.prompts_per_step=2", "algorithm.group_size=4",
-        "cluster.rollout_workers=0", "cluster.reward_workers=0", "cluster.remote_learners=false", "eval.enabled=false",
-        "logging.wandb=offline", "logging.grid_every=0", "logging.progress=false",
-        f"rewards.models=[{{name: tiny_alignment}}, {{name: 'secret_plugin:KeyedReward', weight: 0, kwargs: {{api_key: {secret}, label: {marker}}}}}]",
-    ]  # fmt: skip
+    overrides = keyed_run(output_dir, "secret_plugin", secret, marker, reward_workers=0, wandb="offline")
     try:
         main(["train", "recipes/tiny_solrl.yaml", *overrides])
         received = sys.modules["secret_plugin"].KeyedReward.received
@@ -98,12 +103,7 @@ def test_a_reward_api_key_reaches_a_remote_reward_worker_but_no_ray_log(tmp_path
     (plugins / "remote_secret_plugin.py").write_text(REMOTE_PLUGIN)
     ray_root = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     output_dir = tmp_path / "run"
-    overrides = [
-        "run.steps=1", f"run.output_dir={output_dir}", "sol.enabled=false", "algorithm.prompts_per_step=2", "algorithm.group_size=4",
-        "cluster.rollout_workers=0", "cluster.reward_workers=1", "cluster.remote_learners=false", "eval.enabled=false",
-        "logging.wandb=disabled", "logging.grid_every=0", "logging.progress=false",
-        f"rewards.models=[{{name: tiny_alignment}}, {{name: 'remote_secret_plugin:KeyedReward', weight: 0, kwargs: {{api_key: {secret}, label: {marker}}}}}]",
-    ]  # fmt: skip
+    overrides = keyed_run(output_dir, "remote_secret_plugin", secret, marker, reward_workers=1, wandb="disabled")
     # A fresh process starts its own Ray under RAY_TMPDIR, whose session logs (raylet, GCS, every worker's output) are then searched.
     env = os.environ | {"PYTHONPATH": str(plugins), "RAY_TMPDIR": str(ray_root), "OMP_NUM_THREADS": "1"}
     try:
