@@ -85,8 +85,8 @@ class Driver:
         self.reward_weights = torch.tensor([spec.weight for spec in recipe.rewards.models], dtype=torch.float32)
         started = []  # the groups to stop if a later one fails to start
         try:
-            self.rewards = RewardGroup(recipe, workers.reward)
-            started.append(self.rewards)
+            # Largest GPU shares first: Ray places fractional GPUs first-fit, so reward workers (0.25 GPU) created
+            # before the rollout workers (0.75) would split GPUs that a rollout worker then cannot fit on.
             self.learners = LearnerGroup(recipe, workers.learner)
             started.append(self.learners)
             self.exploration = (
@@ -95,6 +95,8 @@ class Driver:
                 else OnPolicy(recipe)
             )
             started.append(self.exploration)
+            self.rewards = RewardGroup(recipe, workers.reward)
+            started.append(self.rewards)
             self.base_fingerprint = ray.get(self.learners.base_fingerprint())  # after every group started: their loads overlap
         except BaseException:
             for group in reversed(started):
