@@ -150,9 +150,15 @@ class Driver:
         pending = {ref: i for i, ref in enumerate(image_refs)}
         score_refs = {}
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(ready[0])
-            score_refs[i] = self.rewards.score(i, ready[0], prompts[i])
+            # Every shard that has landed, not one per wait (one wait per shard is quadratic in the workers);
+            # fetch_local=False: the images go from the rollout worker to a reward worker, never to the driver's node.
+            refs = list(pending)
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+            if not ready:
+                ready, _ = ray.wait(refs, num_returns=1, fetch_local=False)
+            for ref in ready:
+                i = pending.pop(ref)
+                score_refs[i] = self.rewards.score(i, ref, prompts[i])
         return np.concatenate([self.fetch(score_refs[i]) for i in range(len(image_refs))])
 
     def fetch(self, ref: ray.ObjectRef) -> Any:
