@@ -146,9 +146,8 @@ def layout(placement: str, gpus: int) -> dict[str, int]:
 
 
 # The overrides that make a placement (cluster.placement, algorithm.pipeline_depth). Reward workers get no Ray GPU
-# in the simulation (check_packing: Ray's first-fit packs the 0.25-GPU reward workers four to a GPU, and then
-# the 0.75-GPU workers do not all fit); each is pinned to simulated GPU k instead (sim_workers.SimWorker.pin_gpu),
-# the layout the recipes mean. colocated: rollout worker r and learner r share bundle r, 0.5 GPU each (one GPU).
+# in the simulation: each is pinned to simulated GPU k (sim_workers.SimWorker.pin_gpu), the layout the recipes mean,
+# so each GPU's busy share counts its reward work; check_packing starts the fractional layout itself. colocated: rollout worker r and learner r share bundle r, 0.5 GPU each (one GPU).
 PLACEMENTS: dict[str, list[str]] = {
     "split": [],
     "pipelined": ["algorithm.pipeline_depth=1"],
@@ -467,12 +466,12 @@ def busy_shares(stats: list[dict], wall: float) -> dict[str, dict]:
     return {name: {"gpus": g["gpus"], "busy_share": g["seconds"] / (g["gpus"] * wall)} for name, g in sorted(groups.items())}
 
 
-# Fractional-GPU layouts as the Driver creates them (reward workers first, then learners, then rollout workers):
+# Fractional-GPU layouts as the Driver creates them (learners, then rollout workers, then reward workers):
 # the production recipes' split layout, and the colocated one the README suggests (8 reward workers x 0.125 beside
 # 8 bundles of 0.875; plain actors of 0.875 stand in for the learners' placement-group bundles here).
 PACKING_LAYOUTS = {
-    "split (recipes/*_solrl.yaml)": [("reward", 0.25, 8), ("learner", 0.75, 4), ("rollout", 0.75, 4)],
-    "colocated (README: 8 x 0.125 rewards, 8 x 0.875 bundles)": [("reward", 0.125, 8), ("learner+rollout", 0.875, 8)],
+    "split (recipes/*_solrl.yaml)": [("learner", 0.75, 4), ("rollout", 0.75, 4), ("reward", 0.25, 8)],
+    "colocated (README: 8 x 0.125 rewards, 8 x 0.875 bundles)": [("learner+rollout", 0.875, 8), ("reward", 0.125, 8)],
 }
 
 
