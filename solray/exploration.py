@@ -193,7 +193,7 @@ class SolExploration:
         merges them into its base weights and re-quantizes. Returns the slowest worker's seconds for both."""
         self.weights_ref = self.learners.explore_weights()
         self.version = version
-        return max(self.fetch(ref) for ref in self.rollout.set_weights(self.weights_ref, version))
+        return max(self.fetch(self.rollout.set_weights(self.weights_ref, version)))
 
     def state(self) -> dict[str, Any]:
         """With a pool explored ahead: its scores (waited for), so that a resume selects from the same pool."""
