@@ -50,7 +50,7 @@ def _slug(prompt: str) -> str:
 def cmd_train(args: argparse.Namespace) -> None:
     from rl.config import RecipeError, load_recipe
     from rl.trainer import NonFiniteTrainingError
-    from solray.driver import ActorLostError, train
+    from solray.driver import ActorLostError, RewardFailedError, train
     from solray.tracking import evaluation_summary
 
     try:
@@ -61,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise
         print(f"solray train: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    except (NonFiniteTrainingError, ActorLostError) as error:  # inf / NaN training (optim.nonfinite: stop), or a learner died
+    except (NonFiniteTrainingError, ActorLostError, RewardFailedError) as error:  # inf / NaN training, a learner died, a reward failed
         if args.debug:
             raise
         print(f"solray train: {error}", file=sys.stderr)

@@ -22,6 +22,7 @@ import ray
 import torch
 
 from actors.groups import REAL_WORKERS, LearnerGroup, RewardGroup, WorkerClasses
+from rewards import RewardError
 from rl.advantages import group_advantages, weighted_reward, zero_variance_groups
 from rl.checkpoint import CHECKPOINTS, check_restorable, latest_checkpoint, newest_valid_checkpoint, run_state, save_checkpoint
 from rl.config import Recipe, RecipeError, recipe_changes
@@ -38,6 +39,10 @@ logger = logging.getLogger(__name__)
 
 class ActorLostError(RuntimeError):
     """An actor died and could not be restarted (a learner, or one past cluster.max_restarts); the run stopped."""
+
+
+class RewardFailedError(RuntimeError):
+    """A reward still failed after rewards.retries, with rewards.on_reward_error fail; the run stopped."""
 
 
 @dataclass
@@ -248,6 +253,9 @@ def train(recipe: Recipe) -> RunResult:
                     driver.save_checkpoint(step + 1)
     except ray.exceptions.RayActorError as error:  # a learner (never restarted) or an actor past cluster.max_restarts
         raise ActorLostError(actor_lost_message(error, where, output_dir, recipe.run.resume)) from None
+    except RewardError as error:  # raised in a reward worker (Ray's wrapper is a RewardError too) or by the driver
+        cause = str(getattr(error, "cause", error)).strip().splitlines()[0]
+        raise RewardFailedError(f"{cause}; training stopped {where}, {how_to_continue(output_dir, recipe.run.resume)}") from None
     finally:
         if tracker is not None:
             tracker.close()
@@ -257,14 +265,19 @@ def train(recipe: Recipe) -> RunResult:
 
 def actor_lost_message(error: Exception, where: str, output_dir: Path, resume: str) -> str:
     """What stopped the run, and how to continue it from its newest checkpoint."""
+    return (
+        f"an actor of the run died {where} ({str(error).strip().splitlines()[0]}); training stopped, {how_to_continue(output_dir, resume)}"
+    )
+
+
+def how_to_continue(output_dir: Path, resume: str) -> str:
+    """How a stopped run continues from its newest checkpoint (or that it has none)."""
     newest = latest_checkpoint(output_dir / CHECKPOINTS)
     if newest is None:
-        again = "no checkpoint had been written"
-    elif resume == "auto":
-        again = f"run the same command again: run.resume auto continues from {newest}"
-    else:
-        again = f"run it again with run.resume=auto to continue from {newest}"
-    return f"an actor of the run died {where} ({str(error).strip().splitlines()[0]}); training stopped, {again}"
+        return "no checkpoint had been written"
+    if resume == "auto":
+        return f"run the same command again: run.resume auto continues from {newest}"
+    return f"run it again with run.resume=auto to continue from {newest}"
 
 
 def check_inputs(recipe: Recipe) -> None:

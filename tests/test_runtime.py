@@ -20,7 +20,7 @@ from rewards import Reward, RewardError
 from rl.config import Recipe, load_recipe
 from rollout import load_policy
 from rollout.samplers import sample, seed_for
-from solray.driver import ActorLostError, Driver, _driver_sized, actor_lost_message, train, unscored_shares
+from solray.driver import ActorLostError, Driver, RewardFailedError, _driver_sized, actor_lost_message, train, unscored_shares
 from solray.exploration import apply_reward_failures
 
 STEPS = 2
@@ -259,6 +259,17 @@ def test_reward_errors_fail_with_the_reward_name_or_become_nan_columns():
         images, prompts
     )
     assert scores.shape == (2, 2) and np.isfinite(scores[:, 0]).all() and np.isnan(scores[:, 1]).all()
+
+
+def test_a_reward_failing_past_its_retries_stops_the_run_naming_where_and_how_to_continue(tmp_path):
+    overrides = [*RUNTIME, *IN_PROCESS, "eval.enabled=false", "logging.grid_every=0", f"run.output_dir={tmp_path}"]
+    failing = ["rewards.models=[{name: test_runtime:FailingReward}]", "rewards.retries=0"]
+    with pytest.raises(
+        RewardFailedError,
+        match=r"^reward 'failing_for_tests' raised RuntimeError: reward server unreachable; training stopped in step 1, "
+        "no checkpoint had been written$",
+    ):
+        train(load_recipe("recipes/tiny_solrl.yaml", overrides + failing))
 
 
 def test_unscored_shares_count_each_rewards_nans():
