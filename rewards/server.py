@@ -348,15 +348,14 @@ class _GuardedHttpTools(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self.head_timer is None and (self.cycle is None or self.cycle.response_complete):
             self._arm()  # the first bytes of the next request on a kept-alive connection
+        in_head = self.head_timer is not None
         super().data_received(data)
-
-    def on_url(self, url: bytes) -> None:
-        self._count(len(url))
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value))
-        super().on_header(name, value)
+        # Counted on the raw bytes, after parsing: httptools reports a header only once the next one starts, so a
+        # single endless header line would never reach a per-header count.
+        if in_head and self.head_timer is not None:  # the head is still unfinished after these bytes
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self._refuse(431, b"Request Header Fields Too Large", b"request line and headers over 64 KiB")
 
     def on_headers_complete(self) -> None:
         self._disarm()
@@ -375,12 +374,6 @@ class _GuardedHttpTools(HttpToolsProtocol):
         if self.head_timer is not None:
             self.head_timer.cancel()
             self.head_timer = None
-
-    def _count(self, size: int) -> None:
-        self.head_bytes += size
-        if self.head_bytes > MAX_HEAD_BYTES:
-            self._refuse(431, b"Request Header Fields Too Large", b"request line and headers over 64 KiB")
-            raise RuntimeError("request head too large")  # stops the parser; data_received's caller drops the connection
 
     def _refuse(self, status: int, reason: bytes, log: bytes) -> None:
         self._disarm()

@@ -279,6 +279,18 @@ def test_half_sent_requests_time_out_and_do_not_block_others(deployed):
     assert answers == [408] * 60
 
 
+def test_an_oversized_request_head_gets_431_and_the_server_still_scores(deployed):
+    with serve_http(deployed["verifier"], ServerSettings(port=0)) as url:
+        # past the 64 KiB bound with the head unfinished (a header line still open, or ended with no blank line
+        # after it; and a URL): the front answers without waiting for the rest
+        padding = b"a" * (65 << 10)
+        for head in (b"POST /score HTTP/1.1\r\nX-Padding: " + padding, b"POST /score HTTP/1.1\r\nX-Padding: " + padding + b"\r\n"):
+            assert raw(url, head) == 431
+        assert raw(url, b"POST /score?" + padding) == 431
+        scores = build_reward("remote", url=url).score(images(), PROMPTS)
+    np.testing.assert_array_equal(scores, build_reward("tiny_verifier").score(images(), PROMPTS))
+
+
 def test_fuzzed_requests_get_4xx_limits_hold_and_valid_requests_still_score_exactly(deployed):
     """A few hundred malformed requests, the 4 x 4096^2 PNG request, then valid ones (bench/reward_server_fuzz.py: the long run)."""
     rng = random.Random(17)
