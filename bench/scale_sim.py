@@ -1,10 +1,10 @@
 """Scale simulator: the real Driver (its step, groups, Ray actors and object store) with workers whose compute is a
 calibrated wait (bench/sim_workers.py), compressed in time, at 8 to hundreds of simulated GPUs.
 
-A configuration is a recipe plus overrides (PLACEMENTS): `split` is the production recipes' layout (rollout workers
+A configuration is a recipe plus overrides (PLACEMENTS): `split` is the FLUX.1 and SD3.5-L recipes' layout (rollout workers
 and learners on separate GPUs, phases one after another); `colocated` (every GPU runs every role) and `pipelined`
 (split, explore of step t+1 during the update of step t) are the overrides of cluster.placement and
-algorithm.pipeline_depth, simulated once the recipe schema has those keys and analytic until then.
+algorithm.pipeline_depth.
 
 Per configuration it reports the iteration time (simulated wall x compression = uncompressed seconds), the analytic
 expectation, each GPU group's busy share, the driver's CPU seconds per step (time.process_time of the driver
@@ -137,7 +137,7 @@ def profile_from_metrics(path: Path, recipe, like: Profile, reward_image_s: floa
 
 # --- Configurations ------------------------------------------------------------------------------------------------
 def layout(placement: str, gpus: int) -> dict[str, int]:
-    """Worker counts at `gpus` simulated GPUs: split = the production recipes' 8-GPU layout scaled (half the GPUs
+    """Worker counts at `gpus` simulated GPUs: split = the FLUX.1 and SD3.5-L recipes' 8-GPU layout scaled (half the GPUs
     hold a rollout worker, half a learner, each at 0.75 GPU, every GPU a 0.25-GPU reward worker); colocated = every
     GPU holds one of each role."""
     if placement.startswith("colocated"):
@@ -149,11 +149,14 @@ def layout(placement: str, gpus: int) -> dict[str, int]:
 # in the simulation: each is pinned to simulated GPU k (sim_workers.SimWorker.pin_gpu), the layout the recipes mean,
 # so each GPU's busy share counts its reward work; check_packing starts the fractional layout itself. colocated: rollout worker r and learner r share bundle r, 0.5 GPU each (one GPU).
 PLACEMENTS: dict[str, list[str]] = {
-    "split": [],
-    "pipelined": ["algorithm.pipeline_depth=1"],
-    "colocated": ["cluster.placement=colocated"],
+    "split": ["cluster.placement=split", "algorithm.pipeline_depth=0"],
+    "pipelined": ["cluster.placement=split", "algorithm.pipeline_depth=1"],
+    "colocated": ["cluster.placement=colocated", "algorithm.pipeline_depth=0"],
     "colocated+pipelined": ["cluster.placement=colocated", "algorithm.pipeline_depth=1"],
 }
+
+
+IDLE_PROBE_S = 3.0  # seconds of an idle driver, measured after the steps
 
 
 PROMPTS_PER_GPU = PAPER_BATCH["prompts"] // REFERENCE_GPUS  # weak scaling: the per-GPU work of the paper's batch
@@ -307,20 +310,13 @@ def run_config(
 ) -> dict:
     """Simulate `steps` iterations (after `warmup`) of one configuration on the real Driver; its figures."""
     from actors.groups import WorkerClasses
-    from rl.config import RecipeError, load_recipe
+    from rl.config import load_recipe
     from solray.driver import Driver
 
     with tempfile.TemporaryDirectory(prefix="scale-sim-") as tmp:
         overrides = recipe_overrides(model, placement, gpus, os.path.join(tmp, "out"))
         base = {"model": model, "placement": placement, "gpus": gpus, "overrides": overrides}
-        try:
-            recipe = load_recipe(REPO / (recipe_path or RECIPES[model][0]), overrides)
-        except RecipeError as error:
-            if not PLACEMENTS[placement]:
-                raise
-            # The placement's keys are not in this branch's schema yet: the analytic figures of its layout only.
-            plain = load_recipe(REPO / (recipe_path or RECIPES[model][0]), overrides[: -len(PLACEMENTS[placement])])
-            return base | analytic(profile, plain, placement, gpus) | {"status": f"analytic only: {str(error)[-160:]}"}
+        recipe = load_recipe(REPO / (recipe_path or RECIPES[model][0]), overrides)
         actors = sum(layout(placement, gpus).values())
         if max_actors is not None and actors > max_actors:
             return (
@@ -355,12 +351,17 @@ def run_config(
                 all_actors = driver.rewards.actors + driver.learners.actors + driver.exploration.rollout.actors
                 pids = [s["pid"] for s in ray.get([actor.stats.remote() for actor in all_actors])]  # resets the counters
                 actor_cpu = process_cpu(pids)
-                walls, cpus, rows = [], [], []
+                walls, cpus, main_cpus, rows = [], [], [], []
                 for step in range(warmup, warmup + steps):
-                    wall, cpu = time.perf_counter(), time.process_time()
+                    wall, cpu, main_cpu = time.perf_counter(), time.process_time(), time.thread_time()
                     rows.append(driver.step(step))
                     walls.append(time.perf_counter() - wall)
                     cpus.append(time.process_time() - cpu)
+                    main_cpus.append(time.thread_time() - main_cpu)
+                # Ray's client threads in the driver process spend CPU even when the driver calls nothing
+                cpu = time.process_time()
+                time.sleep(IDLE_PROBE_S)
+                idle_cpu_per_s = (time.process_time() - cpu) / IDLE_PROBE_S
                 stats = ray.get([actor.stats.remote() for actor in all_actors])
                 actor_cpu = process_cpu(pids) - actor_cpu
                 memory = actor_memory(pids)
@@ -385,6 +386,8 @@ def run_config(
                 "iteration_s_per_step": [w * compression for w in walls],
                 "ratio_to_reference": iteration / reference_seconds(profile, recipe, gpus),
                 "driver_cpu_s_per_step": sum(cpus) / steps,
+                "driver_main_thread_cpu_s_per_step": sum(main_cpus) / steps,  # the driver's Python: Driver.step and its calls
+                "driver_idle_cpu_s_per_s": idle_cpu_per_s,  # the process with every actor alive and no call in flight
                 "driver_share_of_step": sum(cpus) / steps / iteration,
                 # the headline: against the step the schedule takes uncompressed (the simulated one is longer where the host lags)
                 "driver_share_of_expected_step": sum(cpus) / steps / expected_total(profile, recipe, placement, gpus),
@@ -467,11 +470,11 @@ def busy_shares(stats: list[dict], wall: float) -> dict[str, dict]:
 
 
 # Fractional-GPU layouts as the Driver creates them (learners, then rollout workers, then reward workers):
-# the production recipes' split layout, and the colocated one the README suggests (8 reward workers x 0.125 beside
+# the FLUX.1 and SD3.5-L recipes' split layout, and sana_solrl.yaml's colocated one (8 reward workers x 0.125 beside
 # 8 bundles of 0.875; plain actors of 0.875 stand in for the learners' placement-group bundles here).
 PACKING_LAYOUTS = {
-    "split (recipes/*_solrl.yaml)": [("learner", 0.75, 4), ("rollout", 0.75, 4), ("reward", 0.25, 8)],
-    "colocated (README: 8 x 0.125 rewards, 8 x 0.875 bundles)": [("learner+rollout", 0.875, 8), ("reward", 0.125, 8)],
+    "split (flux1_solrl, sd35l_solrl)": [("learner", 0.75, 4), ("rollout", 0.75, 4), ("reward", 0.25, 8)],
+    "colocated (sana_solrl)": [("learner+rollout", 0.875, 8), ("reward", 0.125, 8)],
 }
 
 
