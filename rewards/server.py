@@ -339,7 +339,8 @@ class _GuardedHttpTools(HttpToolsProtocol):
 
     def __init__(self, *args: Any, header_timeout_s: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.header_timeout_s, self.head_bytes, self.head_timer = header_timeout_s, 0, None
+        self.header_timeout_s, self.head_timer = header_timeout_s, None
+        self.head_bytes = self.unfinished_head_bytes = 0  # parsed (URL, headers) and raw bytes of the current head
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -350,16 +351,24 @@ class _GuardedHttpTools(HttpToolsProtocol):
             self._arm()  # the first bytes of the next request on a kept-alive connection
         in_head = self.head_timer is not None
         super().data_received(data)
-        # Counted on the raw bytes, after parsing: httptools reports a header only once the next one starts, so a
-        # single endless header line would never reach a per-header count.
-        if in_head and self.head_timer is not None:  # the head is still unfinished after these bytes
-            self.head_bytes += len(data)
-            if self.head_bytes > MAX_HEAD_BYTES:
+        # httptools reports a header only once the next one starts: an endless header line never reaches on_header,
+        # so a head still unfinished after these bytes is bounded by its raw bytes too.
+        if in_head and self.head_timer is not None:
+            self.unfinished_head_bytes += len(data)
+            if self.unfinished_head_bytes > MAX_HEAD_BYTES:
                 self._refuse(431, b"Request Header Fields Too Large", b"request line and headers over 64 KiB")
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value))
+        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._disarm()
-        self.head_bytes = 0
+        self.head_bytes = self.unfinished_head_bytes = 0
         super().on_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -374,6 +383,12 @@ class _GuardedHttpTools(HttpToolsProtocol):
         if self.head_timer is not None:
             self.head_timer.cancel()
             self.head_timer = None
+
+    def _count(self, size: int) -> None:
+        self.head_bytes += size
+        if self.head_bytes > MAX_HEAD_BYTES:
+            self._refuse(431, b"Request Header Fields Too Large", b"request line and headers over 64 KiB")
+            raise RuntimeError("request head too large")  # stops the parser; the connection is already closed
 
     def _refuse(self, status: int, reason: bytes, log: bytes) -> None:
         self._disarm()

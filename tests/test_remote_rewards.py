@@ -281,10 +281,11 @@ def test_half_sent_requests_time_out_and_do_not_block_others(deployed):
 
 def test_an_oversized_request_head_gets_431_and_the_server_still_scores(deployed):
     with serve_http(deployed["verifier"], ServerSettings(port=0)) as url:
-        # past the 64 KiB bound with the head unfinished (a header line still open, or ended with no blank line
+        # past the 64 KiB bound, the head finished or not (a header line still open, or ended with no blank line
         # after it; and a URL): the front answers without waiting for the rest
         padding = b"a" * (65 << 10)
-        for head in (b"POST /score HTTP/1.1\r\nX-Padding: " + padding, b"POST /score HTTP/1.1\r\nX-Padding: " + padding + b"\r\n"):
+        start = b"POST /score HTTP/1.1\r\nX-Padding: " + padding
+        for head in (start, start + b"\r\n", start + b"\r\nContent-Length: 0\r\n\r\n"):  # open, unterminated, complete
             assert raw(url, head) == 431
         assert raw(url, b"POST /score?" + padding) == 431
         scores = build_reward("remote", url=url).score(images(), PROMPTS)
