@@ -27,6 +27,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's packages, not an installed copy's
+from solray.tracking import read_metrics  # noqa: E402
+
 PROBES = ["eval/strict", "eval/tiny_alignment", "eval_train/strict", "eval_train/tiny_alignment"]
 WINDOW = 5  # steps averaged at the start and the end of training
 
@@ -42,8 +45,7 @@ def run(depth: int, output_dir: Path) -> float:
 
 def summary(output_dir: Path) -> dict:
     """One run's figures from its metrics.jsonl and eval.jsonl."""
-    steps = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [json.loads(line) for line in (output_dir / "eval.jsonl").read_text().splitlines()]
+    steps, evals = read_metrics(output_dir / "metrics.jsonl"), read_metrics(output_dir / "eval.jsonl")
     before, after = evals[0], evals[-1]
     reward = [row["reward/tiny_alignment"] for row in steps]
     phases = [sum(v for k, v in row.items() if k.startswith("time/") and k not in ("time/requantize", "time/explore")) for row in steps]
