@@ -31,6 +31,8 @@ from rollout import load_policy
 from rollout.policy import OLD_ADAPTER, TRAINABLE_ADAPTER
 from rollout.samplers import sample
 
+SAMPLE_BATCH = 32  # images per forward pass when a worker samples: bounds activation memory whatever a call's size
+
 
 class StaleWeightsError(RuntimeError):
     """A rollout worker was asked to generate with weights other than the version it holds."""
@@ -109,7 +111,9 @@ class RolloutWorker:
             self.set_weights(ray.get(request.weights), request.version)
         if request.version != self.version:
             raise StaleWeightsError(f"rollout worker holds weights v{self.version}, asked to explore with v{request.version}")
-        return sample(self.policy, request.prompts, request.seeds, request.steps, solver=request.solver, shift=request.shift).images
+        return sample(
+            self.policy, request.prompts, request.seeds, request.steps, solver=request.solver, shift=request.shift, batch_size=SAMPLE_BATCH
+        ).images
 
     def describe(self) -> dict[str, Any]:
         """The explore copy's quantization report, version and timings, the worker's pid and placement group (hex id or None)."""
@@ -245,7 +249,7 @@ class LearnerWorker:
             sampler.steps,
             shift=sampler.shift,
             adapter=OLD_ADAPTER,
-            batch_size=32,
+            batch_size=SAMPLE_BATCH,
             **self.algorithm.sampling(sampler, self.recipe.run.seed, step),
         )
         self.regen = (self.algorithm.kept(out), list(prompts[rows]), rows, len(prompts))
@@ -281,7 +285,7 @@ class LearnerWorker:
                 solver=solver or sampler.solver,
                 shift=sampler.shift,
                 adapter=TRAINABLE_ADAPTER,
-                batch_size=32,
+                batch_size=SAMPLE_BATCH,
             ).images
 
     def checkpoint_state(self) -> dict[str, Any]:

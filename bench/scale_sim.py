@@ -102,7 +102,7 @@ def profile_from_metrics(path: Path, recipe, like: Profile, reward_image_s: floa
 
     The driver's timers overlap work: `score` waits for the explore shards as they land, `rescore` for the
     regenerated ones. With the workers of each phase on their own devices and the scoring keeping up:
-      explore + score + select = (P N / n_rollout) explore_steps c_explore + (N / shards) c_reward   (the last shard's score)
+      explore + score + select = (P N / n_rollout) explore_steps c_explore + (P N / shards) c_reward   (the last shard's score; shards = n_rollout x explore_shards_per_worker)
       regen + rescore          = (P K / n_learners) (steps c_regen + c_reward)
       update = (P K / n_learners) c_train;   sync = c_sync
     The timers cannot separate a reward's cost from generation, so c_reward is given (`reward_image_s`); payload sizes
@@ -118,7 +118,8 @@ def profile_from_metrics(path: Path, recipe, like: Profile, reward_image_s: floa
     P, K, N = a.prompts_per_step, a.group_size, s.pool_size
     n_r, n_l = max(c.rollout_workers, 1), c.learners
     per_learner = math.ceil(P * K / n_l)
-    explore = (median("explore", "score", "select") - N / c.shards_per_prompt * reward_image_s) * n_r / (P * N * s.explore_steps)
+    shard = P * N / min(n_r * c.explore_shards_per_worker, P * N)
+    explore = (median("explore", "score", "select") - shard * reward_image_s) * n_r / (P * N * s.explore_steps)
     regen = (median("regen", "rescore") / per_learner - reward_image_s) / recipe.sampler.steps
     return Profile(
         name=f"{like.name}@{Path(path).parent.name}",
@@ -219,10 +220,11 @@ def expected_seconds(p: Profile, recipe, placement: str, gpus: int) -> dict[str,
     if placement.startswith("colocated"):
         work = phase_work(p, recipe)
         return {name: seconds / gpus for name, seconds in work.items()} | {"sync": p.sync}
-    shard = N / c.shards_per_prompt
+    shards = min(n_r * c.explore_shards_per_worker, P * N)
+    shard = P * N / shards
     per_learner = math.ceil(P * K / n_l)
     explore_side = (
-        math.ceil(P * c.shards_per_prompt / n_r) * shard * s.explore_steps * p.explore_image_step
+        math.ceil(shards / n_r) * shard * s.explore_steps * p.explore_image_step
         + P * N / n_w * p.reward_image  # this GPU's reward worker's share of the pool
     )
     phases = {

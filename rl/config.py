@@ -187,7 +187,13 @@ class ClusterConfig(Section):
     rollout_resources: Resources = Resources(num_cpus=0.5)
     reward_resources: Resources = Resources(num_cpus=0.5)
     learner_resources: Resources = Resources(num_cpus=1.0)
-    shards_per_prompt: int = Field(1, ge=1, description="explore work items per prompt (scoring overlaps generation)")
+    explore_shards_per_worker: int = Field(
+        4,
+        ge=1,
+        description="explore calls per rollout worker per step: the step's candidates split into rollout_workers x this many "
+        "shards, each scored as it lands; more overlap scoring with exploring (the last shard's scoring is the tail) and "
+        "balance uneven workers better, but cost the driver two Ray calls each",
+    )
     zero_stage: Literal[0, 1, 2] = Field(
         0,
         description="DeepSpeed ZeRO stage of the learner group; not 3: it partitions the parameters, which then exist only "

@@ -66,6 +66,18 @@ def seed_for(run_seed: int, step: int, prompt_index: int, j: int) -> int:
     return _mix(run_seed, step, prompt_index, j) & 0x7FFFFFFF
 
 
+def seeds_for(run_seed: int, step: int, prompt_indices: np.ndarray, js: np.ndarray) -> list[int]:
+    """seed_for of many candidates at once (numpy's uint64 arithmetic wraps as _mix's masks do): a step's pool is
+    tens of thousands of candidates at scale, and seeding them in a Python loop cost the driver 0.1-0.4 s per step."""
+    z = np.zeros(len(prompt_indices), dtype=np.uint64)
+    for value in (np.uint64(run_seed & 0xFFFFFFFFFFFFFFFF), np.uint64(step & 0xFFFFFFFFFFFFFFFF), prompt_indices, js):
+        z = z ^ np.asarray(value, dtype=np.int64).astype(np.uint64) if isinstance(value, np.ndarray) else z ^ value
+        z = z * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0x94D049BB133111EB)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return ((z ^ (z >> np.uint64(31))) & np.uint64(0x7FFFFFFF)).tolist()
+
+
 def euler_step(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
     """x_next = x + (t_next - t) v."""
     return x.float() + (t_next - t) * v.float()

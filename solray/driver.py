@@ -29,7 +29,7 @@ from rl.config import Recipe, RecipeError, recipe_changes
 from rl.trainer import NonFiniteTrainingError
 from rollout.loading import model_family
 from rollout.prompts import PromptSource, load_prompts
-from rollout.samplers import seed_for
+from rollout.samplers import seeds_for
 from solray.evaluation import evaluate, grid_samples
 from solray.exploration import OnPolicy, SolExploration, apply_reward_failures
 from solray.tracking import Tracker
@@ -118,7 +118,7 @@ class Driver:
         flat_prompts = [prompt for prompt in prompts for _ in range(K)]
         group_ids = [p for p in range(P) for _ in range(K)]
         with timer("regen"):
-            seeds = [seed_for(recipe.run.seed, step, p, j) for p in range(P) for j in chosen[p]]
+            seeds = seeds_for(recipe.run.seed, step, np.repeat(np.arange(P), K), np.concatenate(chosen))
             regen_refs = self.learners.regenerate(flat_prompts, seeds, step)
         with timer("rescore"):
             rewards = self.score(regen_refs, self.learners.split(flat_prompts))

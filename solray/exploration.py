@@ -30,7 +30,7 @@ from rl.advantages import drop_failed_groups, weighted_reward
 from rl.config import Recipe
 from rl.fidelity import spearman
 from rl.selection import select_contrastive
-from rollout.samplers import seed_for
+from rollout.samplers import seed_for, seeds_for
 
 logger = logging.getLogger(__name__)
 # (image refs, each ref's prompts) -> rewards [B, R] of the concatenated shards
@@ -117,9 +117,9 @@ class SolExploration:
                 raise RuntimeError(f"the pool explored ahead is step {pool.step}'s, not step {step}'s")
         else:
             with self.timers("explore"):
-                pool_refs = self.explore(prompts, step)
+                shards = self.explore(prompts, step)
             with self.timers("score"):
-                pool = self.score_pool(pool_refs, prompts, step, self.version)
+                pool = self.score_pool(shards, prompts, step, self.version)
         if self.scorer is not None and step + 1 < self.recipe.run.steps:
             self.explore_ahead(step + 1)
         self.pool_scores = pool.scores
@@ -136,37 +136,29 @@ class SolExploration:
         """Start exploring `step`'s pool with the current weights (its requests queue on the rollout workers before the
         coming weight sync), and score it on the driver's thread as its shards land."""
         prompts = self.prompts_for(step)
-        pool_refs = self.explore(prompts, step)
-        self.ahead = self.scorer.submit(self.score_pool, pool_refs, prompts, step, self.version)
+        shards = self.explore(prompts, step)
+        self.ahead = self.scorer.submit(self.score_pool, shards, prompts, step, self.version)
 
-    def explore(self, prompts: list[str], step: int) -> list[list[ray.ObjectRef]]:
-        """Per prompt, shards of N candidate images from the rollout workers (refs)."""
-        sol, shards = self.recipe.sol, self.recipe.cluster.shards_per_prompt
-        pool = np.array_split(np.arange(sol.pool_size), shards)
-        seed, sampler = self.recipe.run.seed, self.recipe.sampler
-        return [
-            [
-                self.rollout.explore(
-                    p * shards + s,
-                    ExploreRequest(
-                        [prompt] * len(js),
-                        [seed_for(seed, step, p, int(j)) for j in js],
-                        sol.explore_steps,
-                        sampler.solver,
-                        sampler.shift,
-                        self.version,
-                        self.weights_ref,
-                    ),
-                )
-                for s, js in enumerate(pool)
-            ]
-            for p, prompt in enumerate(prompts)
-        ]
+    def explore(self, prompts: list[str], step: int) -> list[tuple[ray.ObjectRef, list[str]]]:
+        """The step's P x N candidates, in (prompt, candidate) order, as rollout_workers x cluster.explore_shards_per_worker
+        contiguous shards (at most one per candidate), shard i on worker i % n: per shard, the ref of its images and their prompts.
 
-    def score_pool(self, pool_refs: list[list[ray.ObjectRef]], prompts: list[str], step: int, version: int) -> ExploredPool:
-        """The proxy rewards [P, N, R] of the pools explored for `step` with the weights of `version`."""
-        sizes = [len(js) for js in np.array_split(np.arange(self.recipe.sol.pool_size), self.recipe.cluster.shards_per_prompt)]
-        scores = self.score([ref for shards in pool_refs for ref in shards], [[prompt] * n for prompt in prompts for n in sizes])
+        Shards span prompts so that the driver's calls grow with the workers, not with the prompts (a call per prompt
+        cost the driver 5-7% of the step at 64 rollout workers in bench/scale_sim.py)."""
+        sol, seed, sampler = self.recipe.sol, self.recipe.run.seed, self.recipe.sampler
+        candidates = np.arange(len(prompts) * sol.pool_size)
+        count = min(len(self.rollout) * self.recipe.cluster.explore_shards_per_worker, len(candidates))
+        shards = []
+        for i, shard in enumerate(np.array_split(candidates, count)):
+            shard_prompts = [prompts[c] for c in (shard // sol.pool_size).tolist()]
+            seeds = seeds_for(seed, step, shard // sol.pool_size, shard % sol.pool_size)
+            request = ExploreRequest(shard_prompts, seeds, sol.explore_steps, sampler.solver, sampler.shift, self.version, self.weights_ref)
+            shards.append((self.rollout.explore(i, request), shard_prompts))
+        return shards
+
+    def score_pool(self, shards: list[tuple[ray.ObjectRef, list[str]]], prompts: list[str], step: int, version: int) -> ExploredPool:
+        """The proxy rewards [P, N, R] of the pools explored (`explore`'s shards) for `step` with the weights of `version`."""
+        scores = self.score([ref for ref, _ in shards], [shard_prompts for _, shard_prompts in shards])
         pool_size = self.recipe.sol.pool_size
         pool_prompts, pool_groups = [prompt for prompt in prompts for _ in range(pool_size)], np.repeat(np.arange(len(prompts)), pool_size)
         scores, failed = apply_reward_failures(self.recipe, scores, pool_prompts, pool_groups.tolist(), step)

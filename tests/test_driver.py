@@ -4,7 +4,7 @@ import pytest
 from rl.config import load_recipe
 from rollout import load_policy
 from rollout.prompts import PromptSource, load_prompts
-from rollout.samplers import seed_for
+from rollout.samplers import seed_for, seeds_for
 from rollout.tiny import prompt_set
 from rollout.tiny.evaluate import evaluate_policy
 from solray.driver import Driver, train
@@ -26,6 +26,14 @@ def test_seed_for_is_stable_and_distinct():
     assert len(seeds) == 3 * 4 * 96
     assert seed_for(0, 1, 2, 3) == seed_for(0, 1, 2, 3) != seed_for(1, 1, 2, 3)
     assert all(0 <= s < 2**31 for s in seeds)
+
+
+def test_seeds_for_equals_seed_for_on_every_candidate():
+    rng = np.random.default_rng(0)
+    prompts = np.concatenate([np.arange(-5, 400), rng.integers(0, 2**40, 1000)])  # negative: the plan streams' indices
+    js = rng.integers(-3, 2**31, len(prompts))
+    for run_seed, step in [(0, 0), (12345, 7), (2**40 + 3, 99_999), (2**64 - 1, 3)]:
+        assert seeds_for(run_seed, step, prompts, js) == [seed_for(run_seed, step, int(p), int(j)) for p, j in zip(prompts, js)]
 
 
 def test_prompt_source_is_deterministic_per_step(tmp_path):
@@ -79,3 +87,41 @@ def test_driver_probes_the_trained_prompts_with_an_eval_only_verifier(tmp_path):
     assert metrics["eval_train/strict_se"] == pytest.approx(np.sqrt(strict * (1 - strict) / 31))  # the sample std (ddof 1) / sqrt(32)
     assert {"eval/strict", "eval/tiny_alignment", "eval/tiny_alignment_se", "eval_train/tiny_alignment"} <= metrics.keys()
     assert 0 < metrics["eval_train/tiny_alignment"] < 1
+
+
+class RecordingRollout:
+    """A rollout group of `n` workers that records each explore call; a shard's "images" are its request."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.calls = n, []
+
+    def __len__(self) -> int:
+        return self.n
+
+    def explore(self, index, request):
+        self.calls.append((index, request))
+        return request
+
+
+@pytest.mark.parametrize("workers, per_worker, calls", [(3, 4, 12), (2, 1, 2), (64, 4, 24)])
+def test_explore_shards_span_prompts_and_scores_land_at_their_candidates(workers, per_worker, calls):
+    """P x N = 4 x 6 candidates in rollout_workers x explore_shards_per_worker shards (at most one per candidate), shard i
+    on worker i % n; each candidate's proxy reward lands at [prompt, candidate] whatever shard carried it."""
+    from solray.exploration import SolExploration
+
+    recipe = load_recipe(
+        "recipes/tiny_solrl.yaml",
+        ["algorithm.prompts_per_step=4", "algorithm.group_size=2", "sol.pool_size=6", f"cluster.explore_shards_per_worker={per_worker}"],
+    )
+    exploration = SolExploration.__new__(SolExploration)  # no actors: the group and the scorer are stand-ins
+    exploration.recipe, exploration.rollout, exploration.version, exploration.weights_ref = recipe, RecordingRollout(workers), 0, None
+    # the stand-in reward scores a candidate with its seed, so the table says where each one landed
+    exploration.score = lambda requests, prompts: np.concatenate([np.array(r.seeds, dtype=np.float64)[:, None] for r in requests])
+    prompts = ["a", "b", "c", "d"]
+    pool = exploration.score_pool(exploration.explore(prompts, 5), prompts, 5, 0)
+    recorded = exploration.rollout.calls
+    assert [index for index, _ in recorded] == list(range(calls))  # the group sends shard i to worker i % n
+    assert [len(r.seeds) for _, r in recorded] == [24 // calls] * calls
+    assert [p for _, r in recorded for p in r.prompts] == [p for p in prompts for _ in range(6)]
+    expected = [[seed_for(recipe.run.seed, 5, p, j) for j in range(6)] for p in range(4)]
+    np.testing.assert_array_equal(pool.scores[..., 0], expected)

@@ -50,9 +50,10 @@ def test_profile_from_metrics_recovers_the_costs(tmp_path):
     recipe = load_recipe(REPO / "recipes/tiny_solrl.yaml", ["cluster.rollout_workers=2", "cluster.learners=1"])
     truth = scale_sim.PROFILES["sana"]
     P, K, N = recipe.algorithm.prompts_per_step, recipe.algorithm.group_size, recipe.sol.pool_size
+    last_shard = P * N / (2 * recipe.cluster.explore_shards_per_worker)
     row = {
         "time/explore": 0.01,
-        "time/score": P * N / 2 * 6 * truth.explore_image_step + N * truth.reward_image - 0.01,
+        "time/score": P * N / 2 * 6 * truth.explore_image_step + last_shard * truth.reward_image - 0.01,
         "time/select": 0.0,
         "time/regen": 0.0,
         "time/rescore": P * K * (10 * truth.regen_image_step + truth.reward_image),
