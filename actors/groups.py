@@ -51,9 +51,11 @@ class ActorGroup:
         resources: Resources,
         max_restarts: int = 0,
         placement: PlacementGroup | None = None,
+        in_order: bool = True,
         **worker_kwargs: Any,
     ) -> None:
-        """With `placement`, worker r runs in its bundle r."""
+        """With `placement`, worker r runs in its bundle r. in_order False lets an actor run a call whose arguments
+        exist before an earlier one still waiting for its own (Ray's allow_out_of_order_execution): for stateless workers."""
         self.local = worker_class(**worker_kwargs) if num_workers == 0 else None
         self.local_lock = threading.Lock()  # an in-process worker serves one call at a time, as an actor does
         remote_class = ray.remote(worker_class)
@@ -63,6 +65,7 @@ class ActorGroup:
                 num_gpus=resources.num_gpus,
                 max_restarts=max_restarts,
                 max_task_retries=max_restarts,
+                allow_out_of_order_execution=not in_order,
                 **({} if placement is None else {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement, rank)}),
             ).remote(**worker_kwargs)
             for rank in range(num_workers)
@@ -123,6 +126,9 @@ class RewardGroup(ActorGroup):
             num_workers=cluster.reward_workers,
             resources=cluster.reward_resources,
             max_restarts=cluster.max_restarts,
+            # Scoring is stateless: a shard whose images exist (or a rescore) need not wait behind one still exploring,
+            # as a pipelined step's rescore otherwise waits behind the next pool's scoring.
+            in_order=False,
             recipe=recipe,
         )
 

@@ -181,6 +181,30 @@ def test_pipelined_steps_select_from_a_pool_explored_one_version_behind(pipeline
     assert pipelined[1]["explore/reward_mean"] != sequential[1]["explore/reward_mean"]
 
 
+@ray.remote
+def images_once(release: str, images: np.ndarray) -> np.ndarray:
+    """`images`, once the file `release` exists: a shard still being explored."""
+    while not os.path.exists(release):
+        time.sleep(0.05)
+    return images
+
+
+@pytest.mark.slow
+def test_a_reward_worker_scores_ready_images_before_a_shard_still_exploring(remote_driver, tmp_path):
+    """A pipelined step's rescore must not wait behind the next pool's scoring calls, submitted earlier but waiting
+    for their images (RewardGroup runs calls out of order; in order, this get times out)."""
+    driver, _ = remote_driver
+    images, prompts = np.full((2, 32, 32, 3), 128, np.uint8), ["a red circle", "a blue square"]
+    release = str(tmp_path / "release")
+    waiting = driver.rewards.score(0, images_once.remote(release, images), prompts)
+    ready = driver.rewards.score(0, images, prompts)
+    try:
+        scores = ray.get(ready, timeout=60)
+    finally:
+        open(release, "w").close()
+    np.testing.assert_array_equal(ray.get(waiting, timeout=60), scores)
+
+
 @pytest.mark.slow
 def test_colocated_placement_shares_each_learner_bundle_with_a_rollout_worker(remote_driver, tmp_path):
     _, split = remote_driver
