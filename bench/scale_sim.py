@@ -9,8 +9,9 @@ algorithm.pipeline_depth.
 Per configuration it reports the iteration time (simulated wall x compression = uncompressed seconds), the analytic
 expectation, each GPU group's busy share, the driver's CPU seconds per step (time.process_time of the driver
 process around Driver.step: its Python, pickling and Ray client threads) and their share of the uncompressed
-step, and object-store bytes per step (the payloads the workers return: images at a stand-in size, counted as
-moved and at the real size, plus the LoRA factors at their real size).
+step, and object-store bytes per step (the payloads the workers return: images and LoRA factors at a stand-in
+size of at most 1 / compression of the real bytes, so moving them costs the share of a compressed step that moving
+the real ones costs of a real step; counted as moved and at the real size).
 
 Run:   python bench/scale_sim.py [--model flux|sd35l|sana] [--gpus 8 64 128] [--compression 20]
        python bench/scale_sim.py --quick                 (CI: one small configuration, well under a minute)
@@ -250,22 +251,27 @@ def expected_total(p: Profile, recipe, placement: str, gpus: int) -> float:
     return phases["step"] if placement == "pipelined" else sum(phases.values())
 
 
-def payload_bytes(p: Profile, recipe, image_side: int) -> dict[str, int]:
-    """Object-store payload bytes per iteration: explored and regenerated images at `image_side` and at the real
-    resolution, and the LoRA factors (fp32) published once per sync."""
+def payload_bytes(p: Profile, recipe, image_side: int, lora_rank: int) -> dict[str, int]:
+    """Object-store payload bytes per iteration: explored and regenerated images and the LoRA factors (fp32, published
+    once per sync), moved at `image_side` and stand-in `lora_rank`, and at the real resolution and rank."""
     images = recipe.explored_per_step + recipe.samples_per_step
     lora = p.lora_linears * recipe.algorithm.lora_rank * (p.lora_in + p.lora_out) * 4
     return {
         "images": images,
-        "moved": images * image_side**2 * 3 + lora,
+        "moved": images * image_side**2 * 3 + lora * lora_rank // recipe.algorithm.lora_rank,
         "real": images * p.resolution**2 * 3 + lora,
         "lora": lora,
     }
 
 
+def lora_rank_for(compression: float, rank: int) -> int:
+    """The stand-in LoRA rank: at most 1 / compression of the real factors' bytes (at least rank 1)."""
+    return max(1, math.floor(rank / compression))
+
+
 # --- Running one configuration -------------------------------------------------------------------------------------
 def install_serializers(sim: SimRecipe) -> None:
-    """Send a Recipe as the SimRecipe and an ExploreRequest as a SimRequest, so that actors never import torch."""
+    """Send a Recipe as the SimRecipe and an ExploreRequest as a dict of its fields, so that actors never import torch."""
     from dataclasses import asdict
 
     from actors.workers import ExploreRequest
@@ -276,7 +282,7 @@ def install_serializers(sim: SimRecipe) -> None:
     ray.util.register_serializer(
         ExploreRequest,
         serializer=lambda r: {"prompts": r.prompts, "seeds": r.seeds, "steps": r.steps, "version": r.version, "weights": r.weights},
-        deserializer=sim_workers.sim_request,
+        deserializer=dict,  # a builtin: pickled by reference, not shipped with every request
     )
 
 
@@ -331,7 +337,7 @@ def run_config(
             compression=compression,
             lock_dir=tmp,
             image_side=image_side_for(profile, compression, recipe, pool_budget),
-            lora_rank=recipe.algorithm.lora_rank,
+            lora_rank=lora_rank_for(compression, recipe.algorithm.lora_rank),
             steps=recipe.sampler.steps,
             gpus=gpus,
         )
@@ -340,7 +346,7 @@ def run_config(
             num_gpus=gpus,
             include_dashboard=False,
             log_to_driver=False,
-            object_store_memory=int(max(2 * pool_budget, 1 << 30) + 4 * payload_bytes(profile, recipe, 0)["lora"]),
+            object_store_memory=int(max(2 * pool_budget, 1 << 30) + 4 * payload_bytes(profile, recipe, 0, 0)["lora"]),
         )
         try:
             install_serializers(sim)
@@ -399,8 +405,9 @@ def run_config(
                 "host_cpu_load": (sum(cpus) + actor_cpu) / measured_wall,
                 "object_store_bytes_per_step": {
                     "moved": bytes_moved,
-                    "real": payload_bytes(profile, recipe, sim.image_side)["real"],
-                    "counted": "payloads the workers returned (images, LoRA factors); real = images at the profile's resolution",
+                    "real": payload_bytes(profile, recipe, sim.image_side, sim.lora_rank)["real"],
+                    "lora_rank": sim.lora_rank,
+                    "counted": "payloads the workers returned (images, LoRA factors) at stand-in sizes; real = at the profile's resolution and the recipe's rank",
                 },
                 "busy_share": busy_shares(stats, measured_wall),
                 "phase_s": {
@@ -424,7 +431,7 @@ def analytic(profile: Profile, recipe, placement: str, gpus: int) -> dict:
         "expected_s": expected,
         "expected_phases_s": expected_seconds(profile, recipe, placement, gpus),
         "expected_ratio_to_reference": expected / reference,
-        "payload_bytes_per_step": payload_bytes(profile, recipe, 0) | {"moved": None},
+        "payload_bytes_per_step": payload_bytes(profile, recipe, 0, 0) | {"moved": None},
     }
 
 

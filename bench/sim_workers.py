@@ -11,17 +11,18 @@ worker on a split GPU, or every role on a colocated one) take turns, as kernels 
 
 This module imports only numpy and ray (no torch): an actor process that unpickles these classes
 stays small. The recipe and the explore requests reach the actors through Ray serializers that
-bench/scale_sim.py registers (`SimRecipe`, `SimRequest` below), so an actor never imports
-rl.config or actors.workers (which import torch).
+bench/scale_sim.py registers (a `SimRecipe`; an explore request as a plain dict of its fields, whose
+deserializer is a builtin: one defined here would travel by value with every call), so an actor never
+imports rl.config or actors.workers (which import torch).
 """
 
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import ray
@@ -54,31 +55,17 @@ class SimRecipe:
     compression: float  # simulated seconds = uncompressed seconds / compression
     lock_dir: str  # one lock file per simulated GPU
     image_side: int  # stand-in image side (resolution // image_divisor), bytes accounted at the real size
-    lora_rank: int
+    lora_rank: int  # stand-in rank of the LoRA factors (bench/scale_sim.lora_rank_for)
     steps: int  # sampler.steps of regeneration
     gpus: int = 0  # simulated GPUs: a worker Ray gives no GPU takes one in turn (pin_gpu)
-    chunks: int = 4  # a wait is cut into this many lock holds, so actors sharing a GPU interleave
-
-
-@dataclass(frozen=True)
-class SimRequest:
-    """actors.workers.ExploreRequest's fields (a Ray serializer sends this for one)."""
-
-    prompts: list
-    seeds: list
-    steps: int
-    version: int
-    weights: Any = None
+    # uncompressed seconds a worker holds its GPU at a time: actors sharing a GPU interleave at this grain, as two
+    # processes' kernels on one GPU do (a fixed number of holds per call let a long explore shard lock out a rescore)
+    slice_s: float = 0.25
 
 
 def sim_recipe(fields: dict) -> SimRecipe:
     """Deserializer of a Recipe in the actors (the serializer lives in bench/scale_sim.py)."""
     return SimRecipe(profile=Profile(**fields.pop("profile")), **fields)
-
-
-def sim_request(fields: dict) -> SimRequest:
-    """Deserializer of an ExploreRequest in the actors."""
-    return SimRequest(**fields)
 
 
 @dataclass
@@ -117,11 +104,12 @@ class SimWorker:
         return str(k % self.sim.gpus)
 
     def wait(self, seconds: float) -> float:
-        """Hold this worker's GPU for `seconds` uncompressed (in `chunks` turns); the simulated seconds it took, lock waits included."""
+        """Hold this worker's GPU for `seconds` uncompressed (in turns of at most slice_s); the simulated seconds it took, lock waits included."""
         start = time.perf_counter()
-        chunk = seconds / self.sim.compression / self.sim.chunks
+        turns = max(1, math.ceil(seconds / self.sim.slice_s))
+        chunk = seconds / self.sim.compression / turns
         with open(self.lock_path, "a") as lock:
-            for _ in range(self.sim.chunks):
+            for _ in range(turns):
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 held = time.perf_counter()
                 time.sleep(chunk)
@@ -164,13 +152,14 @@ class SimRolloutWorker(SimWorker):
         self.version = version
         return self.wait(self.sim.profile.sync)
 
-    def explore(self, request: SimRequest) -> np.ndarray:
-        if request.weights is not None and request.version > self.version:
-            self.set_weights(ray.get(request.weights), request.version)
-        if request.version != self.version:
-            raise RuntimeError(f"rollout worker holds weights v{self.version}, asked to explore with v{request.version}")
-        self.wait(len(request.seeds) * request.steps * self.sim.profile.explore_image_step)
-        return self.images(len(request.seeds))
+    def explore(self, request: dict) -> np.ndarray:
+        """request: an ExploreRequest's fields (prompts, seeds, steps, version, weights)."""
+        if request["weights"] is not None and request["version"] > self.version:
+            self.set_weights(ray.get(request["weights"]), request["version"])
+        if request["version"] != self.version:
+            raise RuntimeError(f"rollout worker holds weights v{self.version}, asked to explore with v{request['version']}")
+        self.wait(len(request["seeds"]) * request["steps"] * self.sim.profile.explore_image_step)
+        return self.images(len(request["seeds"]))
 
 
 class SimRewardWorker(SimWorker):
