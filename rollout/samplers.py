@@ -48,34 +48,31 @@ def initial_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
 
 def step_noise(seeds: Sequence[int], step: int, shape: Sequence[int]) -> torch.Tensor:
     """Per-step SDE noise [B, *shape]: a stream per (seed, step), disjoint from the initial noise."""
-    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(_mix(int(s), step, 0x5DE))) for s in seeds])
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(_mix(int(s), step, 0x5DE)))) for s in seeds])
 
 
-def _mix(*values: int) -> int:
-    """SplitMix64-style hash of integers: unrelated streams for unrelated inputs."""
-    z = 0
-    for value in values:
-        z = ((z ^ (value & 0xFFFFFFFFFFFFFFFF)) * 0x9E3779B97F4A7C15 + 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        z = ((z ^ (z >> 30)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
+def _mix(*values: int | np.ndarray) -> np.ndarray:
+    """SplitMix64-style hash of integers, elementwise over int arrays: unrelated streams for unrelated inputs (uint64
+    arithmetic wraps; a negative value hashes as its two's complement)."""
+    z = np.zeros((), np.uint64)
+    with np.errstate(over="ignore"):  # the wrap is the hash
+        for value in values:
+            bits = np.asarray(value, np.int64).astype(np.uint64) if isinstance(value, np.ndarray) else np.uint64(value & 0xFFFFFFFFFFFFFFFF)
+            z = (z ^ bits) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0x94D049BB133111EB)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return (z ^ (z >> np.uint64(31))) & np.uint64(0x7FFFFFFFFFFFFFFF)
 
 
 def seed_for(run_seed: int, step: int, prompt_index: int, j: int) -> int:
     """The noise seed of candidate j of prompt prompt_index at iteration step (31 bits, stable across runs)."""
-    return _mix(run_seed, step, prompt_index, j) & 0x7FFFFFFF
+    return int(_mix(run_seed, step, prompt_index, j) & np.uint64(0x7FFFFFFF))
 
 
 def seeds_for(run_seed: int, step: int, prompt_indices: np.ndarray, js: np.ndarray) -> list[int]:
-    """seed_for of many candidates at once (numpy's uint64 arithmetic wraps as _mix's masks do): a step's pool is
-    tens of thousands of candidates at scale, and seeding them in a Python loop cost the driver 0.1-0.4 s per step."""
-    z = np.zeros(len(prompt_indices), dtype=np.uint64)
-    for value in (np.uint64(run_seed & 0xFFFFFFFFFFFFFFFF), np.uint64(step & 0xFFFFFFFFFFFFFFFF), prompt_indices, js):
-        z = z ^ np.asarray(value, dtype=np.int64).astype(np.uint64) if isinstance(value, np.ndarray) else z ^ value
-        z = z * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0x94D049BB133111EB)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return ((z ^ (z >> np.uint64(31))) & np.uint64(0x7FFFFFFF)).tolist()
+    """seed_for of many candidates at once: a step's pool is tens of thousands of candidates at scale, and seeding
+    them one by one cost the driver 0.1-0.4 s per step."""
+    return (_mix(run_seed, step, np.asarray(prompt_indices), np.asarray(js)) & np.uint64(0x7FFFFFFF)).tolist()
 
 
 def euler_step(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float) -> torch.Tensor:

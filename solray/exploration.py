@@ -150,8 +150,9 @@ class SolExploration:
         count = min(len(self.rollout) * self.recipe.cluster.explore_shards_per_worker, len(candidates))
         shards = []
         for i, shard in enumerate(np.array_split(candidates, count)):
-            shard_prompts = [prompts[c] for c in (shard // sol.pool_size).tolist()]
-            seeds = seeds_for(seed, step, shard // sol.pool_size, shard % sol.pool_size)
+            prompt_indices, js = np.divmod(shard, sol.pool_size)
+            shard_prompts = [prompts[p] for p in prompt_indices.tolist()]
+            seeds = seeds_for(seed, step, prompt_indices, js)
             request = ExploreRequest(shard_prompts, seeds, sol.explore_steps, sampler.solver, sampler.shift, self.version, self.weights_ref)
             shards.append((self.rollout.explore(i, request), shard_prompts))
         return shards

@@ -4,7 +4,7 @@ import pytest
 from rl.config import load_recipe
 from rollout import load_policy
 from rollout.prompts import PromptSource, load_prompts
-from rollout.samplers import seed_for, seeds_for
+from rollout.samplers import _mix, seed_for, seeds_for
 from rollout.tiny import prompt_set
 from rollout.tiny.evaluate import evaluate_policy
 from solray.driver import Driver, train
@@ -28,12 +28,18 @@ def test_seed_for_is_stable_and_distinct():
     assert all(0 <= s < 2**31 for s in seeds)
 
 
-def test_seeds_for_equals_seed_for_on_every_candidate():
+def test_seeds_for_equals_seed_for_on_every_candidate_and_the_streams_never_change():
     rng = np.random.default_rng(0)
     prompts = np.concatenate([np.arange(-5, 400), rng.integers(0, 2**40, 1000)])  # negative: the plan streams' indices
     js = rng.integers(-3, 2**31, len(prompts))
-    for run_seed, step in [(0, 0), (12345, 7), (2**40 + 3, 99_999), (2**64 - 1, 3)]:
-        assert seeds_for(run_seed, step, prompts, js) == [seed_for(run_seed, step, int(p), int(j)) for p, j in zip(prompts, js)]
+    # sums of the seeds the pure-Python SplitMix64 (solray before seeds_for, 965baa8) gave: a changed stream changes every run
+    pinned = {(0, 0): 1489183118562, (12345, 7): 1528884582621, (2**40 + 3, 99_999): 1483771969969, (2**64 - 1, 3): 1509140265991}
+    for (run_seed, step), total in pinned.items():
+        seeds = seeds_for(run_seed, step, prompts, js)
+        assert seeds == [seed_for(run_seed, step, int(p), int(j)) for p, j in zip(prompts, js)]
+        assert sum(seeds) == total
+    assert [seed_for(0, 1, 2, 3), seed_for(7, 0, -3, 5)] == [754840286, 900461758]
+    assert [int(_mix(123456789, 4, 0x5DE)), int(_mix(-1, 2**63, 0x5DE))] == [5612999257336594219, 7670718552120067905]  # step_noise's
 
 
 def test_prompt_source_is_deterministic_per_step(tmp_path):
