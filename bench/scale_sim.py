@@ -251,17 +251,12 @@ def expected_total(p: Profile, recipe, placement: str, gpus: int) -> float:
     return phases["step"] if placement == "pipelined" else sum(phases.values())
 
 
-def payload_bytes(p: Profile, recipe, image_side: int, lora_rank: int) -> dict[str, int]:
-    """Object-store payload bytes per iteration: explored and regenerated images and the LoRA factors (fp32, published
-    once per sync), moved at `image_side` and stand-in `lora_rank`, and at the real resolution and rank."""
+def payload_bytes(p: Profile, recipe) -> dict[str, int]:
+    """Object-store payload bytes per iteration at the real sizes: explored and regenerated images, and the LoRA
+    factors (fp32) published once per sync (what the simulation moves, at stand-in sizes, it counts itself)."""
     images = recipe.explored_per_step + recipe.samples_per_step
     lora = p.lora_linears * recipe.algorithm.lora_rank * (p.lora_in + p.lora_out) * 4
-    return {
-        "images": images,
-        "moved": images * image_side**2 * 3 + lora * lora_rank // recipe.algorithm.lora_rank,
-        "real": images * p.resolution**2 * 3 + lora,
-        "lora": lora,
-    }
+    return {"images": images, "real": images * p.resolution**2 * 3 + lora, "lora": lora}
 
 
 def lora_rank_for(compression: float, rank: int) -> int:
@@ -346,7 +341,7 @@ def run_config(
             num_gpus=gpus,
             include_dashboard=False,
             log_to_driver=False,
-            object_store_memory=int(max(2 * pool_budget, 1 << 30) + 4 * payload_bytes(profile, recipe, 0, 0)["lora"]),
+            object_store_memory=int(max(2 * pool_budget, 1 << 30) + 4 * payload_bytes(profile, recipe)["lora"]),
         )
         try:
             install_serializers(sim)
@@ -405,7 +400,7 @@ def run_config(
                 "host_cpu_load": (sum(cpus) + actor_cpu) / measured_wall,
                 "object_store_bytes_per_step": {
                     "moved": bytes_moved,
-                    "real": payload_bytes(profile, recipe, sim.image_side, sim.lora_rank)["real"],
+                    "real": payload_bytes(profile, recipe)["real"],
                     "lora_rank": sim.lora_rank,
                     "counted": "payloads the workers returned (images, LoRA factors) at stand-in sizes; real = at the profile's resolution and the recipe's rank",
                 },
@@ -431,7 +426,7 @@ def analytic(profile: Profile, recipe, placement: str, gpus: int) -> dict:
         "expected_s": expected,
         "expected_phases_s": expected_seconds(profile, recipe, placement, gpus),
         "expected_ratio_to_reference": expected / reference,
-        "payload_bytes_per_step": payload_bytes(profile, recipe, 0, 0) | {"moved": None},
+        "payload_bytes_per_step": payload_bytes(profile, recipe),
     }
 
 
